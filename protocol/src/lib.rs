@@ -1,0 +1,23 @@
+//! The Apollo device protocol, defined once and shared by gateway, router, agent and loadtest.
+//!
+//! - [`wire`]: JSON bodies of the device HTTP API (v1) and its error envelope.
+//! - [`hash`]: `specHash` (canonical-JSON SHA-256) and the desired document's ETag.
+//! - [`token`]: per-device HMAC tokens.
+//! - [`shard`]: the fixed slot hash and jump consistent hashing of slots onto replicas.
+//!
+//! Everything here is pure: no I/O, no async, cheap to depend on.
+#![forbid(unsafe_code)]
+
+pub mod hash;
+pub mod shard;
+pub mod token;
+pub mod wire;
+
+/// Header carrying the device token (alternatively `Authorization: Bearer <token>`).
+pub const DEVICE_TOKEN_HEADER: &str = "x-device-token";
+/// Header naming the gateway ordinal that answered a device request.
+pub const GATEWAY_HEADER: &str = "x-apollo-gateway";
+/// Largest accepted `/report` or `/connect` body.
+pub const MAX_REPORT_BYTES: usize = 64 * 1024;
+/// Longest long poll the gateway holds (`waitSeconds` is capped to this).
+pub const MAX_WAIT_SECONDS: u64 = 60;

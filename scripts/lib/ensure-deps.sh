@@ -1,0 +1,29 @@
+# Shared by scripts/test.sh and scripts/dev.sh: install what the system needs when it is missing.
+# Debian packages only; runs apt-get as root, or through sudo when available.
+
+apt_install() {
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
+      echo "error: need root (or sudo) to apt-get install $*" >&2; return 1
+    fi
+  fi
+  echo "== installing $* (apt-get)"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+ensure_redis_server() {
+  if ! command -v redis-server >/dev/null 2>&1; then
+    apt_install redis-server
+    # Debian's package starts a system instance on 6379; the project never uses it.
+    (command -v systemctl >/dev/null 2>&1 && systemctl stop redis-server 2>/dev/null) || true
+  fi
+  command -v redis-server >/dev/null 2>&1 || { echo "error: redis-server is not installed" >&2; return 1; }
+}
+
+ensure_kubectl_present() {
+  if ! command -v kubectl >/dev/null 2>&1; then
+    echo "warning: kubectl not found; tests that drive the real kubectl will fail" >&2
+  fi
+}
