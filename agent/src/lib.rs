@@ -1,0 +1,2 @@
+//! Device agent library and binary
+#![forbid(unsafe_code)]

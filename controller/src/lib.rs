@@ -1,0 +1,2 @@
+//! DeviceProcessDeployment controller: one DeviceProcess per selected device
+#![forbid(unsafe_code)]
