@@ -1,2 +1,48 @@
-//! Shared test support: real processes on loopback, redis-server, kubesim, wait_until
+//! Shared test support: starts real processes on ephemeral loopback ports and waits for
+//! conditions with deadlines.
+//!
+//! - [`Proc`]: a child process with its output captured to a log file; killed on drop, and its
+//!   log tail printed when the test is failing.
+//! - [`binary`]: path of a workspace binary built by cargo.
+//! - [`RedisServer`]: a real `redis-server` on an ephemeral port, no persistence.
+//! - [`KubeSimProc`]: the `kubesim` binary over real HTTP, with its request counts and faults.
+//! - [`kubectl`]: the real `/usr/bin/kubectl` against a kubeconfig, with a private cache dir.
+//! - [`wait_until`] / [`wait_for`]: poll a condition until it holds or a deadline passes.
+//!
+//! Nothing here sleeps to "let things settle": every wait has a condition and a deadline.
 #![forbid(unsafe_code)]
+
+mod kubesim;
+mod process;
+mod redis;
+mod wait;
+
+pub use kubesim::{kubectl, KubeSimProc, RequestCount};
+pub use process::{binary, Proc, ProcBuilder};
+pub use redis::RedisServer;
+pub use wait::{wait_for, wait_until};
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Mutex;
+
+/// A TCP port on 127.0.0.1 that was free a moment ago and has not been handed out before by this
+/// process (so two servers started by one test never get the same port).
+pub fn free_port() -> u16 {
+    static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind an ephemeral port on 127.0.0.1");
+        let mut guard = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.get_or_insert_with(HashSet::new).insert(port) {
+            return port;
+        }
+    }
+}
+
+/// `127.0.0.1:<free port>`.
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
