@@ -4,11 +4,13 @@
 //! - [`hash`]: `specHash` (canonical-JSON SHA-256) and the desired document's ETag.
 //! - [`token`]: per-device HMAC tokens.
 //! - [`shard`]: the fixed slot hash and jump consistent hashing of slots onto replicas.
+//! - [`membership`]: gateway registrations in Redis and the route (owner or fallback) of a slot.
 //!
 //! Everything here is pure: no I/O, no async, cheap to depend on.
 #![forbid(unsafe_code)]
 
 pub mod hash;
+pub mod membership;
 pub mod shard;
 pub mod token;
 pub mod wire;
