@@ -1,0 +1,342 @@
+//! The agent's two loops: a desired-state long poll and a report loop with its own heartbeat
+//! timer. They run concurrently inside one future (no spawned tasks), so an [`Agent`] costs one
+//! task in whatever runtime drives it, and the loadtest harness can run thousands of them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use apollo_protocol::wire::{DesiredDocument, Observation, Report, ReportAck, MAX_OBSERVATIONS};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::backoff::{heartbeat_delay, Backoff};
+use crate::client::{DesiredResponse, GatewayClient};
+use crate::config::AgentConfig;
+use crate::desired::{
+    all_observations, changed_observations, heartbeat_interval_from_gateway, next_poll_delay,
+    record_acknowledged, retained_etag, Acknowledged, PollResult,
+};
+use crate::metrics::AgentMetrics;
+use crate::AgentError;
+
+type SharedDocument = Option<Arc<DesiredDocument>>;
+
+/// One device agent.
+#[derive(Debug)]
+pub struct Agent {
+    config: AgentConfig,
+    gateway: GatewayClient,
+    metrics: Arc<AgentMetrics>,
+}
+
+/// Sleep for `duration` unless cancelled first; returns false when cancelled.
+async fn sleep_or_cancel(duration: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        () = cancel.cancelled() => false,
+        () = tokio::time::sleep(duration) => true,
+    }
+}
+
+/// Run `future` unless cancelled first; `None` when cancelled (the request is dropped mid-flight).
+async fn unless_cancelled<T>(
+    cancel: &CancellationToken,
+    future: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        () = cancel.cancelled() => None,
+        value = future => Some(value),
+    }
+}
+
+/// Why the report loop is about to report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    NewDocument,
+    Heartbeat,
+}
+
+impl Agent {
+    /// An agent using `http` (shared by as many agents as the caller likes) and counting into
+    /// `metrics` (likewise shareable).
+    pub fn new(
+        config: AgentConfig,
+        http: reqwest::Client,
+        metrics: Arc<AgentMetrics>,
+    ) -> Result<Self, AgentError> {
+        let gateway = GatewayClient::new(
+            http,
+            &config.gateway_url,
+            &config.device_name,
+            config.device_token.as_deref(),
+            config.request_timeout,
+            metrics.clone(),
+        )?;
+        Ok(Self {
+            config,
+            gateway,
+            metrics,
+        })
+    }
+
+    /// The configuration this agent runs with.
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    /// Run until `cancel` fires; every wait and request ends as soon as it does.
+    pub async fn run(&self, cancel: CancellationToken) {
+        let span = tracing::info_span!("agent", device = %self.config.device_name);
+        async {
+            if self.config.device_token.is_none() {
+                warn!("no device token configured; only a gateway run with --insecure-no-auth will accept this agent");
+            }
+            let (documents, latest) = watch::channel::<SharedDocument>(None);
+            tokio::join!(
+                self.poll_loop(documents, &cancel),
+                self.report_loop(latest, &cancel)
+            );
+            debug!("agent stopped");
+        }
+        .instrument(span)
+        .await;
+    }
+
+    async fn poll_loop(
+        &self,
+        documents: watch::Sender<SharedDocument>,
+        cancel: &CancellationToken,
+    ) {
+        let mut etag: Option<String> = None;
+        let mut current: SharedDocument = None;
+        let mut backoff = Backoff::new(self.config.backoff);
+        loop {
+            let started = Instant::now();
+            let Some(result) = unless_cancelled(
+                cancel,
+                self.gateway
+                    .fetch_desired(etag.as_deref(), self.config.poll_wait),
+            )
+            .await
+            else {
+                return;
+            };
+            let delay = match result {
+                Ok(response) => {
+                    if backoff.reset() {
+                        info!("desired-state polling recovered");
+                    }
+                    let (received_etag, document) = match response {
+                        DesiredResponse::NotModified { etag } => (etag, None),
+                        DesiredResponse::Document { document, etag } => (etag, Some(document)),
+                    };
+                    etag = retained_etag(etag, received_etag.as_deref());
+                    let poll_result = match document {
+                        Some(document) if current.as_deref() != Some(&document) => {
+                            info!(
+                                etag = etag.as_deref().unwrap_or(""),
+                                items = document.items.len(),
+                                heartbeat_interval_seconds = document.heartbeat_interval_seconds,
+                                "new desired document"
+                            );
+                            self.metrics.record_new_document();
+                            let document = Arc::new(document);
+                            current = Some(document.clone());
+                            // Only fails when the report loop is gone, i.e. we are shutting down.
+                            let _ = documents.send(Some(document));
+                            PollResult::Changed
+                        }
+                        _ => PollResult::Unchanged,
+                    };
+                    next_poll_delay(
+                        poll_result,
+                        started.elapsed(),
+                        self.config.min_poll_interval,
+                    )
+                }
+                Err(error) => self.backoff_after("desired-state poll", &mut backoff, &error),
+            };
+            if !sleep_or_cancel(delay, cancel).await {
+                return;
+            }
+        }
+    }
+
+    async fn report_loop(
+        &self,
+        mut latest: watch::Receiver<SharedDocument>,
+        cancel: &CancellationToken,
+    ) {
+        let mut backoff = Backoff::new(self.config.backoff);
+        let mut interval = self.config.initial_heartbeat_interval;
+
+        // Connect first: it is the cheapest way to tell the gateway we are alive before any
+        // document has arrived.
+        loop {
+            let Some(result) =
+                unless_cancelled(cancel, self.gateway.connect(&self.config.agent_version)).await
+            else {
+                return;
+            };
+            match result {
+                Ok(ack) => {
+                    backoff.reset();
+                    interval =
+                        heartbeat_interval_from_gateway(ack.heartbeat_interval_seconds, interval);
+                    info!(
+                        heartbeat_interval_seconds = interval.as_secs(),
+                        "connected to gateway"
+                    );
+                    break;
+                }
+                Err(error) => {
+                    let delay = self.backoff_after("connect", &mut backoff, &error);
+                    if !sleep_or_cancel(delay, cancel).await {
+                        return;
+                    }
+                }
+            }
+        }
+
+        let mut acknowledged = Acknowledged::new();
+        let mut next_heartbeat = Instant::now() + heartbeat_delay(interval, &mut rand::rng());
+        loop {
+            let trigger = tokio::select! {
+                () = cancel.cancelled() => return,
+                changed = latest.changed() => match changed {
+                    Ok(()) => Trigger::NewDocument,
+                    // The poll loop only ends on cancellation.
+                    Err(_) => return,
+                },
+                () = tokio::time::sleep_until(next_heartbeat) => Trigger::Heartbeat,
+            };
+            let document = latest.borrow_and_update().clone();
+            if let Some(d) = &document {
+                let announced =
+                    heartbeat_interval_from_gateway(d.heartbeat_interval_seconds, interval);
+                if announced != interval {
+                    interval = announced;
+                    // A shorter interval must take effect now, not after the old one ran out.
+                    next_heartbeat = next_heartbeat
+                        .min(Instant::now() + heartbeat_delay(interval, &mut rand::rng()));
+                }
+            }
+            let observations = match trigger {
+                Trigger::NewDocument => changed_observations(document.as_deref(), &acknowledged),
+                Trigger::Heartbeat => all_observations(document.as_deref()),
+            };
+            if trigger == Trigger::NewDocument {
+                // Removed items need no report, but must be forgotten so a return is reported.
+                record_acknowledged(&mut acknowledged, &[], document.as_deref());
+                if observations.is_empty() {
+                    continue;
+                }
+            }
+            let Some(ack) = self
+                .report_until_acknowledged(
+                    trigger,
+                    observations,
+                    &mut latest,
+                    &mut acknowledged,
+                    &mut backoff,
+                    cancel,
+                )
+                .await
+            else {
+                return;
+            };
+            interval = heartbeat_interval_from_gateway(ack.heartbeat_interval_seconds, interval);
+            next_heartbeat = Instant::now() + heartbeat_delay(interval, &mut rand::rng());
+        }
+    }
+
+    /// Send a report, retrying with backoff until the gateway acknowledges it. A retry carries
+    /// every current observation: after a failure the agent cannot know what was recorded.
+    /// Returns `None` when cancelled.
+    async fn report_until_acknowledged(
+        &self,
+        trigger: Trigger,
+        mut observations: Vec<Observation>,
+        latest: &mut watch::Receiver<SharedDocument>,
+        acknowledged: &mut Acknowledged,
+        backoff: &mut Backoff,
+        cancel: &CancellationToken,
+    ) -> Option<ReportAck> {
+        let mut heartbeat = trigger == Trigger::Heartbeat;
+        loop {
+            let result =
+                unless_cancelled(cancel, self.send_report(&observations, heartbeat)).await?;
+            match result {
+                Ok(ack) => {
+                    if backoff.reset() {
+                        info!("connected to gateway");
+                    }
+                    if trigger == Trigger::NewDocument || !observations.is_empty() {
+                        debug!(
+                            observations = observations.len(),
+                            heartbeat, "report acknowledged"
+                        );
+                    }
+                    let document = latest.borrow().clone();
+                    record_acknowledged(acknowledged, &observations, document.as_deref());
+                    self.metrics
+                        .record_observations_reported(observations.len());
+                    return Some(ack);
+                }
+                Err(error) => {
+                    let delay = self.backoff_after("report", backoff, &error);
+                    if !sleep_or_cancel(delay, cancel).await {
+                        return None;
+                    }
+                    observations = all_observations(latest.borrow_and_update().as_deref());
+                    heartbeat = true;
+                }
+            }
+        }
+    }
+
+    /// One report, split so no request exceeds the gateway's observation limit.
+    async fn send_report(
+        &self,
+        observations: &[Observation],
+        heartbeat: bool,
+    ) -> Result<ReportAck, AgentError> {
+        let mut chunks = observations.chunks(MAX_OBSERVATIONS);
+        let first = chunks.next().unwrap_or_default();
+        let mut ack = self.send_one_report(first, heartbeat).await?;
+        for chunk in chunks {
+            ack = self.send_one_report(chunk, heartbeat).await?;
+        }
+        Ok(ack)
+    }
+
+    async fn send_one_report(
+        &self,
+        observations: &[Observation],
+        heartbeat: bool,
+    ) -> Result<ReportAck, AgentError> {
+        let report = Report {
+            agent_version: self.config.agent_version.clone(),
+            timestamp: jiff::Timestamp::now().to_string(),
+            heartbeat,
+            observations: observations.to_vec(),
+        };
+        self.gateway.report(&report).await
+    }
+
+    /// Count a failure, log it when it starts a failing streak (not on every retry), and return
+    /// how long to wait.
+    fn backoff_after(&self, step: &str, backoff: &mut Backoff, error: &AgentError) -> Duration {
+        let retry_after = error.retry_after();
+        let delay = backoff.next_delay(retry_after);
+        self.metrics
+            .record_backoff(retry_after.is_some_and(|asked| delay >= asked));
+        if backoff.failures() == 1 {
+            warn!(error = %error, delay_ms = delay.as_millis() as u64, "{step} failed; backing off");
+        } else {
+            debug!(error = %error, failures = backoff.failures(), delay_ms = delay.as_millis() as u64, "{step} still failing");
+        }
+        delay
+    }
+}
