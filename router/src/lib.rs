@@ -1,0 +1,159 @@
+//! `apollo-router`: a stateless L7 reverse proxy that pins each device to one gateway replica.
+//!
+//! For `/v1/devices/{device}/...` it computes `slot(device)`, then `shard(slot, N)` over the gateway
+//! membership read from Redis (see [`apollo_protocol::membership`]), and forwards the request there
+//! over HTTP/2 cleartext (prior knowledge), so the long polls of many agents share a few upstream
+//! connections. When the owner is not alive, or the connection to it fails, the request goes to a
+//! deterministic fallback (every router picks the same one) and is retried there once. Only when no
+//! replica is alive does it answer 503 with Retry-After.
+//!
+//! Several routers can run side by side: they share nothing but the membership in Redis.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod error;
+pub mod membership;
+pub mod metrics;
+pub mod proxy;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use config::Args;
+pub use error::Error;
+
+/// Binds both listeners (failing at once if either address is taken), then serves until
+/// `shutdown` is cancelled. In-flight requests (long polls included) are given
+/// `args.drain_seconds` to finish.
+pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: args.listen,
+            source,
+        })?;
+    let admin_listener = TcpListener::bind(args.admin_listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: args.admin_listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(Error::LocalAddr)?;
+    let admin_local = admin_listener.local_addr().map_err(Error::LocalAddr)?;
+
+    let mut registry = prometheus_client::registry::Registry::with_prefix("apollo_router");
+    let metrics = Arc::new(metrics::Metrics::new(&mut registry));
+    let membership = membership::Membership::spawn(
+        &args.redis_url,
+        args.membership_refresh(),
+        metrics.clone(),
+        shutdown.clone(),
+    )?;
+    let proxy = Arc::new(proxy::Proxy::new(
+        membership.clone(),
+        metrics.clone(),
+        args.upstream_connect_timeout(),
+        args.fallback_hold(),
+    ));
+    let admin = Arc::new(proxy::Admin::new(membership, Arc::new(registry)));
+
+    info!(listen = %local, admin = %admin_local, redis = %redact(&args.redis_url), "apollo-router listening");
+
+    let admin_task = tokio::spawn(serve(
+        admin_listener,
+        shutdown.clone(),
+        std::time::Duration::from_secs(1),
+        move |req| {
+            let admin = admin.clone();
+            async move { Ok::<_, std::convert::Infallible>(admin.handle(req)) }
+        },
+    ));
+    serve(listener, shutdown.clone(), args.drain(), move |req| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, std::convert::Infallible>(proxy.handle(req).await) }
+    })
+    .await;
+    let _ = admin_task.await;
+    info!("apollo-router stopped");
+    Ok(())
+}
+
+/// Accept loop shared by the proxy and admin listeners: HTTP/1.1 and h2c on one port, graceful
+/// drain on shutdown.
+async fn serve<F, Fut>(
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    drain: std::time::Duration,
+    handler: F,
+) where
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<hyper::Response<proxy::Body>, std::convert::Infallible>>
+        + Send
+        + 'static,
+{
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = Arc::new({
+        let mut b = auto::Builder::new(TokioExecutor::new());
+        b.http2().max_concurrent_streams(10_000);
+        b
+    });
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = hyper::service::service_fn(move |mut req| {
+            req.extensions_mut().insert(PeerAddr(peer));
+            handler(req)
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(drain) => warn!("drain period over; closing remaining connections"),
+    }
+}
+
+/// Address of the client that sent a request (inserted as a request extension).
+#[derive(Clone, Copy, Debug)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// Hides a password in a Redis URL for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redact_hides_credentials() {
+        assert_eq!(super::redact("redis://:pw@h:1/"), "redis://***@h:1/");
+        assert_eq!(super::redact("redis://h:1/"), "redis://h:1/");
+    }
+}

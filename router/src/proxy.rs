@@ -1,0 +1,460 @@
+//! The proxy itself and the admin endpoints.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use apollo_protocol::shard::slot;
+use apollo_protocol::wire::ErrorBody;
+use apollo_protocol::MAX_REPORT_BYTES;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tracing::{debug, warn};
+
+use crate::membership::Membership;
+use crate::metrics::{Metrics, Upstream, UpstreamLabels};
+use crate::PeerAddr;
+
+/// Response body type of both listeners.
+pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Prefix of every device route.
+const DEVICE_PREFIX: &str = "/v1/devices/";
+
+/// Connection-level headers that must not be forwarded (RFC 9110 §7.6.1), plus `host`, which the
+/// upstream URI replaces.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Forwards device requests to the replica that owns the device.
+pub struct Proxy {
+    membership: Membership,
+    metrics: Arc<Metrics>,
+    client: Client<HttpConnector, Full<Bytes>>,
+    fallback_hold: Duration,
+    /// Replicas that failed recently: skipped until the instant passes.
+    held_down: Mutex<HashMap<u32, Instant>>,
+}
+
+impl Proxy {
+    /// A proxy routing by `membership`, with an HTTP/2 (prior knowledge) pool to the replicas.
+    pub fn new(
+        membership: Membership,
+        metrics: Arc<Metrics>,
+        connect_timeout: Duration,
+        fallback_hold: Duration,
+    ) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .http2_only(true)
+            // Long polls are idle for up to a minute: pings find dead peers without cutting them.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .http2_keep_alive_timeout(Duration::from_secs(5))
+            .http2_keep_alive_while_idle(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Self {
+            membership,
+            metrics,
+            client,
+            fallback_hold,
+            held_down: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Handles one agent request.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let Some(device) = device_of(req.uri().path()) else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "the router serves /v1/devices/{device}/... only",
+            );
+        };
+        let slot = slot(&device);
+        let (parts, body) = req.into_parts();
+        // Request bodies are small (reports are capped at 64 KiB); buffering them is what lets a
+        // request that failed on a dead replica be replayed on the fallback.
+        let body = match read_body(&parts.headers, body).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
+        self.metrics.in_flight.inc();
+        let resp = self.forward(&parts, body, slot).await;
+        self.metrics.in_flight.dec();
+        resp
+    }
+
+    async fn forward(
+        &self,
+        parts: &http::request::Parts,
+        body: Bytes,
+        slot: u16,
+    ) -> Response<Body> {
+        let snapshot = self.membership.current();
+        let view = &snapshot.view;
+        let mut exclude = self.held_down_now();
+        let mut tried: Vec<u32> = Vec::new();
+        // Owner (or first fallback), then one more replica.
+        for _attempt in 0..2 {
+            let route = view
+                .route(slot, &exclude)
+                // Everyone held down: try them anyway rather than refuse.
+                .or_else(|| view.route(slot, &tried));
+            let Some(route) = route else { break };
+            if tried.contains(&route.ordinal) {
+                break;
+            }
+            tried.push(route.ordinal);
+            let upstream_req = match build_upstream_request(parts, &route.addr, body.clone()) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(addr = %route.addr, error = %e, "invalid upstream address in membership");
+                    exclude.push(route.ordinal);
+                    continue;
+                }
+            };
+            if route.fallback || tried.len() > 1 {
+                self.metrics.fallbacks.inc();
+            }
+            match self.client.request(upstream_req).await {
+                Ok(resp) => {
+                    let code = resp.status().as_u16();
+                    self.metrics
+                        .requests
+                        .get_or_create(&UpstreamLabels {
+                            upstream: route.ordinal.to_string(),
+                            code,
+                        })
+                        .inc();
+                    return into_downstream(resp);
+                }
+                Err(e) => {
+                    self.metrics
+                        .upstream_errors
+                        .get_or_create(&Upstream {
+                            upstream: route.ordinal.to_string(),
+                        })
+                        .inc();
+                    debug!(upstream = route.ordinal, addr = %route.addr, error = %e, "upstream failed; trying the fallback");
+                    self.hold_down(route.ordinal);
+                    exclude.push(route.ordinal);
+                }
+            }
+        }
+        let code = if tried.is_empty() {
+            self.metrics.no_upstream.inc();
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::BAD_GATEWAY
+        };
+        self.metrics
+            .requests
+            .get_or_create(&UpstreamLabels {
+                upstream: "none".into(),
+                code: code.as_u16(),
+            })
+            .inc();
+        if tried.is_empty() {
+            let mut resp = error(code, "no_gateway", "no gateway replica is alive");
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp
+        } else {
+            let mut resp = error(
+                code,
+                "bad_gateway",
+                "the gateway replicas tried did not answer",
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp
+        }
+    }
+
+    fn held_down_now(&self) -> Vec<u32> {
+        let now = Instant::now();
+        let mut held = self.held_down.lock().unwrap_or_else(|e| e.into_inner());
+        held.retain(|_, until| *until > now);
+        held.keys().copied().collect()
+    }
+
+    fn hold_down(&self, ordinal: u32) {
+        if self.fallback_hold.is_zero() {
+            return;
+        }
+        let mut held = self.held_down.lock().unwrap_or_else(|e| e.into_inner());
+        held.insert(ordinal, Instant::now() + self.fallback_hold);
+    }
+}
+
+/// The device named by a `/v1/devices/{device}/...` path, percent-decoded.
+pub fn device_of(path: &str) -> Option<String> {
+    let rest = path.strip_prefix(DEVICE_PREFIX)?;
+    let (raw, tail) = rest.split_once('/')?;
+    if raw.is_empty() || tail.is_empty() {
+        return None;
+    }
+    percent_decode(raw)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+async fn read_body(headers: &HeaderMap, body: Incoming) -> Result<Bytes, Response<Body>> {
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body larger than {MAX_REPORT_BYTES} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > MAX_REPORT_BYTES) {
+        return Err(too_large());
+    }
+    match Limited::new(body, MAX_REPORT_BYTES).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("could not read the request body: {e}"),
+        )),
+    }
+}
+
+fn build_upstream_request(
+    parts: &http::request::Parts,
+    addr: &str,
+    body: Bytes,
+) -> Result<Request<Full<Bytes>>, http::Error> {
+    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let uri: Uri = format!("http://{addr}{path}").parse()?;
+    let mut builder = Request::builder().method(parts.method.clone()).uri(uri);
+    if let Some(headers) = builder.headers_mut() {
+        copy_end_to_end_headers(&parts.headers, headers);
+        headers.remove(header::HOST);
+        if let Some(PeerAddr(peer)) = parts.extensions.get::<PeerAddr>() {
+            let forwarded = match parts
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(prior) => format!("{prior}, {}", peer.ip()),
+                None => peer.ip().to_string(),
+            };
+            if let Ok(v) = HeaderValue::from_str(&forwarded) {
+                headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+            }
+        }
+    }
+    let body = if parts.method == Method::GET || parts.method == Method::HEAD {
+        Full::new(Bytes::new())
+    } else {
+        Full::new(body)
+    };
+    builder.body(body)
+}
+
+fn copy_end_to_end_headers(from: &HeaderMap, to: &mut HeaderMap) {
+    // Headers named in `Connection` are hop-by-hop too.
+    let named: Vec<String> = from
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .collect();
+    for (name, value) in from {
+        let n = name.as_str();
+        if HOP_BY_HOP.contains(&n) || named.iter().any(|h| h == n) {
+            continue;
+        }
+        to.append(name.clone(), value.clone());
+    }
+}
+
+fn into_downstream(resp: Response<Incoming>) -> Response<Body> {
+    let (parts, body) = resp.into_parts();
+    let mut out = Response::builder().status(parts.status);
+    if let Some(headers) = out.headers_mut() {
+        copy_end_to_end_headers(&parts.headers, headers);
+    }
+    let body = body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>);
+    out.body(body.boxed()).unwrap_or_else(|_| {
+        error(
+            StatusCode::BAD_GATEWAY,
+            "bad_gateway",
+            "invalid upstream response",
+        )
+    })
+}
+
+/// A JSON error response in the device API's envelope.
+pub fn error(code: StatusCode, kind: &str, message: impl Into<String>) -> Response<Body> {
+    let body = serde_json::to_vec(&ErrorBody::new(kind, message)).unwrap_or_default();
+    let mut resp = Response::new(full(Bytes::from(body)));
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+/// `/healthz`, `/readyz` and `/metrics`.
+pub struct Admin {
+    membership: Membership,
+    registry: Arc<prometheus_client::registry::Registry>,
+}
+
+impl Admin {
+    /// Admin endpoints over `membership` and `registry`.
+    pub fn new(
+        membership: Membership,
+        registry: Arc<prometheus_client::registry::Registry>,
+    ) -> Self {
+        Self {
+            membership,
+            registry,
+        }
+    }
+
+    /// Handles one admin request.
+    pub fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        match req.uri().path() {
+            "/healthz" => text(StatusCode::OK, "ok\n".into()),
+            "/readyz" => {
+                let snap = self.membership.current();
+                if snap.refreshed_at.is_none() {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "membership not read from Redis yet\n".into(),
+                    )
+                } else if snap.view.alive.is_empty() {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no gateway replica alive\n".into(),
+                    )
+                } else {
+                    text(StatusCode::OK, "ok\n".into())
+                }
+            }
+            "/metrics" => {
+                let mut out = String::new();
+                match prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+                    Ok(()) => {
+                        let mut resp = text(StatusCode::OK, out);
+                        resp.headers_mut().insert(
+                            header::CONTENT_TYPE,
+                            HeaderValue::from_static(
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            ),
+                        );
+                        resp
+                    }
+                    Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "encode failed\n".into()),
+                }
+            }
+            _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+        }
+    }
+}
+
+fn text(code: StatusCode, body: String) -> Response<Body> {
+    let mut resp = Response::new(full(Bytes::from(body)));
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_paths_parse_and_decode() {
+        assert_eq!(
+            device_of("/v1/devices/tor1-01/desired").as_deref(),
+            Some("tor1-01")
+        );
+        assert_eq!(
+            device_of("/v1/devices/a%2Db/report").as_deref(),
+            Some("a-b")
+        );
+        assert_eq!(device_of("/v1/devices/tor1-01"), None);
+        assert_eq!(device_of("/v1/devices//desired"), None);
+        assert_eq!(device_of("/v2/devices/x/desired"), None);
+        assert_eq!(device_of("/v1/devices/%zz/desired"), None);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped() {
+        let mut from = HeaderMap::new();
+        from.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        from.insert("x-secret-hop", HeaderValue::from_static("1"));
+        from.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        from.insert("if-none-match", HeaderValue::from_static("\"abc\""));
+        from.insert("x-device-token", HeaderValue::from_static("t"));
+        from.insert("traceparent", HeaderValue::from_static("00-a-b-01"));
+        let mut to = HeaderMap::new();
+        copy_end_to_end_headers(&from, &mut to);
+        assert!(to.get("connection").is_none());
+        assert!(to.get("x-secret-hop").is_none());
+        assert!(to.get("keep-alive").is_none());
+        assert_eq!(
+            to.get("if-none-match").map(|v| v.as_bytes()),
+            Some(&b"\"abc\""[..])
+        );
+        assert!(to.get("x-device-token").is_some());
+        assert!(to.get("traceparent").is_some());
+    }
+}
