@@ -370,7 +370,7 @@ async fn no_replica_alive_is_503_with_retry_after() {
 #[tokio::test]
 async fn bad_input_is_refused_clearly() {
     let redis = RedisServer::start().await;
-    let _replicas = vec![Replica::start(0, &redis.url()).await];
+    let _replica = Replica::start(0, &redis.url()).await;
     let router = start_router(&redis.url()).await;
     let client = http();
     wait_ready(&client, &router, 1).await;
