@@ -1,5 +1,4 @@
 use std::ffi::{OsStr, OsString};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -41,9 +40,16 @@ pub struct ProcBuilder {
     args: Vec<OsString>,
     envs: Vec<(OsString, Option<OsString>)>,
     current_dir: Option<PathBuf>,
+    log_file: Option<PathBuf>,
 }
 
 impl ProcBuilder {
+    /// Appends output to this file (kept after the process ends) instead of a temporary one.
+    pub fn log_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.log_file = Some(path.into());
+        self
+    }
+
     /// Appends one argument.
     pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
         self.args.push(arg.as_ref().to_owned());
@@ -88,12 +94,22 @@ impl ProcBuilder {
 
     /// Starts the process with stdout and stderr captured to a log file.
     pub fn spawn(self) -> Proc {
-        let log_dir = tempfile::Builder::new()
-            .prefix(&format!("apollo-{}-", self.name))
-            .tempdir()
-            .expect("create a log directory");
-        let log_path = log_dir.path().join("output.log");
-        let log = File::create(&log_path).expect("create the log file");
+        let (log_dir, log_path) = match &self.log_file {
+            Some(path) => (None, path.clone()),
+            None => {
+                let dir = tempfile::Builder::new()
+                    .prefix(&format!("apollo-{}-", self.name))
+                    .tempdir()
+                    .expect("create a log directory");
+                let path = dir.path().join("output.log");
+                (Some(dir), path)
+            }
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap_or_else(|e| panic!("open log file {}: {e}", log_path.display()));
         let log_err = log.try_clone().expect("clone the log file handle");
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args)
@@ -132,7 +148,7 @@ pub struct Proc {
     name: String,
     child: Option<Child>,
     log_path: PathBuf,
-    _log_dir: tempfile::TempDir,
+    _log_dir: Option<tempfile::TempDir>,
 }
 
 impl Proc {
@@ -149,6 +165,7 @@ impl Proc {
             args: Vec::new(),
             envs: Vec::new(),
             current_dir: None,
+            log_file: None,
         }
     }
 
