@@ -1,0 +1,456 @@
+//! Reconcile one DeviceProcessDeployment: compute the desired children from the caches, write the
+//! difference, and publish the status. Reads come from watch caches only; a reconcile with nothing
+//! to do makes no API call at all.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use apollo_crds::{DeviceProcess, DeviceProcessDeployment, NetworkSwitch};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+use tokio::time::Instant;
+
+use crate::desired::{self, ChildUpdate, DesiredError};
+use crate::lease::Leadership;
+use crate::metrics::{outcome_of, Metrics};
+use crate::{with_timeout, Error};
+
+/// Field manager recorded on every write.
+pub const FIELD_MANAGER: &str = "apollo-controller";
+
+const CHILDREN: &str = "deviceprocesses";
+const DEPLOYMENT_STATUS: &str = "deviceprocessdeployments/status";
+
+/// Timing of reconciles.
+#[derive(Debug, Clone)]
+pub struct ReconcileConfig {
+    /// Level-triggered resync of every deployment, repairing anything a missed event left behind.
+    pub resync_period: Duration,
+    /// First retry delay after a failed reconcile; doubled per consecutive failure.
+    pub backoff_base: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+    /// Bound on each API call.
+    pub api_timeout: Duration,
+}
+
+/// Everything a reconcile needs, shared by all reconciles.
+pub struct Context {
+    /// Client for writes.
+    pub client: kube::Client,
+    /// Cache of NetworkSwitches (the controller's scope).
+    pub switches: Store<NetworkSwitch>,
+    /// Cache of the DeviceProcesses this controller created (label-filtered).
+    pub children: Store<DeviceProcess>,
+    /// Whether this replica may write.
+    pub leadership: Leadership,
+    /// Events on deployments.
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Timing.
+    pub config: ReconcileConfig,
+    /// Consecutive failures per deployment, for exponential backoff.
+    failures: Mutex<HashMap<ObjectRef<DeviceProcessDeployment>, u32>>,
+}
+
+impl Context {
+    /// A context over the given caches.
+    pub fn new(
+        client: kube::Client,
+        switches: Store<NetworkSwitch>,
+        children: Store<DeviceProcess>,
+        leadership: Leadership,
+        recorder: Recorder,
+        metrics: Metrics,
+        config: ReconcileConfig,
+    ) -> Self {
+        Self {
+            client,
+            switches,
+            children,
+            leadership,
+            recorder,
+            metrics,
+            config,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn failures(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<DeviceProcessDeployment>, u32>> {
+        self.failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Delay before retry number `attempt` (1-based): `base * 2^(attempt-1)`, capped at `max`.
+pub fn backoff_delay(attempt: u32, base: Duration, max: Duration) -> Duration {
+    let factor = 2u32.saturating_pow(attempt.saturating_sub(1));
+    base.saturating_mul(factor).min(max)
+}
+
+/// Reconcile entry point for `kube::runtime::Controller`.
+pub async fn reconcile(
+    deployment: Arc<DeviceProcessDeployment>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let started = Instant::now();
+    if !ctx.leadership.is_leader() {
+        // A standby keeps its caches warm; gaining leadership re-queues every deployment.
+        ctx.metrics
+            .reconciled("standby", started.elapsed().as_secs_f64());
+        return Ok(Action::await_change());
+    }
+    let result = reconcile_deployment(&deployment, &ctx).await;
+    let label = if result.is_ok() { "ok" } else { "error" };
+    ctx.metrics
+        .reconciled(label, started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.failures()
+            .remove(&ObjectRef::from_obj(deployment.as_ref()));
+    }
+    result
+}
+
+/// Error policy for `kube::runtime::Controller`: exponential backoff per deployment.
+pub fn error_policy(
+    deployment: Arc<DeviceProcessDeployment>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    if matches!(error, Error::NotLeader) {
+        // Leadership was lost mid-reconcile; gaining it again re-queues everything.
+        return Action::await_change();
+    }
+    let attempt = {
+        let mut failures = ctx.failures();
+        let n = failures
+            .entry(ObjectRef::from_obj(deployment.as_ref()))
+            .or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = backoff_delay(attempt, ctx.config.backoff_base, ctx.config.backoff_max);
+    tracing::warn!(
+        deployment = %deployment.name_any(),
+        namespace = deployment.namespace().unwrap_or_default(),
+        %error,
+        attempt,
+        retry_in = ?delay,
+        "reconcile failed"
+    );
+    Action::requeue(delay)
+}
+
+async fn reconcile_deployment(
+    deployment: &DeviceProcessDeployment,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    if deployment.metadata.deletion_timestamp.is_some() {
+        // Children go with their owner through garbage collection.
+        return Ok(Action::await_change());
+    }
+    let name = deployment.name_any();
+    let namespace = deployment.namespace().ok_or(Error::Desired(
+        name.clone(),
+        DesiredError::MissingField("metadata.namespace"),
+    ))?;
+    let uid = deployment.uid().ok_or(Error::Desired(
+        name.clone(),
+        DesiredError::MissingField("metadata.uid"),
+    ))?;
+    let now = jiff::Timestamp::now().to_string();
+
+    let switches = ctx
+        .switches
+        .state_filter(|s| s.metadata.namespace.as_deref() == Some(namespace.as_str()));
+    let desired = match desired::desired_children(deployment, switches.iter().map(AsRef::as_ref)) {
+        Ok(desired) => desired,
+        Err(DesiredError::InvalidSelector(problem)) => {
+            // Touch no child: an unreadable selector must not delete the fleet's processes.
+            let existing: Vec<Arc<DeviceProcess>> = owned_children(ctx, &namespace, &uid);
+            let problem = problem.to_string();
+            let status = desired::deployment_status(
+                deployment,
+                &Default::default(),
+                &existing.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
+                Some(&problem),
+                &now,
+            );
+            write_status(deployment, &namespace, status, ctx).await?;
+            return Ok(Action::await_change());
+        }
+        Err(other) => return Err(Error::Desired(name, other)),
+    };
+
+    let existing = owned_children(ctx, &namespace, &uid);
+    let plan = desired::plan(&uid, &desired, &existing);
+    let children_api: Api<DeviceProcess> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut requeue_soon = false;
+    let mut after: Vec<DeviceProcess> = plan.unchanged.iter().map(|c| (**c).clone()).collect();
+
+    for child in &plan.create {
+        ctx.leadership.ensure()?;
+        let child_name = child.name_any();
+        let result = with_timeout(
+            "create child",
+            ctx.config.api_timeout,
+            children_api.create(&post_params(), child),
+        )
+        .await?;
+        match result {
+            Ok(created) => {
+                ctx.metrics.write(CHILDREN, "create", "ok");
+                tracing::info!(deployment = %name, %namespace, child = %child_name, "created DeviceProcess");
+                publish(ctx, deployment, "SuccessfulCreate", "Create", &created).await;
+                after.push(created);
+            }
+            Err(error) => {
+                ctx.metrics.write(CHILDREN, "create", outcome_of(&error));
+                if is_status(&error, 409) {
+                    // Our cache has not seen it yet, or another object holds the name: the watch
+                    // brings the truth; look again shortly.
+                    tracing::info!(child = %child_name, "DeviceProcess already exists; re-checking later");
+                    requeue_soon = true;
+                } else {
+                    return Err(Error::CreateChild {
+                        name: child_name,
+                        source: error,
+                    });
+                }
+            }
+        }
+    }
+
+    for update in &plan.update {
+        ctx.leadership.ensure()?;
+        match update_child(&children_api, update, ctx).await? {
+            Some(updated) => after.push(updated),
+            None => {
+                requeue_soon = true;
+                after.push((*update.existing).clone());
+            }
+        }
+    }
+
+    for child in &plan.delete {
+        ctx.leadership.ensure()?;
+        let child_name = child.name_any();
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: child.uid(),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        let result = with_timeout(
+            "delete child",
+            ctx.config.api_timeout,
+            children_api.delete(&child_name, &params),
+        )
+        .await?;
+        match result {
+            Ok(_) => {
+                ctx.metrics.write(CHILDREN, "delete", "ok");
+                tracing::info!(deployment = %name, %namespace, child = %child_name, "deleted DeviceProcess");
+                publish(ctx, deployment, "SuccessfulDelete", "Delete", child).await;
+            }
+            Err(error) if is_status(&error, 404) => {
+                ctx.metrics.write(CHILDREN, "delete", "not_found");
+            }
+            Err(error) => {
+                ctx.metrics.write(CHILDREN, "delete", outcome_of(&error));
+                if is_status(&error, 409) {
+                    requeue_soon = true;
+                } else {
+                    return Err(Error::DeleteChild {
+                        name: child_name,
+                        source: error,
+                    });
+                }
+            }
+        }
+    }
+
+    let status = desired::deployment_status(
+        deployment,
+        &desired,
+        &after.iter().collect::<Vec<_>>(),
+        None,
+        &now,
+    );
+    write_status(deployment, &namespace, status, ctx).await?;
+
+    Ok(if requeue_soon {
+        Action::requeue(ctx.config.backoff_base)
+    } else {
+        Action::requeue(ctx.config.resync_period)
+    })
+}
+
+fn owned_children(ctx: &Context, namespace: &str, uid: &str) -> Vec<Arc<DeviceProcess>> {
+    ctx.children.state_filter(|c| {
+        c.metadata.namespace.as_deref() == Some(namespace) && desired::is_controlled_by(c, uid)
+    })
+}
+
+/// Patch one child to the template. `Ok(None)` when our copy was stale (409): nothing was written
+/// and the watch will deliver the current object.
+async fn update_child(
+    api: &Api<DeviceProcess>,
+    update: &ChildUpdate,
+    ctx: &Context,
+) -> Result<Option<DeviceProcess>, Error> {
+    let child_name = update.existing.name_any();
+    let patch = update.merge_patch().map_err(|source| Error::EncodePatch {
+        name: child_name.clone(),
+        source,
+    })?;
+    let result = with_timeout(
+        "update child",
+        ctx.config.api_timeout,
+        api.patch(&child_name, &patch_params(), &Patch::Merge(&patch)),
+    )
+    .await?;
+    match result {
+        Ok(updated) => {
+            ctx.metrics.write(CHILDREN, "patch", "ok");
+            tracing::info!(child = %child_name, "updated DeviceProcess to the template");
+            Ok(Some(updated))
+        }
+        Err(error) => {
+            ctx.metrics.write(CHILDREN, "patch", outcome_of(&error));
+            if is_status(&error, 409) || is_status(&error, 404) {
+                Ok(None)
+            } else {
+                Err(Error::UpdateChild {
+                    name: child_name,
+                    source: error,
+                })
+            }
+        }
+    }
+}
+
+/// Patch `/status` when, and only when, it differs from the cached one.
+async fn write_status(
+    deployment: &DeviceProcessDeployment,
+    namespace: &str,
+    status: apollo_crds::DeviceProcessDeploymentStatus,
+    ctx: &Context,
+) -> Result<(), Error> {
+    if !desired::status_changed(deployment.status.as_ref(), &status) {
+        return Ok(());
+    }
+    ctx.leadership.ensure()?;
+    let name = deployment.name_any();
+    let api: Api<DeviceProcessDeployment> = Api::namespaced(ctx.client.clone(), namespace);
+    let body = serde_json::json!({ "status": status });
+    let result = with_timeout(
+        "patch status",
+        ctx.config.api_timeout,
+        api.patch_status(&name, &patch_params(), &Patch::Merge(&body)),
+    )
+    .await?;
+    match result {
+        Ok(_) => {
+            ctx.metrics.write(DEPLOYMENT_STATUS, "patch", "ok");
+            Ok(())
+        }
+        // Deleted meanwhile: nothing to report on.
+        Err(error) if is_status(&error, 404) => {
+            ctx.metrics.write(DEPLOYMENT_STATUS, "patch", "not_found");
+            Ok(())
+        }
+        Err(error) => {
+            ctx.metrics
+                .write(DEPLOYMENT_STATUS, "patch", outcome_of(&error));
+            Err(Error::PatchStatus {
+                name,
+                source: error,
+            })
+        }
+    }
+}
+
+/// Publish a Normal Event on the deployment about `child`. Events are best effort: a failure is
+/// logged and counted, never fails the reconcile.
+async fn publish(
+    ctx: &Context,
+    deployment: &DeviceProcessDeployment,
+    reason: &str,
+    action: &str,
+    child: &DeviceProcess,
+) {
+    let verb = if action == "Create" {
+        "Created"
+    } else {
+        "Deleted"
+    };
+    let event = Event {
+        type_: EventType::Normal,
+        reason: reason.to_owned(),
+        note: Some(format!("{verb} DeviceProcess: {}", child.name_any())),
+        action: action.to_owned(),
+        // Distinct per child, so the recorder never folds two children into one event series.
+        secondary: Some(child.object_ref(&())),
+    };
+    let outcome = with_timeout(
+        "publish event",
+        ctx.config.api_timeout,
+        ctx.recorder.publish(&event, &deployment.object_ref(&())),
+    )
+    .await;
+    match outcome {
+        Ok(Ok(())) => ctx.metrics.event("ok"),
+        Ok(Err(error)) => {
+            ctx.metrics.event("error");
+            tracing::warn!(%error, reason, "could not publish event");
+        }
+        Err(error) => {
+            ctx.metrics.event("error");
+            tracing::warn!(%error, reason, "could not publish event");
+        }
+    }
+}
+
+fn post_params() -> PostParams {
+    PostParams {
+        dry_run: false,
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+    }
+}
+
+fn patch_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..PatchParams::default()
+    }
+}
+
+fn is_status(error: &kube::Error, code: u16) -> bool {
+    matches!(error, kube::Error::Api(status) if status.code == code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let base = Duration::from_millis(500);
+        let max = Duration::from_secs(60);
+        assert_eq!(backoff_delay(1, base, max), base);
+        assert_eq!(backoff_delay(2, base, max), Duration::from_secs(1));
+        assert_eq!(backoff_delay(4, base, max), Duration::from_secs(4));
+        assert_eq!(backoff_delay(30, base, max), max);
+        assert_eq!(backoff_delay(u32::MAX, base, max), max);
+    }
+}

@@ -1,0 +1,296 @@
+//! Wiring: client, watch caches, controller, leader election, admin endpoints and shutdown.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use apollo_crds::{DeviceProcess, DeviceProcessDeployment, NetworkSwitch, LABEL_DEPLOYMENT};
+use futures::{Stream, StreamExt};
+use kube::api::Api;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Client, ResourceExt};
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::lease::{Elector, Leadership, LeaseConfig};
+use crate::metrics::Metrics;
+use crate::reconcile::{error_policy, reconcile, Context, ReconcileConfig};
+use crate::selector::Selector;
+use crate::{admin, Args, Error};
+
+/// Name under which Events are reported.
+pub const CONTROLLER_NAME: &str = "apollo-controller";
+
+/// Cancel `token` on the first SIGINT or SIGTERM: the process's one shutdown signal source.
+pub fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen for SIGTERM");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => {
+                if let Err(error) = result {
+                    tracing::warn!(%error, "cannot listen for SIGINT");
+                    std::future::pending::<()>().await;
+                }
+            }
+            () = terminate => {}
+        }
+        tracing::info!("shutdown requested");
+        token.cancel();
+    });
+}
+
+/// Identity for the Lease: `$POD_NAME` or the hostname, plus a per-process suffix.
+pub fn default_identity() -> String {
+    let host = std::env::var("POD_NAME")
+        .ok()
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "apollo-controller".to_owned());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!("{host}_{:x}{:08x}", std::process::id(), nanos)
+}
+
+async fn client(args: &Args) -> Result<Client, Error> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig =
+                Kubeconfig::read_from(path).map_err(|e| Error::LoadConfig(e.to_string()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| Error::LoadConfig(e.to_string()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| Error::LoadConfig(e.to_string()))?,
+    };
+    Client::try_from(config).map_err(Error::BuildClient)
+}
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Deployments a switch event concerns: those in its namespace whose selector matches it now, and
+/// those that still have a child on it (the switch may just have stopped matching or been deleted).
+pub fn deployments_for_switch(
+    switch: &NetworkSwitch,
+    deployments: &Store<DeviceProcessDeployment>,
+    children: &Store<DeviceProcess>,
+) -> Vec<ObjectRef<DeviceProcessDeployment>> {
+    let Some(namespace) = switch.namespace() else {
+        return Vec::new();
+    };
+    let device = switch.name_any();
+    let mut names = BTreeSet::new();
+    for deployment in deployments.state() {
+        if deployment.namespace().as_deref() == Some(namespace.as_str())
+            && Selector::new(&deployment.spec.selector)
+                .is_ok_and(|selector| selector.matches(switch.labels()))
+        {
+            names.insert(deployment.name_any());
+        }
+    }
+    for child in children.state() {
+        if child.namespace().as_deref() == Some(namespace.as_str())
+            && child.spec.device_ref.name == device
+        {
+            for owner in child.owner_references() {
+                if owner.controller == Some(true) && owner.kind == "DeviceProcessDeployment" {
+                    names.insert(owner.name.clone());
+                }
+            }
+        }
+    }
+    names
+        .into_iter()
+        .map(|name| ObjectRef::new(&name).within(&namespace))
+        .collect()
+}
+
+/// One item each time leadership is gained.
+fn leadership_gained(mut changes: watch::Receiver<bool>) -> impl Stream<Item = ()> + Send {
+    changes.mark_unchanged();
+    futures::stream::unfold(changes, |mut changes| async move {
+        loop {
+            changes.changed().await.ok()?;
+            if *changes.borrow_and_update() {
+                return Some(((), changes));
+            }
+        }
+    })
+}
+
+/// Run the controller until `shutdown` is cancelled; then finish in-flight reconciles, release the
+/// lease and stop serving.
+pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
+    let client = client(&args).await?;
+    let namespace = args.namespace.as_deref();
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
+    let lease_namespace = args
+        .lease_namespace
+        .clone()
+        .or_else(|| args.namespace.clone())
+        .unwrap_or_else(|| client.default_namespace().to_owned());
+
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let registry = Arc::new(registry);
+    let leadership = Leadership::new();
+
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let listener = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .map_err(|source| Error::BindAdmin {
+            addr: args.admin_listen,
+            source,
+        })?;
+    tracing::info!(addr = %args.admin_listen, "admin endpoints listening");
+    let admin_stop = shutdown.clone();
+    let admin_app = admin::router(registry.clone(), ready_rx);
+    let admin_server = tokio::spawn(async move {
+        axum::serve(listener, admin_app)
+            .with_graceful_shutdown(async move { admin_stop.cancelled().await })
+            .await
+    });
+
+    let (switch_store, switch_writer) = reflector::store::<NetworkSwitch>();
+    let switch_events = reflector::reflector(
+        switch_writer,
+        watcher(api(&client, namespace), watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects();
+    let (child_store, child_writer) = reflector::store::<DeviceProcess>();
+    // Only our children: the label is set on every DeviceProcess a deployment creates.
+    let child_events = reflector::reflector(
+        child_writer,
+        watcher(
+            api(&client, namespace),
+            watcher::Config::default().labels(LABEL_DEPLOYMENT),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+
+    let controller = Controller::new(
+        api::<DeviceProcessDeployment>(&client, namespace),
+        watcher::Config::default(),
+    );
+    let deployment_store = controller.store();
+    let (mapper_deployments, mapper_children) = (deployment_store.clone(), child_store.clone());
+    let controller = controller
+        .owns_stream(child_events)
+        .watches_stream(switch_events, move |switch: NetworkSwitch| {
+            deployments_for_switch(&switch, &mapper_deployments, &mapper_children)
+        })
+        .reconcile_all_on(leadership_gained(leadership.subscribe()))
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned());
+
+    let readiness_stores = (deployment_store, switch_store.clone(), child_store.clone());
+    tokio::spawn(async move {
+        let (deployments, switches, children) = readiness_stores;
+        let synced = tokio::try_join!(
+            deployments.wait_until_ready(),
+            switches.wait_until_ready(),
+            children.wait_until_ready()
+        );
+        if synced.is_ok() {
+            tracing::info!("watch caches synced");
+            ready_tx.send_replace(true);
+        }
+    });
+
+    let elector_stop = CancellationToken::new();
+    let elector = tokio::spawn(
+        Elector::new(
+            client.clone(),
+            LeaseConfig {
+                name: args.lease_name.clone(),
+                namespace: lease_namespace,
+                identity: identity.clone(),
+                lease_duration: args.lease_duration,
+                renew_deadline: args.lease_renew_deadline,
+                retry_period: args.lease_retry_period,
+                api_timeout: args.api_timeout,
+            },
+            leadership.clone(),
+            metrics.clone(),
+        )
+        .run(elector_stop.clone()),
+    );
+
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: CONTROLLER_NAME.to_owned(),
+            instance: Some(identity.clone()),
+        },
+    );
+    let context = Arc::new(Context::new(
+        client,
+        switch_store,
+        child_store,
+        leadership,
+        recorder,
+        metrics,
+        ReconcileConfig {
+            resync_period: args.resync_period,
+            backoff_base: args.backoff_base,
+            backoff_max: args.backoff_max,
+            api_timeout: args.api_timeout,
+        },
+    ));
+    tracing::info!(%identity, scope = namespace.unwrap_or("<all namespaces>"), "controller starting");
+    controller
+        .run(reconcile, error_policy, context)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => tracing::debug!(%object, "reconciled"),
+                // Reconcile failures were logged by the error policy.
+                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                Err(error) => tracing::warn!(%error, "controller"),
+            }
+        })
+        .await;
+
+    // Writes have stopped: only now hand the lease to a successor.
+    elector_stop.cancel();
+    if let Err(error) = elector.await {
+        tracing::warn!(%error, "lease elector task failed");
+    }
+    match admin_server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => return Err(Error::ServeAdmin(error)),
+        Err(error) => tracing::warn!(%error, "admin server task failed"),
+    }
+    tracing::info!("controller stopped");
+    Ok(())
+}
