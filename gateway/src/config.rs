@@ -1,0 +1,290 @@
+//! Command-line flags (each also an `APOLLO_*` environment variable) and the settings derived
+//! from them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::auth::Auth;
+use crate::error::Error;
+
+/// `apollo-gateway`: the device-facing HTTP API of Apollo.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "apollo-gateway", version, about)]
+pub struct Args {
+    /// Address of the device API (`/v1/devices/...`).
+    #[arg(long, env = "APOLLO_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Address of the admin endpoints (`/healthz`, `/readyz`, `/metrics`).
+    #[arg(long, env = "APOLLO_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub admin_listen: SocketAddr,
+
+    /// Redis holding the state shared by all replicas. Without it an in-memory store serves a
+    /// single replica.
+    #[arg(long, env = "APOLLO_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// File whose bytes (surrounding whitespace trimmed) are the HMAC key of device tokens.
+    #[arg(long, env = "APOLLO_AUTH_SECRET_FILE")]
+    pub auth_secret_file: Option<PathBuf>,
+
+    /// File holding one token every device may use (development only).
+    #[arg(long, env = "APOLLO_DEV_SHARED_TOKEN_FILE")]
+    pub dev_shared_token_file: Option<PathBuf>,
+
+    /// Serve devices without any authentication (development only; logs a warning).
+    #[arg(
+        long,
+        env = "APOLLO_INSECURE_NO_AUTH",
+        conflicts_with_all = ["auth_secret_file", "dev_shared_token_file"]
+    )]
+    pub insecure_no_auth: bool,
+
+    /// How often agents must report; sent to them in every desired document and report ack.
+    #[arg(long, env = "APOLLO_HEARTBEAT_INTERVAL_SECONDS", default_value_t = 15,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub heartbeat_interval_seconds: u64,
+
+    /// A device is stale after this many heartbeat intervals without a report.
+    #[arg(long, env = "APOLLO_STALE_MULTIPLIER", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub stale_multiplier: u32,
+
+    /// How often the stale sweep runs (decimal seconds allowed).
+    #[arg(long, env = "APOLLO_SWEEP_INTERVAL_SECONDS", default_value = "5", value_parser = parse_seconds)]
+    pub sweep_interval_seconds: Duration,
+
+    /// How often the level-triggered resync compares every status with the shared state.
+    #[arg(long, env = "APOLLO_RESYNC_INTERVAL_SECONDS", default_value = "300", value_parser = parse_seconds)]
+    pub resync_interval_seconds: Duration,
+
+    /// How long a spec change waits before its status write, so that an agent observing the new
+    /// spec within this window costs one write instead of two.
+    #[arg(long, env = "APOLLO_STATUS_DEBOUNCE_SECONDS", default_value = "2", value_parser = parse_seconds)]
+    pub status_debounce_seconds: Duration,
+
+    /// Kubernetes writes (status patches and Events) per second, across this replica.
+    #[arg(long, env = "APOLLO_KUBE_WRITES_PER_SECOND", default_value_t = 50.0)]
+    pub kube_writes_per_second: f64,
+
+    /// Timeout of each Kubernetes call.
+    #[arg(long, env = "APOLLO_KUBE_WRITE_TIMEOUT_SECONDS", default_value = "10", value_parser = parse_seconds)]
+    pub kube_write_timeout_seconds: Duration,
+
+    /// DeviceProcesses that may wait for a status write at once (one entry per object).
+    #[arg(long, env = "APOLLO_STATUS_QUEUE_CAPACITY", default_value_t = 65_536)]
+    pub status_queue_capacity: usize,
+
+    /// Status writes in flight at once.
+    #[arg(long, env = "APOLLO_STATUS_WRITERS", default_value_t = 8)]
+    pub status_writers: usize,
+
+    /// Device requests (long polls included) served at once; above it requests get 503.
+    #[arg(long, env = "APOLLO_MAX_CONCURRENT_REQUESTS", default_value_t = 65_536)]
+    pub max_concurrent_requests: usize,
+
+    /// Only watch and write DeviceProcesses in this namespace (default: all namespaces).
+    #[arg(long, env = "APOLLO_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// This replica's ordinal (0..replicas); sent as X-Apollo-Gateway on every response.
+    #[arg(long, env = "APOLLO_ORDINAL", default_value_t = 0)]
+    pub ordinal: u32,
+
+    /// Number of gateway replicas sharing the device space.
+    #[arg(long, env = "APOLLO_REPLICAS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub replicas: u32,
+
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "APOLLO_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+/// Parses decimal seconds (`"15"`, `"0.25"`) into a positive duration.
+pub fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let value: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !value.is_finite() || value <= 0.0 || value > 86_400.0 * 365.0 {
+        return Err(format!("{s:?} must be a positive number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+/// Validated settings the gateway runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Device API address.
+    pub listen: SocketAddr,
+    /// Admin address.
+    pub admin_listen: SocketAddr,
+    /// Redis URL, or None for the in-memory store.
+    pub redis_url: Option<String>,
+    /// Authentication of device requests.
+    pub auth: Auth,
+    /// Heartbeat interval told to agents.
+    pub heartbeat_interval_seconds: u64,
+    /// staleMultiplier x heartbeat interval.
+    pub stale_window: Duration,
+    /// Stale sweep period.
+    pub sweep_interval: Duration,
+    /// Resync period.
+    pub resync_interval: Duration,
+    /// Debounce of spec-change writes.
+    pub status_debounce: Duration,
+    /// Kubernetes writes per second.
+    pub kube_writes_per_second: f64,
+    /// Timeout of each Kubernetes call.
+    pub kube_timeout: Duration,
+    /// Status queue capacity.
+    pub status_queue_capacity: usize,
+    /// Concurrent status writes.
+    pub status_writers: usize,
+    /// Concurrent device requests.
+    pub max_concurrent_requests: usize,
+    /// Namespace scope.
+    pub namespace: Option<String>,
+    /// This replica's ordinal.
+    pub ordinal: u32,
+    /// Replica count.
+    pub replicas: u32,
+}
+
+impl Settings {
+    /// Checks the flags and reads the secret files they name.
+    pub fn from_args(args: &Args) -> Result<Self, Error> {
+        if args.ordinal >= args.replicas {
+            return Err(Error::InvalidConfig(format!(
+                "--ordinal {} must be below --replicas {}",
+                args.ordinal, args.replicas
+            )));
+        }
+        if args.replicas > 1 && args.redis_url.is_none() {
+            return Err(Error::InvalidConfig(
+                "the in-memory state store serves a single replica; give --redis-url when \
+                 --replicas is above 1"
+                    .into(),
+            ));
+        }
+        if !(args.kube_writes_per_second.is_finite() && args.kube_writes_per_second > 0.0) {
+            return Err(Error::InvalidConfig(
+                "--kube-writes-per-second must be positive".into(),
+            ));
+        }
+        for (flag, value) in [
+            ("--status-queue-capacity", args.status_queue_capacity),
+            ("--status-writers", args.status_writers),
+            ("--max-concurrent-requests", args.max_concurrent_requests),
+        ] {
+            if value == 0 {
+                return Err(Error::InvalidConfig(format!("{flag} must be at least 1")));
+            }
+        }
+        let auth = Auth::from_flags(
+            args.auth_secret_file.as_deref(),
+            args.dev_shared_token_file.as_deref(),
+            args.insecure_no_auth,
+        )?;
+        let heartbeat = Duration::from_secs(args.heartbeat_interval_seconds);
+        Ok(Self {
+            listen: args.listen,
+            admin_listen: args.admin_listen,
+            redis_url: args.redis_url.clone(),
+            auth,
+            heartbeat_interval_seconds: args.heartbeat_interval_seconds,
+            stale_window: heartbeat * args.stale_multiplier,
+            sweep_interval: args.sweep_interval_seconds,
+            resync_interval: args.resync_interval_seconds,
+            status_debounce: args.status_debounce_seconds,
+            kube_writes_per_second: args.kube_writes_per_second,
+            kube_timeout: args.kube_write_timeout_seconds,
+            status_queue_capacity: args.status_queue_capacity,
+            status_writers: args.status_writers,
+            max_concurrent_requests: args.max_concurrent_requests,
+            namespace: args.namespace.clone(),
+            ordinal: args.ordinal,
+            replicas: args.replicas,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn args_are_consistent() {
+        Args::command().debug_assert();
+    }
+
+    fn parse(extra: &[&str]) -> Result<Args, clap::Error> {
+        let mut argv = vec!["apollo-gateway"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv)
+    }
+
+    #[test]
+    fn defaults_match_the_documented_interface() {
+        let args = parse(&["--insecure-no-auth"]).expect("parse");
+        assert_eq!(args.heartbeat_interval_seconds, 15);
+        assert_eq!(args.stale_multiplier, 3);
+        assert_eq!(args.ordinal, 0);
+        assert_eq!(args.replicas, 1);
+        let settings = Settings::from_args(&args).expect("settings");
+        assert_eq!(settings.stale_window, Duration::from_secs(45));
+        assert!(settings.auth.is_insecure());
+    }
+
+    #[test]
+    fn no_auth_at_all_is_refused() {
+        let args = parse(&[]).expect("parse");
+        let err = Settings::from_args(&args).expect_err("must refuse");
+        assert!(err.to_string().contains("--insecure-no-auth"), "{err}");
+    }
+
+    #[test]
+    fn insecure_conflicts_with_a_secret() {
+        assert!(parse(&["--insecure-no-auth", "--auth-secret-file", "/x"]).is_err());
+    }
+
+    #[test]
+    fn memory_store_is_refused_for_several_replicas() {
+        let args =
+            parse(&["--insecure-no-auth", "--replicas", "3", "--ordinal", "1"]).expect("parse");
+        let err = Settings::from_args(&args).expect_err("must refuse");
+        assert!(err.to_string().contains("--redis-url"), "{err}");
+        let args = parse(&[
+            "--insecure-no-auth",
+            "--replicas",
+            "3",
+            "--ordinal",
+            "1",
+            "--redis-url",
+            "redis://127.0.0.1:1",
+        ])
+        .expect("parse");
+        assert!(Settings::from_args(&args).is_ok());
+    }
+
+    #[test]
+    fn ordinal_must_be_below_replicas() {
+        let args = parse(&["--insecure-no-auth", "--ordinal", "1"]).expect("parse");
+        assert!(Settings::from_args(&args).is_err());
+    }
+
+    #[test]
+    fn seconds_accept_decimals_and_refuse_nonsense() {
+        assert_eq!(parse_seconds("0.25"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_seconds("15"), Ok(Duration::from_secs(15)));
+        assert!(parse_seconds("0").is_err());
+        assert!(parse_seconds("-1").is_err());
+        assert!(parse_seconds("soon").is_err());
+        assert!(parse_seconds("NaN").is_err());
+    }
+}

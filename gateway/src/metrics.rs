@@ -1,0 +1,206 @@
+//! Prometheus metrics of the gateway. The registry is passed in; nothing is global.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+/// Labels of a device API request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Route template, e.g. `/v1/devices/{device}/desired`.
+    pub route: &'static str,
+    /// HTTP status code.
+    pub code: u16,
+}
+
+/// Labels of a device API route.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// Route template.
+    pub route: &'static str,
+}
+
+/// Labels of a state-store operation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabels {
+    /// Operation, e.g. `report`, `sweep`.
+    pub op: &'static str,
+}
+
+/// Labels of a Kubernetes write.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KubeWriteLabels {
+    /// `status_patch` or `event`.
+    pub kind: &'static str,
+    /// Why the write happened: `connected`, `disconnected`, `spec_observed`, `spec_changed`,
+    /// `resync`, `retry`.
+    pub reason: &'static str,
+    /// `ok`, `conflict`, `error`, `timeout`, `not_found`.
+    pub outcome: &'static str,
+}
+
+/// Labels of a transition decided by the state store.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabels {
+    /// `connected`, `disconnected` or `spec_observed`.
+    pub kind: &'static str,
+}
+
+/// Labels of a status-queue outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueOutcomeLabels {
+    /// `written`, `unchanged`, `gone`, `retried`, `dropped_full`.
+    pub outcome: &'static str,
+}
+
+/// Every metric the gateway exports.
+#[derive(Clone)]
+pub struct Metrics {
+    /// Device API requests by route and code.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Device API request latency by route.
+    pub request_seconds: Family<RouteLabels, Histogram>,
+    /// Long polls currently held.
+    pub long_poll_waiters: Gauge,
+    /// State-store latency by operation.
+    pub store_seconds: Family<StoreLabels, Histogram>,
+    /// State-store failures by operation.
+    pub store_errors: Family<StoreLabels, Counter>,
+    /// Kubernetes writes by kind, reason and outcome.
+    pub kube_writes: Family<KubeWriteLabels, Counter>,
+    /// Objects waiting in the status queue.
+    pub queue_depth: Gauge,
+    /// Status-queue items by outcome.
+    pub queue_outcomes: Family<QueueOutcomeLabels, Counter>,
+    /// Transitions decided by this replica.
+    pub transitions: Family<TransitionLabels, Counter>,
+    /// DeviceProcesses in the watch cache.
+    pub cache_objects: Gauge,
+    /// Devices with at least one DeviceProcess.
+    pub cache_devices: Gauge,
+    /// Desired documents built (one per change of a device's document).
+    pub documents_built: Counter,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them under `apollo_gateway_`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let registry = registry.sub_registry_with_prefix("apollo_gateway");
+        let metrics = Self {
+            requests: Family::default(),
+            request_seconds: Family::new_with_constructor(latency_histogram),
+            long_poll_waiters: Gauge::default(),
+            store_seconds: Family::new_with_constructor(latency_histogram),
+            store_errors: Family::default(),
+            kube_writes: Family::default(),
+            queue_depth: Gauge::default(),
+            queue_outcomes: Family::default(),
+            transitions: Family::default(),
+            cache_objects: Gauge::default(),
+            cache_devices: Gauge::default(),
+            documents_built: Counter::default(),
+        };
+        registry.register(
+            "http_requests",
+            "Device API requests by route and status code",
+            metrics.requests.clone(),
+        );
+        registry.register_with_unit(
+            "http_request_duration",
+            "Device API request latency (long polls included)",
+            Unit::Seconds,
+            metrics.request_seconds.clone(),
+        );
+        registry.register(
+            "long_poll_waiters",
+            "Long polls currently held",
+            metrics.long_poll_waiters.clone(),
+        );
+        registry.register_with_unit(
+            "state_store_duration",
+            "Latency of state-store (Redis) operations",
+            Unit::Seconds,
+            metrics.store_seconds.clone(),
+        );
+        registry.register(
+            "state_store_errors",
+            "Failed state-store (Redis) operations",
+            metrics.store_errors.clone(),
+        );
+        registry.register(
+            "kube_writes",
+            "Kubernetes writes by kind, reason and outcome",
+            metrics.kube_writes.clone(),
+        );
+        registry.register(
+            "status_queue_depth",
+            "DeviceProcesses waiting for a status write",
+            metrics.queue_depth.clone(),
+        );
+        registry.register(
+            "status_queue_items",
+            "Status-queue items by outcome",
+            metrics.queue_outcomes.clone(),
+        );
+        registry.register(
+            "transitions",
+            "Connection and observation transitions decided by this replica",
+            metrics.transitions.clone(),
+        );
+        registry.register(
+            "cache_objects",
+            "DeviceProcesses in the watch cache",
+            metrics.cache_objects.clone(),
+        );
+        registry.register(
+            "cache_devices",
+            "Devices with at least one DeviceProcess",
+            metrics.cache_devices.clone(),
+        );
+        registry.register(
+            "desired_documents_built",
+            "Desired documents built (one per change of a device's document)",
+            metrics.documents_built.clone(),
+        );
+        metrics
+    }
+
+    /// Metrics registered in a throwaway registry (tests and tools).
+    pub fn unregistered() -> Self {
+        Self::register(&mut Registry::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_render_with_prefix() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                route: "/v1/devices/{device}/desired",
+                code: 304,
+            })
+            .inc();
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encode");
+        assert!(
+            out.contains(
+                "apollo_gateway_http_requests_total{route=\"/v1/devices/{device}/desired\",code=\"304\"} 1"
+            ),
+            "{out}"
+        );
+        assert!(out.contains("apollo_gateway_long_poll_waiters 0"), "{out}");
+    }
+}

@@ -1,0 +1,211 @@
+//! Wiring: binds the listeners, builds the cache, store, writer and background tasks, serves
+//! until shutdown, then drains.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use apollo_crds::DeviceProcess;
+use kube::Api;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::{run_watch, Cache};
+use crate::config::Settings;
+use crate::error::Error;
+use crate::http::{admin_router, device_router, AdminState, DeviceApi};
+use crate::metrics::Metrics;
+use crate::ownership::{self, OwnedSlots};
+use crate::state::{RedisStore, StateStore, Store};
+use crate::status::{StatusWriter, WriterConfig};
+use crate::sweep::{run_resync, run_sweeper};
+
+/// Desired ETags waiting to be recorded in the store.
+const ETAG_RECORD_QUEUE: usize = 4096;
+
+/// Binds `addr`; a taken port fails here, before anything else starts.
+pub async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Listen { what, addr, source })
+}
+
+/// Runs the gateway until `shutdown` is cancelled (or a server fails).
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), Error> {
+    let device_listener = bind(settings.listen, "device API").await?;
+    let admin_listener = bind(settings.admin_listen, "admin").await?;
+    if settings.auth.is_insecure() {
+        tracing::warn!(
+            "--insecure-no-auth: device requests are NOT authenticated; never run this way \
+             outside development"
+        );
+    }
+    if settings.auth.has_shared_token() {
+        tracing::warn!("a shared development token is accepted for every device");
+    }
+    let client = kube::Client::try_default()
+        .await
+        .map_err(Error::KubeConfig)?;
+
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let store = match &settings.redis_url {
+        Some(url) => Store::redis(RedisStore::new(url)?, metrics.clone()),
+        None => Store::memory(metrics.clone()),
+    };
+    let (_ownership_sender, ownership) = ownership::fixed(OwnedSlots::of_shards(
+        &[settings.ordinal],
+        settings.replicas,
+    ));
+    let cache = Arc::new(Cache::new(
+        settings.heartbeat_interval_seconds,
+        metrics.clone(),
+    ));
+    let writer = Arc::new(StatusWriter::new(
+        cache.clone(),
+        store.clone(),
+        client.clone(),
+        ownership.clone(),
+        WriterConfig {
+            debounce: settings.status_debounce,
+            call_timeout: settings.kube_timeout,
+            concurrency: settings.status_writers,
+            writes_per_second: settings.kube_writes_per_second,
+            queue_capacity: settings.status_queue_capacity,
+            instance: format!("apollo-gateway-{}", settings.ordinal),
+        },
+        metrics.clone(),
+    ));
+    tracing::info!(
+        listen = %settings.listen,
+        admin = %settings.admin_listen,
+        store = store.backend_name(),
+        ordinal = settings.ordinal,
+        replicas = settings.replicas,
+        namespace = settings.namespace.as_deref().unwrap_or("<all>"),
+        stale_window = ?settings.stale_window,
+        "apollo-gateway starting"
+    );
+
+    let mut tasks = JoinSet::new();
+    let api: Api<DeviceProcess> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    {
+        let writer = writer.clone();
+        tasks.spawn(run_watch(
+            api,
+            cache.clone(),
+            move |keys| writer.on_spec_change(keys),
+            shutdown.clone(),
+        ));
+    }
+    tasks.spawn(run_sweeper(
+        cache.clone(),
+        store.clone(),
+        writer.clone(),
+        ownership.clone(),
+        settings.stale_window,
+        settings.sweep_interval,
+        shutdown.clone(),
+    ));
+    tasks.spawn(run_resync(
+        cache.clone(),
+        store.clone(),
+        writer.clone(),
+        ownership.clone(),
+        settings.resync_interval,
+        shutdown.clone(),
+    ));
+    let (etag_records, etag_queue) = mpsc::channel(ETAG_RECORD_QUEUE);
+    tasks.spawn(record_etags(store.clone(), etag_queue, shutdown.clone()));
+    let writer_task = tokio::spawn(writer.clone().run(shutdown.clone()));
+
+    let device_api = Arc::new(DeviceApi {
+        cache: cache.clone(),
+        store: store.clone(),
+        sink: writer.clone(),
+        auth: settings.auth.clone(),
+        heartbeat_interval_seconds: settings.heartbeat_interval_seconds,
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+        etag_records,
+        ordinal: settings.ordinal,
+        max_concurrent_requests: settings.max_concurrent_requests,
+    });
+    let admin = Arc::new(AdminState {
+        cache,
+        store,
+        registry,
+    });
+    let mut servers = JoinSet::new();
+    {
+        let shutdown = shutdown.clone();
+        servers.spawn(async move {
+            axum::serve(device_listener, device_router(device_api))
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+                .map_err(|source| Error::Serve {
+                    what: "device API",
+                    source,
+                })
+        });
+    }
+    {
+        let shutdown = shutdown.clone();
+        servers.spawn(async move {
+            axum::serve(admin_listener, admin_router(admin))
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+                .map_err(|source| Error::Serve {
+                    what: "admin",
+                    source,
+                })
+        });
+    }
+
+    let mut result = Ok(());
+    while let Some(joined) = servers.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                if result.is_ok() {
+                    result = Err(error);
+                }
+                shutdown.cancel();
+            }
+            Err(join_error) => {
+                tracing::error!(%join_error, "server task failed");
+                shutdown.cancel();
+            }
+        }
+    }
+    shutdown.cancel();
+    tracing::info!("device API stopped; flushing status writes");
+    if let Err(join_error) = writer_task.await {
+        tracing::error!(%join_error, "status writer failed");
+    }
+    while tasks.join_next().await.is_some() {}
+    tracing::info!("apollo-gateway stopped");
+    result
+}
+
+async fn record_etags(
+    store: Store,
+    mut queue: mpsc::Receiver<(String, String)>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            next = queue.recv() => next,
+        };
+        let Some((device, etag)) = next else { return };
+        if let Err(error) = store.record_desired_etag(&device, &etag).await {
+            tracing::debug!(%device, %error, "recording the served ETag failed");
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! State shared by every gateway replica: per device lastSeen, connection state, agent version,
+//! observed hash per DeviceProcess and the last served desired ETag.
+//!
+//! Transitions are decided atomically inside the store, so that of all replicas exactly one sees
+//! "this report connected the device" and exactly one sweep sees "this device went stale"; only
+//! that one writes the status change and the Event. Two backends implement [`StateStore`] and
+//! pass one shared test suite: Redis (any number of replicas) and memory (a single replica).
+
+mod memory;
+mod redis;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Instant;
+
+pub use self::memory::MemoryStore;
+pub use self::redis::RedisStore;
+
+use crate::error::Error;
+use crate::metrics::{Metrics, StoreLabels};
+use crate::model::ObjectKey;
+
+/// How long the state of a device that stopped reporting is kept.
+pub const RETENTION_SECONDS: u64 = 30 * 24 * 3600;
+
+/// The connection state of a device as the store knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connection {
+    /// The store has no record of the device (never reported, or the store lost its state).
+    Unknown,
+    /// The device was connected and the sweep found it stale.
+    Disconnected,
+    /// The device reported within the stale window.
+    Connected,
+}
+
+/// One report (or connect) to record.
+#[derive(Debug, Clone)]
+pub struct ReportInput<'a> {
+    /// The reporting device.
+    pub device: &'a str,
+    /// Receive time, milliseconds since the Unix epoch.
+    pub now_ms: i64,
+    /// The agent's version string.
+    pub agent_version: &'a str,
+    /// Observed spec hash per DeviceProcess (already checked to belong to the device).
+    pub observations: Vec<(ObjectKey, String)>,
+}
+
+/// What a report changed, decided atomically.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportOutcome {
+    /// The connection state before this report. Anything but Connected means this report
+    /// connected the device and this caller alone acts on it.
+    pub prior: Connection,
+    /// Observations whose hash differs from the stored one.
+    pub changed: Vec<ObservedChange>,
+}
+
+/// An observed hash that changed with a report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedChange {
+    /// The DeviceProcess.
+    pub key: ObjectKey,
+    /// The newly observed hash.
+    pub hash: String,
+    /// Whether the store held an earlier hash (false after the store lost its state).
+    pub prior_known: bool,
+}
+
+/// Everything the store holds about a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    /// Connection state.
+    pub connection: Connection,
+    /// Last report, milliseconds since the Unix epoch.
+    pub last_seen_ms: Option<i64>,
+    /// The agent's version string from the last report.
+    pub agent_version: Option<String>,
+    /// Last observed hash per DeviceProcess.
+    pub observed: HashMap<ObjectKey, String>,
+}
+
+impl DeviceRecord {
+    /// A device the store knows nothing about.
+    pub fn unknown() -> Self {
+        Self {
+            connection: Connection::Unknown,
+            last_seen_ms: None,
+            agent_version: None,
+            observed: HashMap::new(),
+        }
+    }
+}
+
+/// The operations of the shared state.
+pub trait StateStore: Send + Sync + 'static {
+    /// Records a report in one round trip and decides its transitions.
+    fn record_report(
+        &self,
+        input: &ReportInput<'_>,
+    ) -> impl Future<Output = Result<ReportOutcome, Error>> + Send;
+
+    /// Flips every connected device of `slots` whose last report is at or before `cutoff_ms` to
+    /// disconnected and returns them. Each flip is returned to exactly one caller.
+    fn sweep(
+        &self,
+        slots: &[u16],
+        cutoff_ms: i64,
+    ) -> impl Future<Output = Result<Vec<String>, Error>> + Send;
+
+    /// Everything the store holds about `device`.
+    fn device(&self, device: &str) -> impl Future<Output = Result<DeviceRecord, Error>> + Send;
+
+    /// When the store has no record of `device` (it lost its state) but its status says
+    /// connected: records it as connected as of `now_ms`, so that the sweep marks it stale if it
+    /// does not report within the window. Returns whether it did.
+    fn adopt_connected(
+        &self,
+        device: &str,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<bool, Error>> + Send;
+
+    /// Records the desired ETag last served to `device`.
+    fn record_desired_etag(
+        &self,
+        device: &str,
+        etag: &str,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// The desired ETag last served to `device` by any replica.
+    fn desired_etag(
+        &self,
+        device: &str,
+    ) -> impl Future<Output = Result<Option<String>, Error>> + Send;
+
+    /// Checks that the store answers.
+    fn ping(&self) -> impl Future<Output = Result<(), Error>> + Send;
+}
+
+/// The store the gateway runs with: one of the backends, timed into the metrics.
+#[derive(Clone)]
+pub struct Store {
+    backend: Backend,
+    metrics: Metrics,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Memory(MemoryStore),
+    Redis(RedisStore),
+}
+
+impl Store {
+    /// The in-memory backend.
+    pub fn memory(metrics: Metrics) -> Self {
+        Self {
+            backend: Backend::Memory(MemoryStore::default()),
+            metrics,
+        }
+    }
+
+    /// The Redis backend.
+    pub fn redis(store: RedisStore, metrics: Metrics) -> Self {
+        Self {
+            backend: Backend::Redis(store),
+            metrics,
+        }
+    }
+
+    /// Name of the backend, for logs.
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Memory(_) => "memory",
+            Backend::Redis(_) => "redis",
+        }
+    }
+
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        call: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let start = Instant::now();
+        let result = call.await;
+        let labels = StoreLabels { op };
+        self.metrics
+            .store_seconds
+            .get_or_create(&labels)
+            .observe(start.elapsed().as_secs_f64());
+        if result.is_err() {
+            self.metrics.store_errors.get_or_create(&labels).inc();
+        }
+        result
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $op:literal, $store:ident => $call:expr) => {
+        match &$self.backend {
+            Backend::Memory($store) => $self.timed($op, $call).await,
+            Backend::Redis($store) => $self.timed($op, $call).await,
+        }
+    };
+}
+
+impl StateStore for Store {
+    async fn record_report(&self, input: &ReportInput<'_>) -> Result<ReportOutcome, Error> {
+        dispatch!(self, "report", s => s.record_report(input))
+    }
+
+    async fn sweep(&self, slots: &[u16], cutoff_ms: i64) -> Result<Vec<String>, Error> {
+        dispatch!(self, "sweep", s => s.sweep(slots, cutoff_ms))
+    }
+
+    async fn device(&self, device: &str) -> Result<DeviceRecord, Error> {
+        dispatch!(self, "device", s => s.device(device))
+    }
+
+    async fn adopt_connected(&self, device: &str, now_ms: i64) -> Result<bool, Error> {
+        dispatch!(self, "adopt", s => s.adopt_connected(device, now_ms))
+    }
+
+    async fn record_desired_etag(&self, device: &str, etag: &str) -> Result<(), Error> {
+        dispatch!(self, "record_etag", s => s.record_desired_etag(device, etag))
+    }
+
+    async fn desired_etag(&self, device: &str) -> Result<Option<String>, Error> {
+        dispatch!(self, "desired_etag", s => s.desired_etag(device))
+    }
+
+    async fn ping(&self) -> Result<(), Error> {
+        dispatch!(self, "ping", s => s.ping())
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}

@@ -1,0 +1,562 @@
+//! The status writer: takes DeviceProcesses off the [`WriteQueue`], recomputes their projection
+//! from the cache and the shared state at that moment (so a transition undone before its turn
+//! costs nothing), patches `/status` with optimistic locking, and publishes the Events of the
+//! transitions that caused the write. Runs off the request path, rate limited, every call bounded
+//! by a timeout.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use apollo_crds::{DeviceProcess, DeviceProcessStatus};
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use rand::Rng;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cache::Cache;
+use crate::error::Error;
+use crate::metrics::{KubeWriteLabels, Metrics, QueueOutcomeLabels, TransitionLabels};
+use crate::model::{CachedProcess, ObjectKey};
+use crate::ownership::Ownership;
+use crate::projection::{event_for, needs_write, project, EventSpec, Transition};
+use crate::queue::{Next, RateLimiter, Work, WriteQueue, WriteReason};
+use crate::state::{Connection, ReportOutcome, StateStore, Store};
+
+/// Field manager of every status patch.
+pub const FIELD_MANAGER: &str = "apollo-gateway";
+/// `reportingController` of every Event.
+pub const REPORTING_CONTROLLER: &str = "apollo.azure.com/gateway";
+/// Attempts of one status write (the first plus retries after 409 or errors).
+const PATCH_ATTEMPTS: u32 = 6;
+/// Attempts of one Event creation.
+const EVENT_ATTEMPTS: u32 = 4;
+/// Delay before an object whose write gave up is tried again.
+const REQUEUE_DELAY: Duration = Duration::from_secs(5);
+/// How long pending writes may still be flushed after shutdown was requested.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Settings of the writer.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    /// Delay of spec-change writes (see `--status-debounce-seconds`).
+    pub debounce: Duration,
+    /// Timeout of each Kubernetes call.
+    pub call_timeout: Duration,
+    /// Writes in flight at once.
+    pub concurrency: usize,
+    /// Kubernetes writes per second.
+    pub writes_per_second: f64,
+    /// Objects the queue holds.
+    pub queue_capacity: usize,
+    /// `reportingInstance` of Events.
+    pub instance: String,
+}
+
+/// The status writer of one replica.
+pub struct StatusWriter {
+    cache: Arc<Cache>,
+    store: Store,
+    client: Client,
+    queue: WriteQueue,
+    limiter: RateLimiter,
+    ownership: Ownership,
+    config: WriterConfig,
+    metrics: Metrics,
+}
+
+enum WriteResult {
+    Written,
+    Unchanged,
+    Gone,
+    Failed(Error),
+}
+
+impl StatusWriter {
+    /// A writer with an empty queue.
+    pub fn new(
+        cache: Arc<Cache>,
+        store: Store,
+        client: Client,
+        ownership: Ownership,
+        config: WriterConfig,
+        metrics: Metrics,
+    ) -> Self {
+        let burst = config.writes_per_second.ceil().clamp(1.0, 1000.0) as u32;
+        Self {
+            queue: WriteQueue::new(config.queue_capacity, metrics.clone()),
+            limiter: RateLimiter::new(config.writes_per_second, burst),
+            cache,
+            store,
+            client,
+            ownership,
+            config,
+            metrics,
+        }
+    }
+
+    /// The queue (for tests and metrics).
+    pub fn queue(&self) -> &WriteQueue {
+        &self.queue
+    }
+
+    fn count_transition(&self, kind: &'static str) {
+        self.metrics
+            .transitions
+            .get_or_create(&TransitionLabels { kind })
+            .inc();
+    }
+
+    /// Queues the writes a report decided. The replica that recorded the report acts on its
+    /// transitions whether or not it owns the device's shard: the store told only it.
+    pub fn on_report(&self, device: &str, outcome: &ReportOutcome) {
+        let now = Instant::now();
+        if outcome.prior != Connection::Connected {
+            self.count_transition("connected");
+            for key in self.cache.keys_for_device(device) {
+                self.queue.push(
+                    key,
+                    now,
+                    Work::transition(Transition::Connected {
+                        prior: outcome.prior,
+                    }),
+                );
+            }
+        }
+        for change in &outcome.changed {
+            self.count_transition("spec_observed");
+            self.queue.push(
+                change.key.clone(),
+                now,
+                Work::transition(Transition::SpecObserved {
+                    hash: change.hash.clone(),
+                    prior_known: change.prior_known,
+                }),
+            );
+        }
+    }
+
+    /// Queues the writes of devices the sweep found stale.
+    pub fn on_stale(&self, devices: &[String]) {
+        let now = Instant::now();
+        for device in devices {
+            self.count_transition("disconnected");
+            for key in self.cache.keys_for_device(device) {
+                self.queue
+                    .push(key, now, Work::transition(Transition::Disconnected));
+            }
+        }
+    }
+
+    /// Queues debounced writes for objects whose spec changed, when their device is ours.
+    pub fn on_spec_change(&self, keys: Vec<ObjectKey>) {
+        let due = Instant::now() + self.config.debounce;
+        let owned = self.ownership.borrow().clone();
+        for key in keys {
+            if let Some(process) = self.cache.get(&key) {
+                if owned.owns_device(&process.device) {
+                    self.queue
+                        .push(key, due, Work::plain(WriteReason::SpecChanged));
+                }
+            }
+        }
+    }
+
+    /// Queues a repair found by the resync.
+    pub fn on_resync(&self, key: ObjectKey) {
+        self.queue
+            .push(key, Instant::now(), Work::plain(WriteReason::Resync));
+    }
+
+    /// Takes objects off the queue until shutdown, then flushes what is queued for a short grace
+    /// period (debounce ignored).
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let permits = Arc::new(Semaphore::new(self.config.concurrency));
+        let tasks = TaskTracker::new();
+        let mut drain_deadline: Option<Instant> = None;
+        loop {
+            let changed = self.queue.changed();
+            let now = Instant::now();
+            if shutdown.is_cancelled() && drain_deadline.is_none() {
+                drain_deadline = Some(now + SHUTDOWN_GRACE);
+            }
+            if drain_deadline.is_some_and(|d| now >= d) {
+                break;
+            }
+            let horizon = if drain_deadline.is_some() {
+                now + Duration::from_secs(3600 * 24)
+            } else {
+                now
+            };
+            match self.queue.next(horizon) {
+                Next::Ready(key, work) => {
+                    let permit = tokio::select! {
+                        permit = permits.clone().acquire_owned() => permit,
+                        _ = sleep_until_opt(drain_deadline) => break,
+                    };
+                    let Ok(permit) = permit else { break };
+                    let this = self.clone();
+                    tasks.spawn(async move {
+                        this.write(&key, work).await;
+                        this.queue.done(&key);
+                        drop(permit);
+                    });
+                }
+                Next::Empty if drain_deadline.is_some() => break,
+                Next::Empty | Next::WaitUntil(None) => {
+                    tokio::select! {
+                        _ = changed => {}
+                        _ = sleep_until_opt(drain_deadline) => {}
+                        _ = shutdown.cancelled(), if drain_deadline.is_none() => {}
+                    }
+                }
+                Next::WaitUntil(Some(due)) => {
+                    tokio::select! {
+                        _ = changed => {}
+                        _ = tokio::time::sleep_until(due) => {}
+                        _ = shutdown.cancelled(), if drain_deadline.is_none() => {}
+                    }
+                }
+            }
+        }
+        tasks.close();
+        let remaining = drain_deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+            .unwrap_or(SHUTDOWN_GRACE);
+        if tokio::time::timeout(remaining, tasks.wait()).await.is_err() {
+            tracing::warn!("status writes still in flight at shutdown were abandoned");
+        }
+        if !self.queue.is_empty() {
+            tracing::warn!(
+                queued = self.queue.len(),
+                "status writes still queued at shutdown; the next resync repairs them"
+            );
+        }
+    }
+
+    fn count_queue(&self, outcome: &'static str) {
+        self.metrics
+            .queue_outcomes
+            .get_or_create(&QueueOutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// Writes one object: decide its Events, project, patch (retrying 409s and errors), then
+    /// publish the Events.
+    async fn write(&self, key: &ObjectKey, work: Work) {
+        let Some(process) = self.cache.get(key) else {
+            self.count_queue("gone");
+            return;
+        };
+        let reason = work
+            .transitions
+            .first()
+            .map(Transition::kind)
+            .unwrap_or(work.reason.label());
+        let mut events = work.events;
+        events.extend(
+            work.transitions
+                .iter()
+                .filter_map(|t| event_for(t, &process.device, process.status.as_ref())),
+        );
+        match self.write_status(process, reason).await {
+            WriteResult::Written => self.count_queue("written"),
+            WriteResult::Unchanged => self.count_queue("unchanged"),
+            WriteResult::Gone => {
+                self.count_queue("gone");
+                return;
+            }
+            WriteResult::Failed(error) => {
+                self.count_queue("retried");
+                tracing::warn!(object = %key, %error, "status write failed; will retry");
+                let jitter = rand::rng().random_range(0..1000);
+                self.queue.push(
+                    key.clone(),
+                    Instant::now() + REQUEUE_DELAY + Duration::from_millis(jitter),
+                    Work {
+                        transitions: Vec::new(),
+                        events,
+                        reason: WriteReason::Retry,
+                    },
+                );
+                return;
+            }
+        }
+        for event in &events {
+            self.publish_event(key, event).await;
+        }
+    }
+
+    async fn write_status(
+        &self,
+        mut process: Arc<CachedProcess>,
+        reason: &'static str,
+    ) -> WriteResult {
+        let record = match self.store.device(&process.device).await {
+            Ok(record) => record,
+            Err(error) => return WriteResult::Failed(error),
+        };
+        let mut attempt = 0;
+        loop {
+            let observed = record.observed.get(&process.key).map(String::as_str);
+            let desired = project(&process, record.connection, observed, &now_rfc3339());
+            if !needs_write(process.status.as_ref(), &desired) {
+                return WriteResult::Unchanged;
+            }
+            self.limiter.acquire().await;
+            let error = match self.patch_status(&process, &desired).await {
+                Ok(written) => {
+                    self.count_kube("status_patch", reason, "ok");
+                    self.cache.observe_write(&written);
+                    return WriteResult::Written;
+                }
+                Err(error) if error.is_not_found() => {
+                    self.count_kube("status_patch", reason, "not_found");
+                    return WriteResult::Gone;
+                }
+                Err(error) => error,
+            };
+            let conflict = error.is_conflict();
+            self.count_kube("status_patch", reason, outcome_label(&error));
+            attempt += 1;
+            if attempt >= PATCH_ATTEMPTS {
+                return WriteResult::Failed(error);
+            }
+            tokio::time::sleep(backoff(attempt)).await;
+            if conflict {
+                // Someone else wrote the object: re-read it and project again.
+                match self.get(&process.key).await {
+                    Ok(fresh) => {
+                        self.cache.observe_write(&fresh);
+                        match CachedProcess::from_object(&fresh) {
+                            Some(fresh) if fresh.device == process.device => {
+                                process = Arc::new(fresh)
+                            }
+                            // Rebound to another device: its record is not the one we read.
+                            _ => return WriteResult::Failed(error),
+                        }
+                    }
+                    Err(e) if e.is_not_found() => return WriteResult::Gone,
+                    Err(e) => tracing::debug!(error = %e, "re-read after conflict failed"),
+                }
+            }
+        }
+    }
+
+    fn count_kube(&self, kind: &'static str, reason: &'static str, outcome: &'static str) {
+        self.metrics
+            .kube_writes
+            .get_or_create(&KubeWriteLabels {
+                kind,
+                reason,
+                outcome,
+            })
+            .inc();
+    }
+
+    async fn patch_status(
+        &self,
+        process: &CachedProcess,
+        status: &DeviceProcessStatus,
+    ) -> Result<DeviceProcess, Error> {
+        let api: Api<DeviceProcess> = Api::namespaced(self.client.clone(), &process.key.namespace);
+        let mut body = serde_json::json!({ "status": status });
+        if let Some(rv) = &process.resource_version {
+            // A merge patch carrying resourceVersion is an optimistic lock: 409 if it moved.
+            body["metadata"] = serde_json::json!({ "resourceVersion": rv });
+        }
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_owned()),
+            ..PatchParams::default()
+        };
+        self.bounded(
+            "patch status",
+            &process.key,
+            api.patch_status(&process.key.name, &params, &Patch::Merge(&body)),
+        )
+        .await
+    }
+
+    async fn get(&self, key: &ObjectKey) -> Result<DeviceProcess, Error> {
+        let api: Api<DeviceProcess> = Api::namespaced(self.client.clone(), &key.namespace);
+        self.bounded("get", key, api.get(&key.name)).await
+    }
+
+    async fn bounded<T>(
+        &self,
+        op: &'static str,
+        key: &ObjectKey,
+        call: impl std::future::Future<Output = Result<T, kube::Error>>,
+    ) -> Result<T, Error> {
+        match tokio::time::timeout(self.config.call_timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(source)) => Err(Error::KubeCall {
+                op,
+                object: key.to_string(),
+                source: Box::new(source),
+            }),
+            Err(_) => Err(Error::KubeTimeout {
+                op,
+                object: key.to_string(),
+            }),
+        }
+    }
+
+    async fn publish_event(&self, key: &ObjectKey, spec: &EventSpec) {
+        let Some(process) = self.cache.get(key) else {
+            return;
+        };
+        let event = build_event(&process, spec, &self.config.instance);
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &key.namespace);
+        for attempt in 1..=EVENT_ATTEMPTS {
+            self.limiter.acquire().await;
+            match self
+                .bounded(
+                    "create event",
+                    key,
+                    api.create(&PostParams::default(), &event),
+                )
+                .await
+            {
+                Ok(_) => {
+                    self.count_kube("event", spec.reason, "ok");
+                    return;
+                }
+                // An earlier attempt that timed out on our side went through.
+                Err(error) if error.is_conflict() => {
+                    self.count_kube("event", spec.reason, "ok");
+                    return;
+                }
+                Err(error) => {
+                    self.count_kube("event", spec.reason, outcome_label(&error));
+                    if attempt == EVENT_ATTEMPTS {
+                        tracing::warn!(object = %key, reason = spec.reason, %error, "Event not published");
+                        return;
+                    }
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+            }
+        }
+    }
+}
+
+fn outcome_label(error: &Error) -> &'static str {
+    match error {
+        e if e.is_conflict() => "conflict",
+        e if e.is_not_found() => "not_found",
+        Error::KubeTimeout { .. } => "timeout",
+        _ => "error",
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Exponential backoff with full jitter: up to 100ms x 2^attempt, capped at 2s.
+fn backoff(attempt: u32) -> Duration {
+    let cap_ms = (100u64 << attempt.min(5)).min(2000);
+    Duration::from_millis(rand::rng().random_range(cap_ms / 4..=cap_ms))
+}
+
+/// Now as RFC 3339 with whole seconds (the precision of metav1.Time).
+pub fn now_rfc3339() -> String {
+    let now = jiff::Timestamp::now();
+    jiff::Timestamp::from_second(now.as_second())
+        .unwrap_or(now)
+        .to_string()
+}
+
+static EVENT_SEQUENCE: AtomicU32 = AtomicU32::new(0);
+
+/// An events.k8s.io/v1 Event about `process`.
+pub fn build_event(process: &CachedProcess, spec: &EventSpec, instance: &str) -> Event {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let sequence = EVENT_SEQUENCE.fetch_add(1, Ordering::Relaxed);
+    Event {
+        metadata: ObjectMeta {
+            name: Some(format!(
+                "{}.{:x}{:04x}",
+                process.key.name,
+                now.as_nanosecond(),
+                sequence & 0xffff
+            )),
+            namespace: Some(process.key.namespace.clone()),
+            ..ObjectMeta::default()
+        },
+        event_time: Some(MicroTime(now)),
+        action: Some(spec.action.to_owned()),
+        reason: Some(spec.reason.to_owned()),
+        note: Some(spec.note.clone()),
+        type_: Some(spec.type_.as_str().to_owned()),
+        regarding: Some(ObjectReference {
+            api_version: Some(format!("{}/{}", apollo_crds::GROUP, apollo_crds::VERSION)),
+            kind: Some("DeviceProcess".to_owned()),
+            name: Some(process.key.name.clone()),
+            namespace: Some(process.key.namespace.clone()),
+            uid: Some(process.uid.clone()).filter(|u| !u.is_empty()),
+            ..ObjectReference::default()
+        }),
+        reporting_controller: Some(REPORTING_CONTROLLER.to_owned()),
+        reporting_instance: Some(instance.to_owned()),
+        ..Event::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::projection::EventType;
+
+    #[test]
+    fn backoff_is_bounded_and_grows() {
+        for attempt in 0..20 {
+            let d = backoff(attempt);
+            assert!(d <= Duration::from_secs(2), "{d:?}");
+        }
+        assert!(backoff(1) <= Duration::from_millis(200));
+    }
+
+    #[test]
+    fn now_has_whole_seconds() {
+        let now = now_rfc3339();
+        assert!(now.ends_with('Z') && !now.contains('.'), "{now}");
+    }
+
+    #[test]
+    fn events_regard_the_device_process() {
+        let process = CachedProcess {
+            key: ObjectKey::new("ns", "p"),
+            uid: "u-1".into(),
+            device: "d".into(),
+            generation: 1,
+            resource_version: None,
+            spec: serde_json::json!({}),
+            spec_hash: String::new(),
+            status: None,
+        };
+        let spec = EventSpec {
+            type_: EventType::Warning,
+            reason: "AgentDisconnected",
+            action: "StaleSweep",
+            note: "n".into(),
+        };
+        let a = build_event(&process, &spec, "apollo-gateway-0");
+        let b = build_event(&process, &spec, "apollo-gateway-0");
+        assert_ne!(a.metadata.name, b.metadata.name);
+        assert_eq!(a.type_.as_deref(), Some("Warning"));
+        let regarding = a.regarding.expect("regarding");
+        assert_eq!(regarding.kind.as_deref(), Some("DeviceProcess"));
+        assert_eq!(regarding.api_version.as_deref(), Some("azure.com/v1alpha1"));
+        assert_eq!(regarding.uid.as_deref(), Some("u-1"));
+    }
+}

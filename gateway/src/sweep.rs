@@ -1,0 +1,150 @@
+//! Background work over the slots this replica owns: the stale sweep (connected devices without
+//! a report within the stale window flip to disconnected, once) and the slow level-triggered
+//! resync (repairs any status that disagrees with the shared state, writes nothing otherwise).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use apollo_crds::conditions::{is_true, AGENT_CONNECTED};
+use futures::StreamExt;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::Cache;
+use crate::model::CachedProcess;
+use crate::ownership::Ownership;
+use crate::projection::{needs_write, project};
+use crate::state::{now_ms, Connection, StateStore, Store};
+use crate::status::{now_rfc3339, StatusWriter};
+
+/// Devices whose state the resync reads concurrently.
+const RESYNC_CONCURRENCY: usize = 16;
+
+/// Runs the stale sweep every `interval` until shutdown.
+pub async fn run_sweeper(
+    cache: Arc<Cache>,
+    store: Store,
+    writer: Arc<StatusWriter>,
+    ownership: Ownership,
+    stale_window: Duration,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let window_ms = i64::try_from(stale_window.as_millis()).unwrap_or(i64::MAX);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let slots = ownership.borrow().slots();
+        if slots.is_empty() {
+            continue;
+        }
+        match store
+            .sweep(&slots, now_ms().saturating_sub(window_ms))
+            .await
+        {
+            Ok(stale) if !stale.is_empty() => {
+                tracing::info!(devices = stale.len(), "devices went stale");
+                writer.on_stale(&stale);
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "stale sweep failed; retrying next tick"),
+        }
+        cache.prune_idle_devices();
+    }
+}
+
+/// Runs the resync once the cache has synced, then every `interval` and whenever ownership
+/// changes, until shutdown.
+pub async fn run_resync(
+    cache: Arc<Cache>,
+    store: Store,
+    writer: Arc<StatusWriter>,
+    mut ownership: Ownership,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = cache.wait_synced() => {}
+    }
+    loop {
+        let repairs = resync_once(&cache, &store, &writer, &ownership).await;
+        if repairs > 0 {
+            tracing::info!(repairs, "resync queued status repairs");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+            changed = ownership.changed() => if changed.is_err() {
+                // Ownership is fixed from now on; keep the periodic resync.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+            },
+        }
+    }
+}
+
+/// Compares every owned DeviceProcess with the shared state; queues a write for each one whose
+/// status is wrong. Returns how many it queued.
+pub async fn resync_once(
+    cache: &Cache,
+    store: &Store,
+    writer: &StatusWriter,
+    ownership: &Ownership,
+) -> usize {
+    let owned = ownership.borrow().clone();
+    let devices = cache.devices_owned(&owned);
+    futures::stream::iter(devices)
+        .map(|(device, processes)| resync_device(store, writer, device, processes))
+        .buffer_unordered(RESYNC_CONCURRENCY)
+        .fold(0, |total, n| async move { total + n })
+        .await
+}
+
+async fn resync_device(
+    store: &Store,
+    writer: &StatusWriter,
+    device: String,
+    processes: Vec<Arc<CachedProcess>>,
+) -> usize {
+    let record = match store.device(&device).await {
+        Ok(record) => record,
+        Err(error) => {
+            tracing::warn!(%device, %error, "resync could not read device state");
+            return 0;
+        }
+    };
+    let shown_connected = processes.iter().any(|p| {
+        p.status
+            .as_ref()
+            .is_some_and(|s| is_true(&s.conditions, AGENT_CONNECTED))
+    });
+    if record.connection == Connection::Unknown && shown_connected {
+        // The store lost this device (e.g. Redis restarted empty) while its status says
+        // connected: track it again so the sweep marks it stale if it stays silent.
+        match store.adopt_connected(&device, now_ms()).await {
+            Ok(true) => {
+                tracing::info!(%device, "re-tracking a connected device the store had lost")
+            }
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%device, %error, "could not re-track device"),
+        }
+    }
+    let now = now_rfc3339();
+    let mut repairs = 0;
+    for process in processes {
+        let observed = record.observed.get(&process.key).map(String::as_str);
+        let desired = project(&process, record.connection, observed, &now);
+        if needs_write(process.status.as_ref(), &desired) {
+            writer.on_resync(process.key.clone());
+            repairs += 1;
+        }
+    }
+    repairs
+}
