@@ -333,9 +333,18 @@ impl Agent {
         self.metrics
             .record_backoff(retry_after.is_some_and(|asked| delay >= asked));
         if backoff.failures() == 1 {
-            warn!(error = %error, delay_ms = delay.as_millis() as u64, "{step} failed; backing off");
+            warn!(
+                error = %error.chain(),
+                delay_ms = delay.as_millis() as u64,
+                "{step} failed; backing off"
+            );
         } else {
-            debug!(error = %error, failures = backoff.failures(), delay_ms = delay.as_millis() as u64, "{step} still failing");
+            debug!(
+                error = %error.chain(),
+                failures = backoff.failures(),
+                delay_ms = delay.as_millis() as u64,
+                "{step} still failing"
+            );
         }
         delay
     }

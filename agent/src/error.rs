@@ -18,11 +18,11 @@ pub enum AgentError {
     },
 
     /// The shared HTTP client could not be built.
-    #[error("building the HTTP client: {0}")]
+    #[error("building the HTTP client")]
     BuildHttpClient(#[source] reqwest::Error),
 
     /// The request never got an HTTP answer (connect refused, reset, timeout).
-    #[error("sending {kind} request: {source}")]
+    #[error("sending {kind} request")]
     SendRequest {
         /// Which call.
         kind: RequestKind,
@@ -55,6 +55,18 @@ pub enum AgentError {
 }
 
 impl AgentError {
+    /// The error and all its sources, `: `-separated, for one-line logs.
+    pub fn chain(&self) -> String {
+        let mut out = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            out.push_str(": ");
+            out.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        out
+    }
+
     /// The pause the gateway asked for, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
