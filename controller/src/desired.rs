@@ -401,13 +401,14 @@ pub fn agent_connected(child: &DeviceProcess) -> bool {
         .is_some_and(|s| conditions::is_true(&s.conditions, conditions::AGENT_CONNECTED))
 }
 
-/// DaemonSet-style status of `deployment`.
+/// DaemonSet-style status of `deployment`, whose current status is `current`.
 ///
 /// `children` are the children that exist for desired devices after this reconcile's writes.
 /// `selector_problem` is the reason nothing could be selected, if any. `now` (RFC 3339) is used
 /// only when a condition changes status.
 pub fn deployment_status(
     deployment: &DeviceProcessDeployment,
+    current_status: Option<&DeviceProcessDeploymentStatus>,
     desired: &BTreeMap<String, DeviceProcess>,
     children: &[&DeviceProcess],
     selector_problem: Option<&str>,
@@ -426,9 +427,7 @@ pub fn deployment_status(
             .get(&c.name_any())
             .is_some_and(|want| !needs_update(c, want))
     };
-    let mut conditions = deployment
-        .status
-        .as_ref()
+    let mut conditions = current_status
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
     let selector_condition = match selector_problem {
@@ -831,7 +830,7 @@ mod tests {
         // the old spec. tor1-03: missing.
         let one = with_conditions(&desired["logger-tor1-01"], true, Some(current_hash));
         let two = with_conditions(&stale["logger-tor1-02"], true, Some(old_hash));
-        let status = deployment_status(&new, &desired, &[&one, &two], None, NOW);
+        let status = deployment_status(&new, None, &desired, &[&one, &two], None, NOW);
         assert_eq!(status.observed_generation, Some(3));
         assert_eq!(status.desired_number_scheduled, 3);
         assert_eq!(status.current_number_scheduled, 2);
@@ -849,13 +848,27 @@ mod tests {
     fn status_is_unchanged_when_recomputed_later() {
         let d = deployment(&["a"]);
         let desired = BTreeMap::new();
-        let first = deployment_status(&d, &desired, &[], None, NOW);
+        let first = deployment_status(&d, None, &desired, &[], None, NOW);
         let mut stored = d.clone();
         stored.status = Some(first.clone());
-        let again = deployment_status(&stored, &desired, &[], None, "2026-02-02T00:00:00Z");
+        let again = deployment_status(
+            &stored,
+            stored.status.as_ref(),
+            &desired,
+            &[],
+            None,
+            "2026-02-02T00:00:00Z",
+        );
         assert!(!status_changed(Some(&first), &again));
         assert!(status_changed(None, &again));
-        let broken = deployment_status(&stored, &desired, &[], Some("bad"), NOW);
+        let broken = deployment_status(
+            &stored,
+            stored.status.as_ref(),
+            &desired,
+            &[],
+            Some("bad"),
+            NOW,
+        );
         assert!(status_changed(Some(&first), &broken));
     }
 }

@@ -3,6 +3,7 @@
 //! - [`desired`]: the pure decisions (child names, desired set, diff, status).
 //! - [`selector`]: Kubernetes label selector matching.
 //! - [`reconcile`]: apply the decisions through the API, reading only from watch caches.
+//! - [`expectations`]: our own writes that the caches have not shown yet.
 //! - [`lease`]: leader election through a `coordination.k8s.io/v1` Lease.
 //! - [`run`]: wiring: watches, controller, elector, admin endpoints, shutdown.
 #![forbid(unsafe_code)]
@@ -10,6 +11,7 @@
 pub mod admin;
 pub mod args;
 pub mod desired;
+pub mod expectations;
 pub mod lease;
 pub mod metrics;
 pub mod reconcile;

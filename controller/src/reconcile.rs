@@ -15,6 +15,7 @@ use kube::{Resource, ResourceExt};
 use tokio::time::Instant;
 
 use crate::desired::{self, ChildUpdate, DesiredError};
+use crate::expectations::Expectations;
 use crate::lease::Leadership;
 use crate::metrics::{outcome_of, Metrics};
 use crate::{with_timeout, Error};
@@ -54,6 +55,8 @@ pub struct Context {
     pub metrics: Metrics,
     /// Timing.
     pub config: ReconcileConfig,
+    /// Our writes the caches have not shown yet.
+    expectations: Expectations,
     /// Consecutive failures per deployment, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<DeviceProcessDeployment>, u32>>,
 }
@@ -77,6 +80,7 @@ impl Context {
             recorder,
             metrics,
             config,
+            expectations: Expectations::default(),
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -167,6 +171,12 @@ async fn reconcile_deployment(
         DesiredError::MissingField("metadata.uid"),
     ))?;
     let now = jiff::Timestamp::now().to_string();
+    let shown_status = ctx.expectations.status_view(
+        &namespace,
+        &name,
+        deployment.metadata.resource_version.as_deref(),
+        deployment.status.as_ref(),
+    );
 
     let switches = ctx
         .switches
@@ -179,12 +189,13 @@ async fn reconcile_deployment(
             let problem = problem.to_string();
             let status = desired::deployment_status(
                 deployment,
+                shown_status.as_ref(),
                 &Default::default(),
                 &existing.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
                 Some(&problem),
                 &now,
             );
-            write_status(deployment, &namespace, status, ctx).await?;
+            write_status(deployment, &namespace, shown_status.as_ref(), status, ctx).await?;
             return Ok(Action::await_change());
         }
         Err(other) => return Err(Error::Desired(name, other)),
@@ -208,6 +219,7 @@ async fn reconcile_deployment(
         match result {
             Ok(created) => {
                 ctx.metrics.write(CHILDREN, "create", "ok");
+                ctx.expectations.created(&created);
                 tracing::info!(deployment = %name, %namespace, child = %child_name, "created DeviceProcess");
                 publish(ctx, deployment, "SuccessfulCreate", "Create", &created).await;
                 after.push(created);
@@ -259,6 +271,7 @@ async fn reconcile_deployment(
         match result {
             Ok(_) => {
                 ctx.metrics.write(CHILDREN, "delete", "ok");
+                ctx.expectations.deleted(child);
                 tracing::info!(deployment = %name, %namespace, child = %child_name, "deleted DeviceProcess");
                 publish(ctx, deployment, "SuccessfulDelete", "Delete", child).await;
             }
@@ -281,12 +294,13 @@ async fn reconcile_deployment(
 
     let status = desired::deployment_status(
         deployment,
+        shown_status.as_ref(),
         &desired,
         &after.iter().collect::<Vec<_>>(),
         None,
         &now,
     );
-    write_status(deployment, &namespace, status, ctx).await?;
+    write_status(deployment, &namespace, shown_status.as_ref(), status, ctx).await?;
 
     Ok(if requeue_soon {
         Action::requeue(ctx.config.backoff_base)
@@ -295,10 +309,13 @@ async fn reconcile_deployment(
     })
 }
 
+/// Children controlled by the deployment with `uid`, as they are after our own writes.
 fn owned_children(ctx: &Context, namespace: &str, uid: &str) -> Vec<Arc<DeviceProcess>> {
-    ctx.children.state_filter(|c| {
+    let cached = ctx.children.state_filter(|c| {
         c.metadata.namespace.as_deref() == Some(namespace) && desired::is_controlled_by(c, uid)
-    })
+    });
+    ctx.expectations
+        .children_view(namespace, cached, |c| desired::is_controlled_by(c, uid))
 }
 
 /// Patch one child to the template. `Ok(None)` when our copy was stale (409): nothing was written
@@ -322,6 +339,7 @@ async fn update_child(
     match result {
         Ok(updated) => {
             ctx.metrics.write(CHILDREN, "patch", "ok");
+            ctx.expectations.updated(&update.existing, &updated);
             tracing::info!(child = %child_name, "updated DeviceProcess to the template");
             Ok(Some(updated))
         }
@@ -339,20 +357,21 @@ async fn update_child(
     }
 }
 
-/// Patch `/status` when, and only when, it differs from the cached one.
+/// Patch `/status` when, and only when, it differs from the one shown (cache plus our writes).
 async fn write_status(
     deployment: &DeviceProcessDeployment,
     namespace: &str,
+    shown: Option<&apollo_crds::DeviceProcessDeploymentStatus>,
     status: apollo_crds::DeviceProcessDeploymentStatus,
     ctx: &Context,
 ) -> Result<(), Error> {
-    if !desired::status_changed(deployment.status.as_ref(), &status) {
+    let name = deployment.name_any();
+    if !desired::status_changed(shown, &status) {
         return Ok(());
     }
     ctx.leadership.ensure()?;
-    let name = deployment.name_any();
     let api: Api<DeviceProcessDeployment> = Api::namespaced(ctx.client.clone(), namespace);
-    let body = serde_json::json!({ "status": status });
+    let body = serde_json::json!({ "status": &status });
     let result = with_timeout(
         "patch status",
         ctx.config.api_timeout,
@@ -362,6 +381,12 @@ async fn write_status(
     match result {
         Ok(_) => {
             ctx.metrics.write(DEPLOYMENT_STATUS, "patch", "ok");
+            ctx.expectations.status_written(
+                namespace,
+                &name,
+                deployment.metadata.resource_version.clone(),
+                status,
+            );
             Ok(())
         }
         // Deleted meanwhile: nothing to report on.
