@@ -87,7 +87,7 @@ impl KindInfo {
         self.plural == name
             || self.singular == name
             || self.kind.to_ascii_lowercase() == name
-            || self.short_names.iter().any(|short| *short == name)
+            || self.short_names.contains(&name)
     }
 }
 

@@ -348,10 +348,8 @@ fn decode_fields(node: &Value, path: &mut FieldPath, out: &mut FieldSet) {
     let Some(children) = node.as_object() else {
         return;
     };
-    if children.is_empty() || children.contains_key(".") {
-        if !path.is_empty() {
-            out.insert(path.clone());
-        }
+    if (children.is_empty() || children.contains_key(".")) && !path.is_empty() {
+        out.insert(path.clone());
     }
     for (key, child) in children {
         if key == "." {

@@ -19,7 +19,7 @@ use crate::faults::{FaultAction, FaultRule, Faults, RequestCounts, RequestFacts,
 use crate::kinds::KindInfo;
 use crate::selectors::{FieldSelector, LabelSelector};
 use crate::store::{
-    DeleteOptions, DeleteOutcome, EventType, PatchType, State, Subresource, WatchRecord,
+    DeleteOptions, DeleteOutcome, EventType, PatchBody, PatchType, State, Subresource, WatchRecord,
     WriteOptions,
 };
 use crate::table::{self, IncludeObject};
@@ -527,8 +527,10 @@ async fn resource_request(
                     namespace,
                     &name,
                     target.subresource,
-                    patch_type,
-                    &body,
+                    PatchBody {
+                        patch_type,
+                        body: &body,
+                    },
                     &options,
                 )
             })?;

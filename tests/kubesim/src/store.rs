@@ -102,6 +102,13 @@ impl PatchType {
     }
 }
 
+/// A PATCH request body and how to apply it.
+#[derive(Debug, Clone, Copy)]
+pub struct PatchBody<'a> {
+    pub patch_type: PatchType,
+    pub body: &'a Value,
+}
+
 /// Options shared by every write.
 #[derive(Debug, Clone, Default)]
 pub struct WriteOptions {
@@ -699,30 +706,28 @@ impl State {
                 }
                 object["status"] = crd_status(object, now);
             }
-            ("events.k8s.io", "events") | ("", "events") => {
-                // The apiserver requires these on events.k8s.io writes; kube's Recorder always sends them.
-                if kind.group == "events.k8s.io" {
-                    for field in [
-                        "eventTime",
-                        "action",
-                        "reason",
-                        "reportingComponent",
-                        "reportingInstance",
-                    ] {
-                        if object[field].is_null() || object[field].as_str() == Some("") {
-                            let shown = if field == "reportingComponent" {
-                                "reportingController"
-                            } else {
-                                field
-                            };
-                            return Err(ApiError::invalid(
-                                &kind.kind,
-                                &kind.group,
-                                meta_str(object, "name"),
-                                shown,
-                                "Required value",
-                            ));
-                        }
+            ("events.k8s.io", "events") => {
+                // The apiserver requires these on events.k8s.io writes; kube's Recorder sends them.
+                for field in [
+                    "eventTime",
+                    "action",
+                    "reason",
+                    "reportingComponent",
+                    "reportingInstance",
+                ] {
+                    if object[field].is_null() || object[field].as_str() == Some("") {
+                        let shown = if field == "reportingComponent" {
+                            "reportingController"
+                        } else {
+                            field
+                        };
+                        return Err(ApiError::invalid(
+                            &kind.kind,
+                            &kind.group,
+                            meta_str(object, "name"),
+                            shown,
+                            "Required value",
+                        ));
                     }
                 }
             }
@@ -803,10 +808,10 @@ impl State {
         namespace: Option<&str>,
         name: &str,
         subresource: Subresource,
-        patch_type: PatchType,
-        body: &Value,
+        patch: PatchBody<'_>,
         options: &WriteOptions,
     ) -> Result<(Value, bool), ApiError> {
+        let PatchBody { patch_type, body } = patch;
         if patch_type == PatchType::Strategic && !kind.built_in {
             return Err(ApiError::unsupported_media_type(
                 "application/strategic-merge-patch+json",
@@ -1466,8 +1471,10 @@ mod tests {
                 Some("default"),
                 "a",
                 Subresource::Main,
-                PatchType::Merge,
-                &json!({"spec": {"x": 1}}),
+                PatchBody {
+                    patch_type: PatchType::Merge,
+                    body: &json!({"spec": {"x": 1}}),
+                },
                 &options(),
             )
             .expect("patched");
@@ -1503,8 +1510,10 @@ mod tests {
                 Some("default"),
                 "a",
                 Subresource::Status,
-                PatchType::Merge,
-                &json!({"status": {"ready": true}, "spec": {"x": 9}}),
+                PatchBody {
+                    patch_type: PatchType::Merge,
+                    body: &json!({"status": {"ready": true}, "spec": {"x": 9}}),
+                },
                 &options(),
             )
             .expect("status patch");
@@ -1516,8 +1525,10 @@ mod tests {
                 Some("default"),
                 "a",
                 Subresource::Main,
-                PatchType::Merge,
-                &json!({"spec": {"x": 2}, "status": {"ready": false}}),
+                PatchBody {
+                    patch_type: PatchType::Merge,
+                    body: &json!({"spec": {"x": 2}, "status": {"ready": false}}),
+                },
                 &options(),
             )
             .expect("spec patch");
@@ -1529,8 +1540,10 @@ mod tests {
                 Some("default"),
                 "a",
                 Subresource::Main,
-                PatchType::Merge,
-                &json!({"metadata": {"labels": {"l": "v"}}}),
+                PatchBody {
+                    patch_type: PatchType::Merge,
+                    body: &json!({"metadata": {"labels": {"l": "v"}}}),
+                },
                 &options(),
             )
             .expect("label patch");
@@ -1558,8 +1571,10 @@ mod tests {
                 Some("default"),
                 "a",
                 Subresource::Main,
-                PatchType::Merge,
-                &json!({"spec": {"x": 1}}),
+                PatchBody {
+                    patch_type: PatchType::Merge,
+                    body: &json!({"spec": {"x": 1}}),
+                },
                 &options(),
             )
             .expect("patched");
@@ -1582,8 +1597,10 @@ mod tests {
                 Some("default"),
                 "a",
                 Subresource::Main,
-                PatchType::Merge,
-                &json!({"metadata": {"resourceVersion": stale}}),
+                PatchBody {
+                    patch_type: PatchType::Merge,
+                    body: &json!({"metadata": {"resourceVersion": stale}}),
+                },
                 &options(),
             )
             .expect_err("conflict");
