@@ -1,0 +1,525 @@
+//! Starting and stopping the whole stack.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use apollo_test_support::{free_port, Proc, RedisServer};
+use tokio_util::sync::CancellationToken;
+
+use crate::samples;
+use crate::scaler::{self, GatewayLauncher, Gateways};
+
+/// Loopback ports of the stack's fixed components.
+#[derive(Clone, Debug)]
+pub struct Ports {
+    /// kubesim (plain HTTP Kubernetes API).
+    pub kubesim: u16,
+    /// Router: what agents talk to.
+    pub router: u16,
+    /// Router /healthz, /readyz, /metrics.
+    pub router_admin: u16,
+    /// Controller /healthz, /readyz, /metrics.
+    pub controller_admin: u16,
+    /// apollo-dev's own control endpoint (stop/start agents).
+    pub control: u16,
+    /// `(device API, admin)` port of gateway 0 (gateway i adds i); None: ephemeral.
+    pub gateway_base: Option<(u16, u16)>,
+}
+
+impl Ports {
+    /// Fresh ephemeral ports (tests).
+    pub fn ephemeral() -> Self {
+        Self {
+            kubesim: free_port(),
+            router: free_port(),
+            router_admin: free_port(),
+            controller_admin: free_port(),
+            control: free_port(),
+            gateway_base: None,
+        }
+    }
+
+    /// The fixed ports the README documents (local development).
+    pub fn dev() -> Self {
+        Self {
+            kubesim: 8001,
+            router: 8080,
+            router_admin: 9080,
+            controller_admin: 9070,
+            control: 9079,
+            gateway_base: Some((8081, 9081)),
+        }
+    }
+}
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct StackConfig {
+    /// Logs, kubeconfig and the HMAC key go here.
+    pub work_dir: PathBuf,
+    /// Directory holding the built binaries.
+    pub bin_dir: PathBuf,
+    /// A real cluster's kubeconfig; None starts kubesim.
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespace of the samples and the gateway StatefulSet.
+    pub namespace: String,
+    /// Initial gateway replicas.
+    pub gateways: u32,
+    /// Devices that get a NetworkSwitch and an agent.
+    pub devices: Vec<String>,
+    /// Whether to start an agent per device.
+    pub run_agents: bool,
+    /// Whether to install the sample switches and deployment.
+    pub install_samples: bool,
+    /// Gateway heartbeat interval (seconds).
+    pub heartbeat_interval_seconds: u64,
+    /// Gateway stale multiplier.
+    pub stale_multiplier: u32,
+    /// Gateway sweep interval (seconds).
+    pub sweep_interval_seconds: u64,
+    /// Ports.
+    pub ports: Ports,
+}
+
+impl StackConfig {
+    /// The seed demo: 3 gateways, agents for tor1-01 and tor1-02.
+    pub fn demo(work_dir: PathBuf, bin_dir: PathBuf) -> Self {
+        Self {
+            work_dir,
+            bin_dir,
+            kubeconfig: None,
+            namespace: "default".into(),
+            gateways: 3,
+            devices: vec!["tor1-01".into(), "tor1-02".into()],
+            run_agents: true,
+            install_samples: true,
+            heartbeat_interval_seconds: 5,
+            stale_multiplier: 3,
+            sweep_interval_seconds: 1,
+            ports: Ports::dev(),
+        }
+    }
+}
+
+/// The running stack. Dropping it kills every process; [`Stack::shutdown`] stops them gracefully.
+pub struct Stack {
+    cfg: StackConfig,
+    kubesim: Option<Proc>,
+    kubeconfig: PathBuf,
+    redis: RedisServer,
+    key: Vec<u8>,
+    controller: Option<Proc>,
+    router: Option<Proc>,
+    agents: Mutex<BTreeMap<String, Proc>>,
+    gateways: Arc<Gateways>,
+    scaler: Option<tokio::task::JoinHandle<()>>,
+    shutdown: CancellationToken,
+    client: kube::Client,
+}
+
+fn bin(cfg: &StackConfig, name: &str) -> anyhow::Result<PathBuf> {
+    let p = cfg.bin_dir.join(name);
+    if !p.is_file() {
+        bail!(
+            "{} not found; build the workspace first (cargo build --workspace --bins)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+async fn wait_http_ok(
+    url: &str,
+    deadline: Duration,
+    what: &str,
+    proc: &mut Proc,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let start = Instant::now();
+    loop {
+        if http
+            .get(url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return Ok(());
+        }
+        if let Some(status) = proc.try_wait() {
+            bail!(
+                "{what} exited ({status}); its log: {}",
+                proc.log_path().display()
+            );
+        }
+        if start.elapsed() > deadline {
+            bail!(
+                "{what} not ready within {deadline:?} ({url}); its log: {}",
+                proc.log_path().display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn client_for(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
+        .with_context(|| format!("read {}", kubeconfig.display()))?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+impl Stack {
+    /// Starts everything and waits until the gateways and the router are ready.
+    pub async fn start(cfg: StackConfig) -> anyhow::Result<Self> {
+        let logs = cfg.work_dir.join("logs");
+        std::fs::create_dir_all(&logs).with_context(|| format!("create {}", logs.display()))?;
+
+        // Kubernetes: a real cluster, or kubesim on loopback.
+        let (kubesim, kubeconfig) = match &cfg.kubeconfig {
+            Some(k) => (None, k.clone()),
+            None => {
+                let kubeconfig = cfg.work_dir.join("kubeconfig");
+                let _ = std::fs::remove_file(&kubeconfig);
+                let mut p = Proc::builder(bin(&cfg, "kubesim")?)
+                    .name("kubesim")
+                    .log_file(logs.join("kubesim.log"))
+                    .args(["--listen", &format!("127.0.0.1:{}", cfg.ports.kubesim)])
+                    .arg("--kubeconfig-out")
+                    .arg(&kubeconfig)
+                    .spawn();
+                let url = format!("http://127.0.0.1:{}/healthz", cfg.ports.kubesim);
+                wait_http_ok(&url, Duration::from_secs(20), "kubesim", &mut p).await?;
+                let start = Instant::now();
+                while !kubeconfig.is_file() && start.elapsed() < Duration::from_secs(5) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                (Some(p), kubeconfig)
+            }
+        };
+        let client = client_for(&kubeconfig).await?;
+        samples::install_crds(&client).await?;
+
+        let redis = RedisServer::start().await;
+
+        // The device HMAC key, as the gateway's Secret would hold it.
+        let key: Vec<u8> = {
+            use rand::RngCore;
+            let mut raw = [0u8; 32];
+            rand::rng().fill_bytes(&mut raw);
+            hex::encode(raw).into_bytes()
+        };
+        let secret_file = cfg.work_dir.join("device-hmac.key");
+        std::fs::write(&secret_file, &key).context("write the HMAC key")?;
+
+        let mut controller = Proc::builder(bin(&cfg, "apollo-controller")?)
+            .name("controller")
+            .log_file(logs.join("controller.log"))
+            .env("KUBECONFIG", &kubeconfig)
+            .args([
+                "--admin-listen",
+                &format!("127.0.0.1:{}", cfg.ports.controller_admin),
+            ])
+            .args(["--lease-namespace", &cfg.namespace])
+            .spawn();
+        wait_http_ok(
+            &format!("http://127.0.0.1:{}/healthz", cfg.ports.controller_admin),
+            Duration::from_secs(20),
+            "controller",
+            &mut controller,
+        )
+        .await?;
+
+        let shutdown = CancellationToken::new();
+        let gateways = Arc::new(Gateways::new(GatewayLauncher {
+            bin: bin(&cfg, "apollo-gateway")?,
+            redis_url: redis.url(),
+            kubeconfig: kubeconfig.clone(),
+            secret_file,
+            extra_args: vec![
+                format!(
+                    "--heartbeat-interval-seconds={}",
+                    cfg.heartbeat_interval_seconds
+                ),
+                format!("--stale-multiplier={}", cfg.stale_multiplier),
+                format!("--sweep-interval-seconds={}", cfg.sweep_interval_seconds),
+            ],
+            log_dir: logs.clone(),
+            base_ports: cfg.ports.gateway_base,
+        }));
+        samples::install_gateway_statefulset(&client, &cfg.namespace, cfg.gateways).await?;
+        let scaler = tokio::spawn(scaler::run(
+            client.clone(),
+            cfg.namespace.clone(),
+            gateways.clone(),
+            shutdown.clone(),
+        ));
+
+        let mut router = Proc::builder(bin(&cfg, "apollo-router")?)
+            .name("router")
+            .log_file(logs.join("router.log"))
+            .args(["--listen", &format!("127.0.0.1:{}", cfg.ports.router)])
+            .args([
+                "--admin-listen",
+                &format!("127.0.0.1:{}", cfg.ports.router_admin),
+            ])
+            .args(["--redis-url", &redis.url()])
+            .spawn();
+
+        let mut stack = Self {
+            cfg,
+            kubesim,
+            kubeconfig,
+            redis,
+            key,
+            controller: Some(controller),
+            router: None,
+            agents: Mutex::new(BTreeMap::new()),
+            gateways,
+            scaler: Some(scaler),
+            shutdown,
+            client,
+        };
+        stack
+            .wait_gateways_ready(stack.cfg.gateways, Duration::from_secs(60))
+            .await?;
+        wait_http_ok(
+            &format!("http://127.0.0.1:{}/readyz", stack.cfg.ports.router_admin),
+            Duration::from_secs(20),
+            "router",
+            &mut router,
+        )
+        .await?;
+        stack.router = Some(router);
+
+        if stack.cfg.install_samples {
+            samples::install_samples(&stack.client, &stack.cfg.namespace, &stack.cfg.devices)
+                .await?;
+        }
+        if stack.cfg.run_agents {
+            for device in stack.cfg.devices.clone() {
+                stack.start_agent(&device)?;
+            }
+        }
+        Ok(stack)
+    }
+
+    /// Waits until `n` gateway processes run and answer /readyz.
+    pub async fn wait_gateways_ready(&self, n: u32, deadline: Duration) -> anyhow::Result<()> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(1))
+            .build()?;
+        let start = Instant::now();
+        loop {
+            let ordinals = self.gateways.ordinals();
+            let mut ready = 0;
+            for o in &ordinals {
+                if let Some(admin) = self.gateways.admin_addr(*o) {
+                    if http
+                        .get(format!("http://{admin}/readyz"))
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success())
+                    {
+                        ready += 1;
+                    }
+                }
+            }
+            if ordinals.len() == n as usize && ready == n {
+                return Ok(());
+            }
+            if start.elapsed() > deadline {
+                bail!(
+                    "{ready} of {n} gateways ready after {deadline:?} (running: {ordinals:?}); logs in {}",
+                    self.cfg.work_dir.join("logs").display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The device token of `device`.
+    pub fn token(&self, device: &str) -> String {
+        apollo_protocol::token::device_token(&self.key, device)
+    }
+
+    /// Starts (or restarts) the agent of `device` against the router. Its token is also written to
+    /// `<work dir>/tokens/<device>` for curl.
+    pub fn start_agent(&self, device: &str) -> anyhow::Result<()> {
+        let tokens = self.cfg.work_dir.join("tokens");
+        std::fs::create_dir_all(&tokens)?;
+        std::fs::write(tokens.join(device), self.token(device))?;
+        let proc = Proc::builder(bin(&self.cfg, "apollo-agent")?)
+            .name(format!("agent-{device}"))
+            .log_file(
+                self.cfg
+                    .work_dir
+                    .join("logs")
+                    .join(format!("agent-{device}.log")),
+            )
+            .env("APOLLO_DEVICE_NAME", device)
+            .env("APOLLO_GATEWAY_URL", self.router_url())
+            .env("APOLLO_DEVICE_TOKEN", self.token(device))
+            .spawn();
+        let previous = self
+            .agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(device.to_owned(), proc);
+        drop(previous);
+        Ok(())
+    }
+
+    /// Stops the agent of `device` (SIGTERM). Returns whether one was running.
+    pub async fn stop_agent(&self, device: &str) -> bool {
+        let taken = self
+            .agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(device);
+        match taken {
+            Some(mut p) => {
+                p.terminate(Duration::from_secs(5)).await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Devices whose agent is running.
+    pub fn running_agents(&self) -> Vec<String> {
+        self.agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Output of the agent of `device`.
+    pub fn agent_logs(&self, device: &str) -> Option<String> {
+        self.agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(device)
+            .map(Proc::logs)
+    }
+
+    /// `http://127.0.0.1:<router port>`.
+    pub fn router_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.cfg.ports.router)
+    }
+
+    /// Router admin base URL.
+    pub fn router_admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.cfg.ports.router_admin)
+    }
+
+    /// kubesim base URL (None against a real cluster).
+    pub fn kubesim_url(&self) -> Option<String> {
+        self.kubesim
+            .as_ref()
+            .map(|_| format!("http://127.0.0.1:{}", self.cfg.ports.kubesim))
+    }
+
+    /// The kubeconfig every component and kubectl use.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// Redis URL.
+    pub fn redis_url(&self) -> String {
+        self.redis.url()
+    }
+
+    /// The Redis server (restart it in tests).
+    pub fn redis(&mut self) -> &mut RedisServer {
+        &mut self.redis
+    }
+
+    /// A kube client.
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
+    /// The gateway processes.
+    pub fn gateways(&self) -> &Arc<Gateways> {
+        &self.gateways
+    }
+
+    /// The configuration the stack was started with.
+    pub fn config(&self) -> &StackConfig {
+        &self.cfg
+    }
+
+    /// Where logs go.
+    pub fn log_dir(&self) -> PathBuf {
+        self.cfg.work_dir.join("logs")
+    }
+
+    /// Stops the router (SIGKILL) and starts it again on the same port.
+    pub async fn restart_router(&mut self) -> anyhow::Result<()> {
+        if let Some(mut r) = self.router.take() {
+            r.kill();
+        }
+        let mut router = Proc::builder(bin(&self.cfg, "apollo-router")?)
+            .name("router")
+            .log_file(self.log_dir().join("router.log"))
+            .args(["--listen", &format!("127.0.0.1:{}", self.cfg.ports.router)])
+            .args([
+                "--admin-listen",
+                &format!("127.0.0.1:{}", self.cfg.ports.router_admin),
+            ])
+            .args(["--redis-url", &self.redis.url()])
+            .spawn();
+        wait_http_ok(
+            &format!("{}/readyz", self.router_admin_url()),
+            Duration::from_secs(20),
+            "router",
+            &mut router,
+        )
+        .await?;
+        self.router = Some(router);
+        Ok(())
+    }
+
+    /// Graceful stop: agents, router, gateways (deregistering), controller, then the rest.
+    pub async fn shutdown(mut self) {
+        let agents: Vec<Proc> =
+            std::mem::take(&mut *self.agents.lock().unwrap_or_else(|e| e.into_inner()))
+                .into_values()
+                .collect();
+        for mut a in agents {
+            a.terminate(Duration::from_secs(5)).await;
+        }
+        if let Some(mut r) = self.router.take() {
+            r.terminate(Duration::from_secs(10)).await;
+        }
+        self.shutdown.cancel();
+        if let Some(s) = self.scaler.take() {
+            let _ = s.await;
+        }
+        self.gateways.stop_all().await;
+        if let Some(mut c) = self.controller.take() {
+            c.terminate(Duration::from_secs(10)).await;
+        }
+        if let Some(mut k) = self.kubesim.take() {
+            k.terminate(Duration::from_secs(5)).await;
+        }
+        self.redis.stop();
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(s) = self.scaler.take() {
+            s.abort();
+        }
+        self.gateways.kill_all();
+    }
+}
