@@ -83,6 +83,10 @@ pub struct Metrics {
     pub cache_devices: Gauge,
     /// Desired documents built (one per change of a device's document).
     pub documents_built: Counter,
+    /// Completed stale sweeps.
+    pub sweeps: Counter,
+    /// Completed resync passes.
+    pub resyncs: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -106,6 +110,8 @@ impl Metrics {
             cache_objects: Gauge::default(),
             cache_devices: Gauge::default(),
             documents_built: Counter::default(),
+            sweeps: Counter::default(),
+            resyncs: Counter::default(),
         };
         registry.register(
             "http_requests",
@@ -168,6 +174,16 @@ impl Metrics {
             "desired_documents_built",
             "Desired documents built (one per change of a device's document)",
             metrics.documents_built.clone(),
+        );
+        registry.register(
+            "stale_sweeps",
+            "Completed stale sweeps over the owned slots",
+            metrics.sweeps.clone(),
+        );
+        registry.register(
+            "resyncs",
+            "Completed resync passes over the owned slots",
+            metrics.resyncs.clone(),
         );
         metrics
     }

@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::ownership::{self, OwnedSlots};
 use crate::state::{RedisStore, StateStore, Store};
 use crate::status::{StatusWriter, WriterConfig};
-use crate::sweep::{run_resync, run_sweeper};
+use crate::sweep::Background;
 
 /// Desired ETags waiting to be recorded in the store.
 const ETAG_RECORD_QUEUE: usize = 4096;
@@ -103,23 +103,19 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             shutdown.clone(),
         ));
     }
-    tasks.spawn(run_sweeper(
-        cache.clone(),
-        store.clone(),
-        writer.clone(),
-        ownership.clone(),
+    let background = Background {
+        metrics: metrics.clone(),
+        cache: cache.clone(),
+        store: store.clone(),
+        writer: writer.clone(),
+        ownership: ownership.clone(),
+    };
+    tasks.spawn(background.clone().run_sweeper(
         settings.stale_window,
         settings.sweep_interval,
         shutdown.clone(),
     ));
-    tasks.spawn(run_resync(
-        cache.clone(),
-        store.clone(),
-        writer.clone(),
-        ownership.clone(),
-        settings.resync_interval,
-        shutdown.clone(),
-    ));
+    tasks.spawn(background.run_resync(settings.resync_interval, shutdown.clone()));
     let (etag_records, etag_queue) = mpsc::channel(ETAG_RECORD_QUEUE);
     tasks.spawn(record_etags(store.clone(), etag_queue, shutdown.clone()));
     let writer_task = tokio::spawn(writer.clone().run(shutdown.clone()));

@@ -11,6 +11,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::Cache;
+use crate::metrics::Metrics;
 use crate::model::CachedProcess;
 use crate::ownership::Ownership;
 use crate::projection::{needs_write, project};
@@ -20,72 +21,85 @@ use crate::status::{now_rfc3339, StatusWriter};
 /// Devices whose state the resync reads concurrently.
 const RESYNC_CONCURRENCY: usize = 16;
 
-/// Runs the stale sweep every `interval` until shutdown.
-pub async fn run_sweeper(
-    cache: Arc<Cache>,
-    store: Store,
-    writer: Arc<StatusWriter>,
-    ownership: Ownership,
-    stale_window: Duration,
-    interval: Duration,
-    shutdown: CancellationToken,
-) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let window_ms = i64::try_from(stale_window.as_millis()).unwrap_or(i64::MAX);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        let slots = ownership.borrow().slots();
-        if slots.is_empty() {
-            continue;
-        }
-        match store
-            .sweep(&slots, now_ms().saturating_sub(window_ms))
-            .await
-        {
-            Ok(stale) if !stale.is_empty() => {
-                tracing::info!(devices = stale.len(), "devices went stale");
-                writer.on_stale(&stale);
-            }
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "stale sweep failed; retrying next tick"),
-        }
-        cache.prune_idle_devices();
-    }
+/// What the sweep and the resync work with.
+#[derive(Clone)]
+pub struct Background {
+    /// Metrics (sweep and resync counters).
+    pub metrics: Metrics,
+    /// The watch cache.
+    pub cache: Arc<Cache>,
+    /// The shared state.
+    pub store: Store,
+    /// Where repairs and stale transitions go.
+    pub writer: Arc<StatusWriter>,
+    /// The slots this replica sweeps and resyncs.
+    pub ownership: Ownership,
 }
 
-/// Runs the resync once the cache has synced, then every `interval` and whenever ownership
-/// changes, until shutdown.
-pub async fn run_resync(
-    cache: Arc<Cache>,
-    store: Store,
-    writer: Arc<StatusWriter>,
-    mut ownership: Ownership,
-    interval: Duration,
-    shutdown: CancellationToken,
-) {
-    tokio::select! {
-        _ = shutdown.cancelled() => return,
-        _ = cache.wait_synced() => {}
-    }
-    loop {
-        let repairs = resync_once(&cache, &store, &writer, &ownership).await;
-        if repairs > 0 {
-            tracing::info!(repairs, "resync queued status repairs");
+impl Background {
+    /// Runs the stale sweep every `interval` until shutdown: connected devices whose last report
+    /// is older than `stale_window` flip to disconnected.
+    pub async fn run_sweeper(
+        self,
+        stale_window: Duration,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let window_ms = i64::try_from(stale_window.as_millis()).unwrap_or(i64::MAX);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let slots = self.ownership.borrow().slots();
+            if slots.is_empty() {
+                continue;
+            }
+            match self
+                .store
+                .sweep(&slots, now_ms().saturating_sub(window_ms))
+                .await
+            {
+                Ok(stale) if !stale.is_empty() => {
+                    tracing::info!(devices = stale.len(), "devices went stale");
+                    self.writer.on_stale(&stale);
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "stale sweep failed; retrying next tick");
+                    continue;
+                }
+            }
+            self.cache.prune_idle_devices();
+            self.metrics.sweeps.inc();
         }
+    }
+
+    /// Runs the resync once the cache has synced, then every `interval` and whenever ownership
+    /// changes, until shutdown.
+    pub async fn run_resync(self, interval: Duration, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
-            changed = ownership.changed() => if changed.is_err() {
-                // Ownership is fixed from now on; keep the periodic resync.
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(interval) => {}
+            _ = self.cache.wait_synced() => {}
+        }
+        let mut ownership = self.ownership.clone();
+        let mut ownership_fixed = false;
+        loop {
+            let repairs = resync_once(&self.cache, &self.store, &self.writer, &ownership).await;
+            self.metrics.resyncs.inc();
+            if repairs > 0 {
+                tracing::info!(repairs, "resync queued status repairs");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+                changed = ownership.changed(), if !ownership_fixed => {
+                    // A closed channel means ownership never changes again.
+                    ownership_fixed = changed.is_err();
                 }
-            },
+            }
         }
     }
 }

@@ -1,0 +1,314 @@
+//! A gateway stack for integration tests: kubesim and redis-server as real processes, Apollo's
+//! CRDs registered, and the real `apollo-gateway` binary in front of them.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use apollo_crds::{DeviceProcess, DeviceProcessSpec};
+use apollo_protocol::token::device_token;
+use apollo_test_support::{free_addr, wait_until, KubeSimProc, Proc, RedisServer};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Api, CustomResourceExt};
+use serde_json::json;
+
+pub const NS: &str = "default";
+pub const SECRET: &str = "test-secret";
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Gateway flags for a test.
+pub struct Options {
+    pub heartbeat_seconds: u64,
+    pub stale_multiplier: u32,
+    pub sweep_seconds: &'static str,
+    pub debounce_seconds: &'static str,
+    pub resync_seconds: &'static str,
+    pub use_redis: bool,
+    pub extra: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            heartbeat_seconds: 1,
+            stale_multiplier: 2,
+            sweep_seconds: "0.1",
+            debounce_seconds: "0.2",
+            resync_seconds: "3600",
+            use_redis: true,
+            extra: Vec::new(),
+        }
+    }
+}
+
+pub struct Stack {
+    pub kubesim: KubeSimProc,
+    pub redis: RedisServer,
+    pub gateway: Proc,
+    pub device_url: String,
+    pub admin_url: String,
+    pub client: kube::Client,
+    pub http: reqwest::Client,
+    _secret_dir: tempfile::TempDir,
+    secret_file: PathBuf,
+}
+
+pub fn gateway_binary() -> &'static str {
+    env!("CARGO_BIN_EXE_apollo-gateway")
+}
+
+pub fn hash_of(dp: &DeviceProcess) -> String {
+    apollo_crds::spec_hash(&dp.spec)
+}
+
+impl Stack {
+    pub async fn start() -> Self {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(options: Options) -> Self {
+        let kubesim = KubeSimProc::start().await;
+        let redis = RedisServer::start().await;
+        let client = kubesim.client().await;
+        install_crd(&client).await;
+        let secret_dir = tempfile::tempdir().expect("tempdir");
+        let secret_file = secret_dir.path().join("secret");
+        std::fs::write(&secret_file, format!("{SECRET}\n")).expect("write secret");
+        let device = free_addr();
+        let admin = free_addr();
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            device.to_string(),
+            "--admin-listen".into(),
+            admin.to_string(),
+            "--auth-secret-file".into(),
+            secret_file.display().to_string(),
+            "--heartbeat-interval-seconds".into(),
+            options.heartbeat_seconds.to_string(),
+            "--stale-multiplier".into(),
+            options.stale_multiplier.to_string(),
+            "--sweep-interval-seconds".into(),
+            options.sweep_seconds.into(),
+            "--status-debounce-seconds".into(),
+            options.debounce_seconds.into(),
+            "--resync-interval-seconds".into(),
+            options.resync_seconds.into(),
+            "--kube-writes-per-second".into(),
+            "1000".into(),
+        ];
+        if options.use_redis {
+            args.push("--redis-url".into());
+            args.push(redis.url());
+        }
+        args.extend(options.extra);
+        let gateway = Proc::builder(gateway_binary())
+            .name(format!("gateway-{}", device.port()))
+            .args(&args)
+            .env("KUBECONFIG", kubesim.kubeconfig())
+            .env("RUST_LOG", "info,apollo_gateway=debug")
+            .spawn();
+        let stack = Self {
+            kubesim,
+            redis,
+            gateway,
+            device_url: format!("http://{device}"),
+            admin_url: format!("http://{admin}"),
+            client,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(90))
+                .build()
+                .expect("http client"),
+            _secret_dir: secret_dir,
+            secret_file,
+        };
+        stack.wait_ready().await;
+        stack
+    }
+
+    pub async fn wait_ready(&self) {
+        wait_until(DEADLINE, "gateway /readyz answers 200", || async {
+            self.http
+                .get(format!("{}/readyz", self.admin_url))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+    }
+
+    pub fn token(&self, device: &str) -> String {
+        device_token(SECRET.as_bytes(), device)
+    }
+
+    pub fn processes(&self) -> Api<DeviceProcess> {
+        Api::namespaced(self.client.clone(), NS)
+    }
+
+    pub async fn create(&self, name: &str, device: &str, url: &str) -> DeviceProcess {
+        let spec: DeviceProcessSpec = serde_json::from_value(json!({
+            "deviceRef": {"name": device},
+            "artifact": {"type": "oci", "url": url},
+            "execution": {"backend": "container", "args": ["run"]}
+        }))
+        .expect("spec");
+        self.processes()
+            .create(&PostParams::default(), &DeviceProcess::new(name, spec))
+            .await
+            .expect("create DeviceProcess")
+    }
+
+    /// Changes the spec (bumps generation); returns the new object.
+    pub async fn change_spec(&self, name: &str, url: &str) -> DeviceProcess {
+        self.processes()
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"artifact": {"url": url}}})),
+            )
+            .await
+            .expect("patch spec")
+    }
+
+    pub async fn get(&self, name: &str) -> DeviceProcess {
+        self.processes().get(name).await.expect("get DeviceProcess")
+    }
+
+    pub fn desired_url(&self, device: &str) -> String {
+        format!("{}/v1/devices/{device}/desired", self.device_url)
+    }
+
+    pub async fn desired(&self, device: &str, etag: Option<&str>, wait: Option<u64>) -> reqwest::Response {
+        let mut url = self.desired_url(device);
+        if let Some(wait) = wait {
+            url.push_str(&format!("?waitSeconds={wait}"));
+        }
+        let mut request = self.http.get(url).header("x-device-token", self.token(device));
+        if let Some(etag) = etag {
+            request = request.header("if-none-match", etag);
+        }
+        request.send().await.expect("GET desired")
+    }
+
+    pub async fn etag_of(&self, device: &str) -> String {
+        let response = self.desired(device, None, None).await;
+        assert_eq!(response.status(), 200);
+        header(&response, "etag")
+    }
+
+    pub async fn report(&self, device: &str, observations: &[(&str, &str)]) -> reqwest::Response {
+        let body = json!({
+            "agentVersion": "test/1.0",
+            "timestamp": "2026-11-22T03:00:00Z",
+            "heartbeat": true,
+            "observations": observations.iter().map(|(name, hash)| json!({
+                "namespace": NS, "name": name, "observedSpecHash": hash
+            })).collect::<Vec<_>>(),
+        });
+        self.post(device, "report", &body.to_string(), Some(&self.token(device))).await
+    }
+
+    pub async fn post(&self, device: &str, what: &str, body: &str, token: Option<&str>) -> reqwest::Response {
+        let mut request = self
+            .http
+            .post(format!("{}/v1/devices/{device}/{what}", self.device_url))
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+        if let Some(token) = token {
+            request = request.header("x-device-token", token);
+        }
+        request.send().await.expect("POST")
+    }
+
+    /// Events about DeviceProcess `name` with `reason`.
+    pub async fn events(&self, name: &str, reason: &str) -> Vec<Event> {
+        let api: Api<Event> = Api::namespaced(self.client.clone(), NS);
+        api.list(&ListParams::default())
+            .await
+            .expect("list events")
+            .items
+            .into_iter()
+            .filter(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+            })
+            .collect()
+    }
+
+    /// Status patches of DeviceProcesses counted by kubesim since the last reset.
+    pub async fn status_patches(&self) -> u64 {
+        self.kubesim.count("patch", "deviceprocesses", Some("status")).await
+    }
+
+    /// Value of a metric sample (first line starting with `prefix`), 0 when absent.
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.admin_url))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Waits until the sweep has run `n` more times (proof that time passed with sweeps active).
+    pub async fn wait_sweeps(&self, n: f64) {
+        let start = self.metric("apollo_gateway_stale_sweeps_total").await;
+        wait_until(DEADLINE, "more stale sweeps", || async {
+            self.metric("apollo_gateway_stale_sweeps_total").await >= start + n
+        })
+        .await;
+    }
+
+    /// Waits until `name`'s status satisfies `check`.
+    pub async fn wait_status(&self, name: &str, what: &str, check: impl Fn(&DeviceProcess) -> bool) -> DeviceProcess {
+        apollo_test_support::wait_for(DEADLINE, what, || async {
+            let dp = self.get(name).await;
+            check(&dp).then_some(dp)
+        })
+        .await
+    }
+}
+
+pub fn header(response: &reqwest::Response, name: &str) -> String {
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+pub fn condition(dp: &DeviceProcess, type_: &str) -> Option<(String, String)> {
+    dp.status
+        .as_ref()
+        .and_then(|s| apollo_crds::conditions::find(&s.conditions, type_))
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+pub fn is_condition(dp: &DeviceProcess, type_: &str, status: &str) -> bool {
+    condition(dp, type_).is_some_and(|(s, _)| s == status)
+}
+
+pub async fn install_crd(client: &kube::Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = DeviceProcess::crd();
+    let name = crd.metadata.name.clone().expect("crd name");
+    crds.create(&PostParams::default(), &crd).await.expect("create CRD");
+    tokio::time::timeout(
+        DEADLINE,
+        await_condition(crds, &name, conditions::is_crd_established()),
+    )
+    .await
+    .expect("CRD established in time")
+    .expect("await CRD");
+}
