@@ -1,0 +1,455 @@
+//! The "Done when" list of the controller issue, against kubesim over real HTTP and the real
+//! `apollo-controller` binary.
+
+mod common;
+
+use std::time::Duration;
+
+use apollo_crds::{DeviceProcessDeployment, LABEL_DEPLOYMENT, LABEL_DEVICE_NAME};
+use apollo_test_support::wait_until;
+use common::{labels, match_labels, template, Cluster, DEADLINE, NS};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::ResourceExt;
+use serde_json::json;
+
+fn tor_in_sfo() -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(labels(&[("role", "tor")])),
+        match_expressions: Some(vec![LabelSelectorRequirement {
+            key: "site".into(),
+            operator: "In".into(),
+            values: Some(vec!["sfo".into()]),
+        }]),
+    }
+}
+
+async fn patch_template_args(cluster: &Cluster, name: &str, args: &[&str]) {
+    let patch = json!({"spec": {"template": {"spec": {"execution": {"args": args}}}}});
+    cluster
+        .deployments
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch deployment template");
+}
+
+async fn relabel_switch(cluster: &Cluster, name: &str, key: &str, value: &str) {
+    let patch = json!({"metadata": {"labels": {key: value}}});
+    cluster
+        .switches
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("relabel switch");
+}
+
+fn names<K: ResourceExt>(objects: &[K]) -> Vec<String> {
+    objects.iter().map(ResourceExt::name_any).collect()
+}
+
+#[tokio::test]
+async fn two_matching_switches_and_one_other_yield_exactly_two_device_processes() {
+    let cluster = Cluster::start().await;
+    let _controller = cluster.controller("controller-a").await;
+    cluster
+        .switch("tor1-01", &[("role", "tor"), ("site", "sfo")])
+        .await;
+    cluster
+        .switch(
+            "tor1-02",
+            &[("role", "tor"), ("site", "sfo"), ("rack", "r2")],
+        )
+        .await;
+    cluster
+        .switch("spine1", &[("role", "spine"), ("site", "sfo")])
+        .await;
+    let created = cluster
+        .deployment("logger", tor_in_sfo(), &["echo hi"])
+        .await;
+
+    let deployment = cluster.converged("logger", 2).await;
+    let all = cluster
+        .children
+        .list(&Default::default())
+        .await
+        .expect("list")
+        .items;
+    assert_eq!(all.len(), 2, "only selected devices get a DeviceProcess");
+    let children = cluster.children_of("logger").await;
+    assert_eq!(names(&children), ["logger-tor1-01", "logger-tor1-02"]);
+    for (child, device) in children.iter().zip(["tor1-01", "tor1-02"]) {
+        assert_eq!(
+            child.labels(),
+            &labels(&[
+                ("app", "logger"),
+                (LABEL_DEVICE_NAME, device),
+                (LABEL_DEPLOYMENT, "logger")
+            ])
+        );
+        assert_eq!(
+            child.annotations().get("apollo.azure.com/owner-team"),
+            Some(&"netops".to_owned())
+        );
+        let owners = child.owner_references();
+        assert_eq!(owners.len(), 1);
+        assert_eq!(owners[0].kind, "DeviceProcessDeployment");
+        assert_eq!(owners[0].name, "logger");
+        assert_eq!(Some(&owners[0].uid), created.metadata.uid.as_ref());
+        assert_eq!(owners[0].controller, Some(true));
+        assert_eq!(owners[0].block_owner_deletion, Some(true));
+        assert_eq!(child.spec, template(&["echo hi"]).spec.for_device(device));
+        assert_eq!(child.metadata.generation, Some(1));
+    }
+    let status = deployment.status.expect("status");
+    assert_eq!(status.number_agent_connected, 0);
+    assert_eq!(status.number_spec_observed, 0);
+
+    assert_eq!(
+        cluster.sim.count("create", "deviceprocesses", None).await,
+        2
+    );
+    assert_eq!(
+        cluster.events_for("logger", "SuccessfulCreate").await.len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn template_change_updates_each_child_once_and_leaves_unchanged_children_alone() {
+    let cluster = Cluster::start().await;
+    let _controller = cluster.controller("controller-a").await;
+    cluster.switch("tor1-01", &[("role", "tor")]).await;
+    cluster.switch("tor1-02", &[("role", "tor")]).await;
+    cluster
+        .deployment("logger", match_labels(&[("role", "tor")]), &["v1"])
+        .await;
+    cluster
+        .deployment("metrics", match_labels(&[("role", "tor")]), &["m1"])
+        .await;
+    cluster.converged("logger", 2).await;
+    cluster.converged("metrics", 2).await;
+    let untouched_before = cluster.children_of("metrics").await;
+
+    cluster.sim.reset_requests().await;
+    patch_template_args(&cluster, "logger", &["v2"]).await;
+    let deployment = cluster.converged("logger", 2).await;
+    assert_eq!(deployment.metadata.generation, Some(2));
+
+    for child in cluster.children_of("logger").await {
+        assert_eq!(child.spec.execution.args, ["v2"], "{}", child.name_any());
+        assert_eq!(child.metadata.generation, Some(2), "bumped exactly once");
+    }
+    let untouched_after = cluster.children_of("metrics").await;
+    for (before, after) in untouched_before.iter().zip(&untouched_after) {
+        assert_eq!(before.resource_version(), after.resource_version());
+        assert_eq!(after.metadata.generation, Some(1));
+    }
+    assert_eq!(
+        cluster
+            .sim
+            .count("patch", "deviceprocesses", Some(""))
+            .await
+            + cluster
+                .sim
+                .count("update", "deviceprocesses", Some(""))
+                .await,
+        2,
+        "one write per changed child, none for the other deployment's"
+    );
+    assert_eq!(
+        cluster.sim.count("create", "deviceprocesses", None).await,
+        0
+    );
+    assert_eq!(
+        cluster.sim.count("delete", "deviceprocesses", None).await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn relabelled_or_deleted_switch_loses_its_child_and_a_new_one_gains_one() {
+    let cluster = Cluster::start().await;
+    let _controller = cluster.controller("controller-a").await;
+    cluster.switch("tor1-01", &[("role", "tor")]).await;
+    cluster.switch("tor1-02", &[("role", "tor")]).await;
+    cluster
+        .deployment("logger", match_labels(&[("role", "tor")]), &["v1"])
+        .await;
+    cluster.converged("logger", 2).await;
+
+    relabel_switch(&cluster, "tor1-02", "role", "spine").await;
+    cluster.converged("logger", 1).await;
+    assert_eq!(
+        names(&cluster.children_of("logger").await),
+        ["logger-tor1-01"]
+    );
+    assert_eq!(
+        cluster.events_for("logger", "SuccessfulDelete").await.len(),
+        1
+    );
+
+    cluster.switch("tor1-03", &[("role", "tor")]).await;
+    cluster.converged("logger", 2).await;
+    assert_eq!(
+        names(&cluster.children_of("logger").await),
+        ["logger-tor1-01", "logger-tor1-03"]
+    );
+
+    cluster
+        .switches
+        .delete("tor1-01", &DeleteParams::default())
+        .await
+        .expect("delete switch");
+    cluster.converged("logger", 1).await;
+    assert_eq!(
+        names(&cluster.children_of("logger").await),
+        ["logger-tor1-03"]
+    );
+    assert_eq!(
+        cluster.events_for("logger", "SuccessfulDelete").await.len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn deleting_the_deployment_garbage_collects_its_children() {
+    let cluster = Cluster::start().await;
+    let _controller = cluster.controller("controller-a").await;
+    cluster.switch("tor1-01", &[("role", "tor")]).await;
+    cluster.switch("tor1-02", &[("role", "tor")]).await;
+    cluster
+        .deployment("logger", match_labels(&[("role", "tor")]), &["v1"])
+        .await;
+    cluster.converged("logger", 2).await;
+
+    cluster
+        .deployments
+        .delete("logger", &DeleteParams::default())
+        .await
+        .expect("delete deployment");
+    wait_until(DEADLINE, "children are garbage-collected", || async {
+        cluster
+            .children
+            .list(&Default::default())
+            .await
+            .is_ok_and(|l| l.items.is_empty())
+    })
+    .await;
+    assert_eq!(
+        cluster.sim.count("delete", "deviceprocesses", None).await,
+        0,
+        "the garbage collector removed them, not the controller"
+    );
+}
+
+#[tokio::test]
+async fn steady_state_makes_no_writes_for_ten_seconds() {
+    let cluster = Cluster::start().await;
+    // A short resync makes the window contain level-triggered reconciles that must write nothing.
+    let controller = cluster
+        .controller_with("controller-a", &[("--resync-period", "1s")])
+        .await;
+    cluster.switch("tor1-01", &[("role", "tor")]).await;
+    cluster.switch("tor1-02", &[("role", "tor")]).await;
+    cluster
+        .deployment("logger", match_labels(&[("role", "tor")]), &["v1"])
+        .await;
+    // The converged status is the rollout's last write: from here on nothing may be written.
+    cluster.converged("logger", 2).await;
+    cluster.sim.reset_requests().await;
+    let reconciles_before = controller
+        .metric("apollo_controller_reconciles_total", &[r#"result="ok""#])
+        .await;
+    tokio::time::sleep(Duration::from_secs(10)).await; // the measured window itself
+    let writes = cluster.writes_except_leases().await;
+    assert!(writes.is_empty(), "writes in steady state: {writes:?}");
+    assert_eq!(
+        cluster.sim.count("list", "deviceprocesses", None).await
+            + cluster.sim.count("list", "networkswitches", None).await
+            + cluster
+                .sim
+                .count("list", "deviceprocessdeployments", None)
+                .await,
+        0,
+        "reads come from the watch caches"
+    );
+    let reconciles = controller
+        .metric("apollo_controller_reconciles_total", &[r#"result="ok""#])
+        .await
+        - reconciles_before;
+    assert!(
+        reconciles >= 5.0,
+        "resyncs ran during the window ({reconciles})"
+    );
+    // Only the lease is renewed: at most once per retry period (250ms).
+    let lease_updates = cluster.sim.count("update", "leases", None).await;
+    assert!(lease_updates <= 44, "lease renewals: {lease_updates}");
+}
+
+#[tokio::test]
+async fn only_the_lease_holder_writes_and_a_standby_takes_over_when_it_dies() {
+    let cluster = Cluster::start().await;
+    let mut leader = cluster.controller("controller-a").await;
+    cluster.wait_for_holder("controller-a").await;
+    let standby = cluster.controller("controller-b").await;
+
+    cluster.switch("tor1-01", &[("role", "tor")]).await;
+    cluster.switch("tor1-02", &[("role", "tor")]).await;
+    cluster
+        .deployment("logger", match_labels(&[("role", "tor")]), &["v1"])
+        .await;
+    cluster.converged("logger", 2).await;
+    assert_eq!(
+        cluster.lease_holder().await.as_deref(),
+        Some("controller-a")
+    );
+    assert_eq!(standby.writes_except_leases().await, 0.0, "standby wrote");
+    assert_eq!(
+        leader
+            .metric(
+                "apollo_controller_kube_writes_total",
+                &[r#"resource="deviceprocesses""#, r#"verb="create""#]
+            )
+            .await,
+        2.0
+    );
+    assert_eq!(
+        cluster.sim.count("create", "deviceprocesses", None).await,
+        2
+    );
+
+    leader.proc.kill();
+    cluster.switch("tor1-03", &[("role", "tor")]).await;
+    cluster.converged("logger", 3).await;
+    assert_eq!(
+        cluster.lease_holder().await.as_deref(),
+        Some("controller-b")
+    );
+    assert_eq!(
+        standby
+            .metric(
+                "apollo_controller_kube_writes_total",
+                &[r#"resource="deviceprocesses""#, r#"verb="create""#]
+            )
+            .await,
+        1.0,
+        "the new leader created only the missing child"
+    );
+    assert_eq!(
+        cluster.sim.count("create", "deviceprocesses", None).await,
+        3
+    );
+}
+
+#[tokio::test]
+async fn sigterm_releases_the_lease_and_exits_cleanly() {
+    let cluster = Cluster::start().await;
+    // A long lease: a successor that had to wait for expiry would take 30 s.
+    let slow_expiry = [
+        ("--lease-duration", "30s"),
+        ("--lease-renew-deadline", "20s"),
+    ];
+    let mut controller = cluster.controller_with("controller-a", &slow_expiry).await;
+    cluster.wait_for_holder("controller-a").await;
+    let status = controller
+        .proc
+        .terminate(Duration::from_secs(5))
+        .await
+        .expect("exits after SIGTERM");
+    assert!(status.success(), "exit status {status}");
+    assert_eq!(cluster.lease_holder().await, None, "lease released");
+    // A successor takes the released lease at once rather than after expiry.
+    let started = tokio::time::Instant::now();
+    let _successor = cluster.controller_with("controller-b", &slow_expiry).await;
+    cluster.wait_for_holder("controller-b").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn kubectl_get_dpd_shows_the_counts() {
+    let cluster = Cluster::start().await;
+    let _controller = cluster.controller("controller-a").await;
+    cluster.switch("tor1-01", &[("role", "tor")]).await;
+    cluster.switch("tor1-02", &[("role", "tor")]).await;
+    cluster.switch("spine1", &[("role", "spine")]).await;
+    cluster
+        .deployment("logger", match_labels(&[("role", "tor")]), &["v1"])
+        .await;
+    cluster.converged("logger", 2).await;
+
+    let output = cluster.sim.kubectl(["get", "dpd", "-n", NS]).await;
+    assert!(
+        output.status.success(),
+        "kubectl failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let mut lines = stdout.lines();
+    let header: Vec<&str> = lines.next().expect("header").split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "DESIRED",
+            "CURRENT",
+            "UP-TO-DATE",
+            "CONNECTED",
+            "OBSERVED",
+            "AGE"
+        ],
+        "{stdout}"
+    );
+    let row: Vec<&str> = lines.next().expect("row").split_whitespace().collect();
+    assert_eq!(&row[..6], ["logger", "2", "2", "2", "0", "0"], "{stdout}");
+}
+
+#[tokio::test]
+async fn an_invalid_selector_is_reported_and_touches_no_child() {
+    let cluster = Cluster::start().await;
+    let _controller = cluster.controller("controller-a").await;
+    cluster.switch("tor1-01", &[("role", "tor")]).await;
+    cluster
+        .deployment("logger", match_labels(&[("role", "tor")]), &["v1"])
+        .await;
+    cluster.converged("logger", 1).await;
+
+    let patch = json!({"spec": {"selector": {"matchExpressions": [
+        {"key": "role", "operator": "Equals", "values": ["tor"]}
+    ]}}});
+    cluster
+        .deployments
+        .patch("logger", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch selector");
+    let deployments = cluster.deployments.clone();
+    wait_until(DEADLINE, "SelectorValid=False is reported", || {
+        let deployments = deployments.clone();
+        async move {
+            deployments
+                .get("logger")
+                .await
+                .is_ok_and(|d: DeviceProcessDeployment| {
+                    d.status.is_some_and(|s| {
+                        s.observed_generation == d.metadata.generation
+                            && s.conditions.iter().any(|c| {
+                                c.type_ == "SelectorValid"
+                                    && c.status == "False"
+                                    && c.reason == "InvalidSelector"
+                            })
+                    })
+                })
+        }
+    })
+    .await;
+    assert_eq!(
+        names(&cluster.children_of("logger").await),
+        ["logger-tor1-01"]
+    );
+    assert_eq!(
+        cluster.sim.count("delete", "deviceprocesses", None).await,
+        0
+    );
+}
