@@ -64,7 +64,10 @@ async fn not_modified_carries_the_etag_which_changes_exactly_with_generation_or_
         stack.etag_of("tor2").await != tor2_before
     })
     .await;
-    assert_eq!(stack.desired("tor1", Some(&first), None).await.status(), 304);
+    assert_eq!(
+        stack.desired("tor1", Some(&first), None).await.status(),
+        304
+    );
 
     // A spec change bumps the generation and the spec hash: new ETag, 200 for the old tag.
     let changed = stack.change_spec("agent-tor1", "alpine:2").await;
@@ -80,7 +83,13 @@ async fn not_modified_carries_the_etag_which_changes_exactly_with_generation_or_
     assert_eq!(body["items"][0]["generation"], 2);
     assert_eq!(body["items"][0]["specHash"], hash_of(&changed));
     let not_modified = stack.desired("tor1", Some(&second), None).await;
-    assert_eq!((not_modified.status().as_u16(), header(&not_modified, "etag")), (304, second));
+    assert_eq!(
+        (
+            not_modified.status().as_u16(),
+            header(&not_modified, "etag")
+        ),
+        (304, second)
+    );
 }
 
 /// Waits until `device`'s document lists `n` items; returns its ETag.
@@ -132,7 +141,10 @@ async fn long_poll_returns_200_within_a_second_of_a_spec_change_and_304_at_the_e
     let (answered_at, response) = poll.await.expect("join");
     assert_eq!(response.status(), 200);
     let latency = answered_at.duration_since(changed_at);
-    assert!(latency < Duration::from_secs(1), "answered {latency:?} after the change");
+    assert!(
+        latency < Duration::from_secs(1),
+        "answered {latency:?} after the change"
+    );
     assert_ne!(header(&response, "etag"), etag);
     let body: serde_json::Value = response.json().await.expect("json");
     assert_eq!(body["items"][0]["specHash"], hash_of(&changed));
@@ -150,7 +162,10 @@ async fn report_flips_status_within_a_second_with_connected_and_observed_events(
     let response = stack.report("r1", &[("agent-r", &hash)]).await;
     assert_eq!(response.status(), 200);
     let ack: serde_json::Value = response.json().await.expect("json");
-    assert_eq!(ack, json!({"ack": true, "heartbeatIntervalSeconds": 1, "ignored": []}));
+    assert_eq!(
+        ack,
+        json!({"ack": true, "heartbeatIntervalSeconds": 1, "ignored": []})
+    );
 
     let dp = stack
         .wait_status("agent-r", "Pending, connected, observed", |dp| {
@@ -167,15 +182,27 @@ async fn report_flips_status_within_a_second_with_connected_and_observed_events(
         condition(&dp, AGENT_CONNECTED),
         Some((TRUE.into(), REASON_AGENT_CONNECTED.into()))
     );
-    assert_eq!(dp.status.as_ref().and_then(|s| s.observed_generation), Some(1));
+    assert_eq!(
+        dp.status.as_ref().and_then(|s| s.observed_generation),
+        Some(1)
+    );
 
     wait_until(DEADLINE, "both Events are published", || async {
-        !stack.events("agent-r", REASON_AGENT_CONNECTED).await.is_empty()
-            && !stack.events("agent-r", REASON_SPEC_OBSERVED).await.is_empty()
+        !stack
+            .events("agent-r", REASON_AGENT_CONNECTED)
+            .await
+            .is_empty()
+            && !stack
+                .events("agent-r", REASON_SPEC_OBSERVED)
+                .await
+                .is_empty()
     })
     .await;
     // The same observation again is a heartbeat: no more Events.
-    assert_eq!(stack.report("r1", &[("agent-r", &hash)]).await.status(), 200);
+    assert_eq!(
+        stack.report("r1", &[("agent-r", &hash)]).await.status(),
+        200
+    );
     stack.wait_sweeps(3.0).await;
     for reason in [REASON_AGENT_CONNECTED, REASON_SPEC_OBSERVED] {
         let events = stack.events("agent-r", reason).await;
@@ -186,4 +213,323 @@ async fn report_flips_status_within_a_second_with_connected_and_observed_events(
             Some("apollo.azure.com/gateway")
         );
     }
+}
+
+/// Connects `device` with its observation of `name` and waits until the status shows it.
+async fn connect_and_converge(stack: &Stack, device: &str, names: &[&str]) {
+    let mut observations = Vec::new();
+    for name in names {
+        observations.push((*name, hash_of(&stack.get(name).await)));
+    }
+    let refs: Vec<(&str, &str)> = observations.iter().map(|(n, h)| (*n, h.as_str())).collect();
+    assert_eq!(stack.report(device, &refs).await.status(), 200);
+    for name in names {
+        stack
+            .wait_status(name, "connected and observed", |dp| {
+                is_condition(dp, AGENT_CONNECTED, TRUE) && is_condition(dp, SPEC_OBSERVED, TRUE)
+            })
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn a_thousand_heartbeats_from_ten_devices_cause_no_kubernetes_writes_or_lists() {
+    // A long stale window: nobody goes stale while the test runs.
+    let stack = Stack::start_with(Options {
+        heartbeat_seconds: 10,
+        stale_multiplier: 3,
+        ..Options::default()
+    })
+    .await;
+    let devices: Vec<String> = (0..10).map(|i| format!("hb-{i}")).collect();
+    for device in &devices {
+        stack
+            .create(&format!("agent-{device}"), device, "alpine:1")
+            .await;
+    }
+    for device in &devices {
+        wait_for_items(&stack, device, 1).await;
+        connect_and_converge(&stack, device, &[&format!("agent-{device}")]).await;
+    }
+    for device in &devices {
+        let name = format!("agent-{device}");
+        wait_until(DEADLINE, "connect Events published", || async {
+            stack.events(&name, REASON_SPEC_OBSERVED).await.len() == 1
+        })
+        .await;
+    }
+    stack.kubesim.reset_requests().await;
+
+    let mut tasks = Vec::new();
+    for device in devices.clone() {
+        let http = stack.http.clone();
+        let url = format!("{}/v1/devices/{device}/report", stack.device_url);
+        let token = stack.token(&device);
+        let desired = stack.desired_url(&device);
+        let etag = stack.etag_of(&device).await;
+        tasks.push(tokio::spawn(async move {
+            let mut codes = Vec::new();
+            for i in 0..100 {
+                let response = http
+                    .post(&url)
+                    .header("x-device-token", &token)
+                    .json(&json!({"agentVersion": "t", "timestamp": "2026-11-22T03:00:00Z", "heartbeat": true}))
+                    .send()
+                    .await
+                    .expect("heartbeat");
+                codes.push(response.status().as_u16());
+                if i % 10 == 0 {
+                    let polled = http
+                        .get(&desired)
+                        .header("x-device-token", &token)
+                        .header("if-none-match", &etag)
+                        .send()
+                        .await
+                        .expect("poll");
+                    codes.push(polled.status().as_u16());
+                }
+            }
+            codes
+        }));
+    }
+    let mut heartbeats = 0;
+    for task in tasks {
+        for code in task.await.expect("join") {
+            assert!(code == 200 || code == 304, "unexpected {code}");
+            heartbeats += usize::from(code == 200);
+        }
+    }
+    assert_eq!(heartbeats, 1000);
+    // Let sweeps run over the reporting devices too.
+    stack.wait_sweeps(3.0).await;
+    assert_eq!(
+        stack.kubesim.writes(None).await,
+        0,
+        "{:?}",
+        stack.kubesim.requests().await
+    );
+    assert_eq!(
+        stack.kubesim.count("list", "deviceprocesses", None).await,
+        0
+    );
+    assert_eq!(stack.kubesim.count("get", "deviceprocesses", None).await, 0);
+    assert_eq!(stack.metric("apollo_gateway_http_requests_total{route=\"/v1/devices/{device}/desired\",code=\"304\"}").await, 100.0);
+}
+
+#[tokio::test]
+async fn silent_agent_is_marked_stale_once_and_a_heartbeat_only_report_flips_it_back() {
+    let stack = Stack::start().await;
+    stack.create("quiet-a", "quiet", "alpine:1").await;
+    stack.create("quiet-b", "quiet", "alpine:1").await;
+    wait_for_items(&stack, "quiet", 2).await;
+    connect_and_converge(&stack, "quiet", &["quiet-a", "quiet-b"]).await;
+    stack.kubesim.reset_requests().await;
+
+    // Silent for longer than 2 x 1 s.
+    for name in ["quiet-a", "quiet-b"] {
+        let dp = stack
+            .wait_status(name, "AgentConnected=False", |dp| {
+                is_condition(dp, AGENT_CONNECTED, FALSE)
+            })
+            .await;
+        assert_eq!(
+            condition(&dp, AGENT_CONNECTED),
+            Some((FALSE.into(), REASON_AGENT_DISCONNECTED.into()))
+        );
+        assert!(
+            is_condition(&dp, SPEC_OBSERVED, TRUE),
+            "observation untouched"
+        );
+    }
+    for name in ["quiet-a", "quiet-b"] {
+        wait_until(DEADLINE, "Warning published", || async {
+            !stack
+                .events(name, REASON_AGENT_DISCONNECTED)
+                .await
+                .is_empty()
+        })
+        .await;
+    }
+    // Staying silent through many more sweeps changes nothing.
+    stack.wait_sweeps(20.0).await;
+    assert_eq!(
+        stack.status_patches().await,
+        2,
+        "one patch per DeviceProcess"
+    );
+    for name in ["quiet-a", "quiet-b"] {
+        let warnings = stack.events(name, REASON_AGENT_DISCONNECTED).await;
+        assert_eq!(warnings.len(), 1, "{name}: {warnings:?}");
+        assert_eq!(warnings[0].type_.as_deref(), Some("Warning"));
+    }
+
+    // A heartbeat without observations (and no desired change) reconnects.
+    assert_eq!(stack.report("quiet", &[]).await.status(), 200);
+    for name in ["quiet-a", "quiet-b"] {
+        stack
+            .wait_status(name, "AgentConnected=True again", |dp| {
+                is_condition(dp, AGENT_CONNECTED, TRUE)
+            })
+            .await;
+        wait_until(DEADLINE, "second AgentConnected Event", || async {
+            stack.events(name, REASON_AGENT_CONNECTED).await.len() == 2
+        })
+        .await;
+    }
+    assert_eq!(stack.status_patches().await, 4);
+}
+
+#[tokio::test]
+async fn spoofed_observation_is_forbidden_and_nothing_is_recorded_or_patched() {
+    let stack = Stack::start().await;
+    let mine = stack.create("mine", "honest", "alpine:1").await;
+    let theirs = stack.create("theirs", "victim", "alpine:1").await;
+    wait_for_items(&stack, "honest", 1).await;
+    wait_for_items(&stack, "victim", 1).await;
+    // Initial statuses (never seen) settle first.
+    for name in ["mine", "theirs"] {
+        stack
+            .wait_status(name, "initial status", |dp| dp.status.is_some())
+            .await;
+    }
+    stack.kubesim.reset_requests().await;
+
+    let response = stack
+        .report(
+            "honest",
+            &[("mine", &hash_of(&mine)), ("theirs", &hash_of(&theirs))],
+        )
+        .await;
+    assert_eq!(response.status(), 403);
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "forbidden");
+    assert_eq!(body["error"]["field"], "observations[1]");
+    // Nothing recorded: the state store never heard of the device.
+    assert!(!stack.recorded("honest"));
+    stack.wait_sweeps(3.0).await;
+    assert_eq!(stack.kubesim.writes(None).await, 0);
+    for name in ["mine", "theirs"] {
+        let dp = stack.get(name).await;
+        assert!(
+            !is_condition(&dp, AGENT_CONNECTED, TRUE),
+            "{name} marked connected"
+        );
+        assert!(stack.events(name, REASON_AGENT_CONNECTED).await.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn tokens_are_bound_to_their_device() {
+    let stack = Stack::start().await;
+    let url = stack.desired_url("dev-b");
+    let get = |token: Option<String>| {
+        let mut request = stack.http.get(&url);
+        if let Some(token) = token {
+            request = request.header("x-device-token", token);
+        }
+        request.send()
+    };
+    assert_eq!(
+        get(Some(stack.token("dev-b"))).await.expect("get").status(),
+        200
+    );
+    let wrong = get(Some(stack.token("dev-a"))).await.expect("get");
+    assert_eq!(wrong.status(), 403);
+    assert_eq!(header(&wrong, "x-apollo-gateway"), "0");
+    let body: serde_json::Value = wrong.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "forbidden");
+    let missing = get(None).await.expect("get");
+    assert_eq!(missing.status(), 401);
+    let body: serde_json::Value = missing.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "unauthenticated");
+    assert_eq!(
+        get(Some("garbage".into())).await.expect("get").status(),
+        401
+    );
+    let bearer = stack
+        .http
+        .get(&url)
+        .header("authorization", format!("Bearer {}", stack.token("dev-b")))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(bearer.status(), 200);
+    // The report endpoint too, before anything is recorded.
+    let body = json!({"agentVersion": "1", "timestamp": "2026-11-22T03:00:00Z"}).to_string();
+    let token_a = stack.token("dev-a");
+    assert_eq!(
+        stack
+            .post("dev-b", "report", &body, Some(&token_a))
+            .await
+            .status(),
+        403
+    );
+    assert_eq!(
+        stack.post("dev-b", "report", &body, None).await.status(),
+        401
+    );
+    assert_eq!(
+        stack
+            .post(
+                "dev-b",
+                "connect",
+                &json!({"agentVersion": "1"}).to_string(),
+                Some(&token_a)
+            )
+            .await
+            .status(),
+        403
+    );
+    assert!(!stack.recorded("dev-b"));
+    // ... while the device's own token is recorded.
+    let token_b = stack.token("dev-b");
+    assert_eq!(
+        stack
+            .post("dev-b", "report", &body, Some(&token_b))
+            .await
+            .status(),
+        200
+    );
+    assert!(stack.recorded("dev-b"));
+}
+
+#[tokio::test]
+async fn gateway_without_auth_refuses_to_start() {
+    let mut gateway = apollo_test_support::Proc::builder(gateway_binary())
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .env_remove("APOLLO_INSECURE_NO_AUTH")
+        .env_remove("APOLLO_AUTH_SECRET_FILE")
+        .env_remove("APOLLO_DEV_SHARED_TOKEN_FILE")
+        .spawn();
+    let status = gateway
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("exits by itself");
+    assert!(!status.success());
+    assert!(
+        gateway.logs().contains("--insecure-no-auth"),
+        "{}",
+        gateway.logs()
+    );
+}
+
+#[tokio::test]
+async fn insecure_no_auth_serves_and_warns() {
+    let mut stack = Stack::start_with(Options {
+        auth_secret: false,
+        extra: vec!["--insecure-no-auth".into()],
+        ..Options::default()
+    })
+    .await;
+    stack
+        .gateway
+        .wait_for_log("NOT authenticated", DEADLINE)
+        .await;
+    let response = stack
+        .http
+        .get(stack.desired_url("any"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(response.status(), 200);
 }

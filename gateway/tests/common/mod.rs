@@ -27,6 +27,7 @@ pub struct Options {
     pub debounce_seconds: &'static str,
     pub resync_seconds: &'static str,
     pub use_redis: bool,
+    pub auth_secret: bool,
     pub extra: Vec<String>,
 }
 
@@ -39,6 +40,7 @@ impl Default for Options {
             debounce_seconds: "0.2",
             resync_seconds: "3600",
             use_redis: true,
+            auth_secret: true,
             extra: Vec::new(),
         }
     }
@@ -84,8 +86,6 @@ impl Stack {
             device.to_string(),
             "--admin-listen".into(),
             admin.to_string(),
-            "--auth-secret-file".into(),
-            secret_file.display().to_string(),
             "--heartbeat-interval-seconds".into(),
             options.heartbeat_seconds.to_string(),
             "--stale-multiplier".into(),
@@ -99,6 +99,10 @@ impl Stack {
             "--kube-writes-per-second".into(),
             "1000".into(),
         ];
+        if options.auth_secret {
+            args.push("--auth-secret-file".into());
+            args.push(secret_file.display().to_string());
+        }
         if options.use_redis {
             args.push("--redis-url".into());
             args.push(redis.url());
@@ -180,12 +184,20 @@ impl Stack {
         format!("{}/v1/devices/{device}/desired", self.device_url)
     }
 
-    pub async fn desired(&self, device: &str, etag: Option<&str>, wait: Option<u64>) -> reqwest::Response {
+    pub async fn desired(
+        &self,
+        device: &str,
+        etag: Option<&str>,
+        wait: Option<u64>,
+    ) -> reqwest::Response {
         let mut url = self.desired_url(device);
         if let Some(wait) = wait {
             url.push_str(&format!("?waitSeconds={wait}"));
         }
-        let mut request = self.http.get(url).header("x-device-token", self.token(device));
+        let mut request = self
+            .http
+            .get(url)
+            .header("x-device-token", self.token(device));
         if let Some(etag) = etag {
             request = request.header("if-none-match", etag);
         }
@@ -207,10 +219,22 @@ impl Stack {
                 "namespace": NS, "name": name, "observedSpecHash": hash
             })).collect::<Vec<_>>(),
         });
-        self.post(device, "report", &body.to_string(), Some(&self.token(device))).await
+        self.post(
+            device,
+            "report",
+            &body.to_string(),
+            Some(&self.token(device)),
+        )
+        .await
     }
 
-    pub async fn post(&self, device: &str, what: &str, body: &str, token: Option<&str>) -> reqwest::Response {
+    pub async fn post(
+        &self,
+        device: &str,
+        what: &str,
+        body: &str,
+        token: Option<&str>,
+    ) -> reqwest::Response {
         let mut request = self
             .http
             .post(format!("{}/v1/devices/{device}/{what}", self.device_url))
@@ -220,6 +244,20 @@ impl Stack {
             request = request.header("x-device-token", token);
         }
         request.send().await.expect("POST")
+    }
+
+    /// Whether the state store holds a report of `device` (a last-seen time or observations).
+    pub fn recorded(&self, device: &str) -> bool {
+        let tag = apollo_protocol::shard::slot_tag(apollo_protocol::shard::slot(device));
+        let seen = self
+            .redis
+            .command(&["HEXISTS", &format!("apollo:{tag}:device:{device}"), "seen"])
+            .expect("HEXISTS");
+        let observed = self
+            .redis
+            .command(&["EXISTS", &format!("apollo:{tag}:observed:{device}")])
+            .expect("EXISTS");
+        seen != ":0\r\n" || observed != ":0\r\n"
     }
 
     /// Events about DeviceProcess `name` with `reason`.
@@ -239,7 +277,9 @@ impl Stack {
 
     /// Status patches of DeviceProcesses counted by kubesim since the last reset.
     pub async fn status_patches(&self) -> u64 {
-        self.kubesim.count("patch", "deviceprocesses", Some("status")).await
+        self.kubesim
+            .count("patch", "deviceprocesses", Some("status"))
+            .await
     }
 
     /// Value of a metric sample (first line starting with `prefix`), 0 when absent.
@@ -270,7 +310,12 @@ impl Stack {
     }
 
     /// Waits until `name`'s status satisfies `check`.
-    pub async fn wait_status(&self, name: &str, what: &str, check: impl Fn(&DeviceProcess) -> bool) -> DeviceProcess {
+    pub async fn wait_status(
+        &self,
+        name: &str,
+        what: &str,
+        check: impl Fn(&DeviceProcess) -> bool,
+    ) -> DeviceProcess {
         apollo_test_support::wait_for(DEADLINE, what, || async {
             let dp = self.get(name).await;
             check(&dp).then_some(dp)
@@ -303,7 +348,9 @@ pub async fn install_crd(client: &kube::Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let crd = DeviceProcess::crd();
     let name = crd.metadata.name.clone().expect("crd name");
-    crds.create(&PostParams::default(), &crd).await.expect("create CRD");
+    crds.create(&PostParams::default(), &crd)
+        .await
+        .expect("create CRD");
     tokio::time::timeout(
         DEADLINE,
         await_condition(crds, &name, conditions::is_crd_established()),
