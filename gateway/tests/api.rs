@@ -533,3 +533,147 @@ async fn insecure_no_auth_serves_and_warns() {
         .expect("get");
     assert_eq!(response.status(), 200);
 }
+
+#[tokio::test]
+async fn oversized_and_malformed_bodies_are_rejected_naming_the_field() {
+    let stack = Stack::start().await;
+    let token = stack.token("bodies");
+    let huge = json!({
+        "agentVersion": "1",
+        "timestamp": "2026-11-22T03:00:00Z",
+        "padding": "x".repeat(70 * 1024),
+    })
+    .to_string();
+    let response = stack.post("bodies", "report", &huge, Some(&token)).await;
+    assert_eq!(response.status(), 413);
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "payload_too_large");
+
+    let good_hash = format!("sha256:{}", "a".repeat(64));
+    for (body, field) in [
+        ("{\"agentVersion\": ".to_owned(), "body"),
+        (json!({"agentVersion": "1", "timestamp": "last tuesday"}).to_string(), "timestamp"),
+        (json!({"agentVersion": "1"}).to_string(), "timestamp"),
+        (
+            json!({"agentVersion": "1", "timestamp": "2026-11-22T03:00:00Z",
+                   "observations": [{"namespace": "default", "name": "x", "observedSpecHash": good_hash},
+                                    {"namespace": "default", "name": "y", "observedSpecHash": "md5:abc"}]})
+            .to_string(),
+            "observations[1].observedSpecHash",
+        ),
+    ] {
+        let response = stack.post("bodies", "report", &body, Some(&token)).await;
+        assert_eq!(response.status(), 400, "{body}");
+        assert_eq!(header(&response, "x-apollo-gateway"), "0");
+        let error: serde_json::Value = response.json().await.expect("json");
+        assert_eq!(error["error"]["field"], field, "{error}");
+        assert_eq!(error["error"]["code"], "invalid_field");
+    }
+    let response = stack.post("bodies", "connect", "{}", Some(&token)).await;
+    assert_eq!(response.status(), 400);
+    let error: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(error["error"]["field"], "agentVersion");
+    assert!(!stack.recorded("bodies"));
+}
+
+#[tokio::test]
+async fn injected_conflicts_and_server_errors_still_converge_without_losing_observations() {
+    // Retries take seconds; keep the device from going stale meanwhile.
+    let stack = Stack::start_with(Options {
+        heartbeat_seconds: 10,
+        ..Options::default()
+    })
+    .await;
+    let dp = stack.create("flaky", "flaky-dev", "alpine:1").await;
+    wait_for_items(&stack, "flaky-dev", 1).await;
+    stack
+        .wait_status("flaky", "initial status", |dp| dp.status.is_some())
+        .await;
+    stack.kubesim.reset_requests().await;
+    for rule in [
+        json!({"verb": "patch", "resource": "deviceprocesses", "subresource": "status", "code": 409, "times": 3}),
+        json!({"verb": "patch", "resource": "deviceprocesses", "subresource": "status", "code": 500, "times": 2}),
+        json!({"verb": "patch", "resource": "deviceprocesses", "subresource": "status", "code": 503, "times": 1}),
+        json!({"verb": "create", "resource": "events", "code": 500, "times": 2}),
+    ] {
+        stack.kubesim.set_faults(rule).await;
+    }
+    assert_eq!(
+        stack
+            .report("flaky-dev", &[("flaky", &hash_of(&dp))])
+            .await
+            .status(),
+        200
+    );
+    // A new spec and its observation while the faults are still being served.
+    let changed = stack.change_spec("flaky", "alpine:2").await;
+    let new_hash = hash_of(&changed);
+    assert_eq!(
+        stack
+            .report("flaky-dev", &[("flaky", &new_hash)])
+            .await
+            .status(),
+        200
+    );
+
+    let converged = stack
+        .wait_status(
+            "flaky",
+            "status converges on the latest observation",
+            |dp| {
+                let s = dp.status.as_ref();
+                s.and_then(|s| s.observed_spec_hash.as_deref()) == Some(new_hash.as_str())
+                    && s.and_then(|s| s.observed_generation) == Some(2)
+                    && is_condition(dp, AGENT_CONNECTED, TRUE)
+                    && is_condition(dp, SPEC_OBSERVED, TRUE)
+            },
+        )
+        .await;
+    assert_eq!(converged.metadata.generation, Some(2));
+    wait_until(DEADLINE, "Events published despite 500s", || async {
+        stack.events("flaky", REASON_AGENT_CONNECTED).await.len() == 1
+            && stack.events("flaky", REASON_SPEC_OBSERVED).await.len() == 2
+    })
+    .await;
+    // Every injected failure was met: 6 failed patches, then at least one that went through.
+    assert!(
+        stack.status_patches().await >= 7,
+        "{:?}",
+        stack.kubesim.requests().await
+    );
+    assert!(
+        stack
+            .metric("apollo_gateway_kube_writes_total{kind=\"status_patch\"")
+            .await
+            >= 1.0
+    );
+    stack.wait_sweeps(3.0).await;
+    assert_eq!(stack.events("flaky", REASON_AGENT_CONNECTED).await.len(), 1);
+}
+
+#[tokio::test]
+async fn port_already_in_use_exits_non_zero_within_two_seconds_naming_the_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let admin = apollo_test_support::free_addr();
+    let started = Instant::now();
+    let mut gateway = apollo_test_support::Proc::builder(gateway_binary())
+        .args([
+            "--listen",
+            &addr.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+        ])
+        .arg("--insecure-no-auth")
+        .env("KUBECONFIG", "/nonexistent")
+        .spawn();
+    let status = gateway
+        .wait_exit(Duration::from_secs(2))
+        .await
+        .expect("exits within 2 s");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(!status.success());
+    let logs = gateway.logs();
+    assert!(logs.contains(&addr.to_string()), "{logs}");
+    assert!(logs.contains("cannot listen"), "{logs}");
+}
