@@ -1,0 +1,432 @@
+//! End to end: the real `apollo-gateway` binary, kubesim, redis-server and the agent (the binary,
+//! or the library where a test needs its request counters).
+//!
+//! Needs the gateway and kubesim binaries next to this test's executable:
+//! `cargo build --workspace --bins` first (scripts/test.sh does it).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use apollo_agent::{Agent, AgentConfig, AgentMetrics};
+use apollo_protocol::hash::value_hash;
+use apollo_protocol::token::device_token;
+use apollo_test_support::{
+    binary, free_port, wait_for, wait_until, KubeSimProc, Proc, RedisServer,
+};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+const NAMESPACE: &str = "default";
+const SECRET: &str = "e2e-secret";
+/// Heartbeat interval the gateway announces; with STALE_MULTIPLIER it makes a 2 s stale window.
+const HEARTBEAT_SECONDS: u64 = 1;
+const STALE_MULTIPLIER: u32 = 2;
+
+struct Stack {
+    kubesim: KubeSimProc,
+    _redis: RedisServer,
+    redis_url: String,
+    gateway: Option<Proc>,
+    gateway_port: u16,
+    admin_port: u16,
+    dir: tempfile::TempDir,
+    http: reqwest::Client,
+}
+
+fn crd_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds/deviceprocesses.yaml")
+}
+
+impl Stack {
+    async fn start() -> Self {
+        let kubesim = KubeSimProc::start().await;
+        let out = kubesim
+            .kubectl(["apply", "-f", &crd_path().display().to_string()])
+            .await;
+        assert!(
+            out.status.success(),
+            "install CRD: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let redis = RedisServer::start().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("secret"), format!("{SECRET}\n")).expect("write secret");
+        let mut stack = Self {
+            redis_url: redis.url(),
+            kubesim,
+            _redis: redis,
+            gateway: None,
+            gateway_port: free_port(),
+            admin_port: free_port(),
+            dir,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .no_proxy()
+                .build()
+                .expect("http client"),
+        };
+        stack.start_gateway().await;
+        stack
+    }
+
+    fn gateway_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.gateway_port)
+    }
+
+    async fn start_gateway(&mut self) {
+        let proc = Proc::builder(binary("apollo-gateway"))
+            .name(format!("gateway-{}", self.gateway_port))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.gateway_port))
+            .arg("--admin-listen")
+            .arg(format!("127.0.0.1:{}", self.admin_port))
+            .arg("--redis-url")
+            .arg(&self.redis_url)
+            .arg("--auth-secret-file")
+            .arg(self.dir.path().join("secret"))
+            .args([
+                "--heartbeat-interval-seconds",
+                &HEARTBEAT_SECONDS.to_string(),
+            ])
+            .args(["--stale-multiplier", &STALE_MULTIPLIER.to_string()])
+            .args(["--sweep-interval-seconds", "0.2"])
+            .env("KUBECONFIG", self.kubesim.kubeconfig())
+            .spawn();
+        self.gateway = Some(proc);
+        let ready = format!("http://127.0.0.1:{}/readyz", self.admin_port);
+        wait_until(Duration::from_secs(15), "gateway /readyz", || {
+            let request = self.http.get(&ready).send();
+            async move { request.await.is_ok_and(|r| r.status().is_success()) }
+        })
+        .await;
+    }
+
+    async fn stop_gateway(&mut self) {
+        if let Some(mut gateway) = self.gateway.take() {
+            gateway.terminate(Duration::from_secs(10)).await;
+        }
+    }
+
+    fn agent_binary(&self, device: &str) -> Proc {
+        Proc::builder(env!("CARGO_BIN_EXE_apollo-agent"))
+            .name(format!("agent-{device}"))
+            .env("APOLLO_DEVICE_NAME", device)
+            .env("APOLLO_GATEWAY_URL", self.gateway_url())
+            .env(
+                "APOLLO_DEVICE_TOKEN",
+                device_token(SECRET.as_bytes(), device),
+            )
+            .env_remove("APOLLO_DEVICE_TOKEN_FILE")
+            .spawn()
+    }
+
+    fn url(&self, name: &str) -> String {
+        format!(
+            "{}/apis/azure.com/v1alpha1/namespaces/{NAMESPACE}/deviceprocesses{}",
+            self.kubesim.base_url(),
+            if name.is_empty() {
+                String::new()
+            } else {
+                format!("/{name}")
+            }
+        )
+    }
+
+    async fn create_process(&self, name: &str, device: &str, args: &[&str]) {
+        let body = json!({
+            "apiVersion": "azure.com/v1alpha1",
+            "kind": "DeviceProcess",
+            "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": {
+                "deviceRef": {"name": device},
+                "artifact": {"type": "oci", "url": "alpine:3.19"},
+                "execution": {"backend": "container", "args": args},
+            },
+        });
+        let resp = self
+            .http
+            .post(self.url(""))
+            .json(&body)
+            .send()
+            .await
+            .expect("create");
+        assert!(
+            resp.status().is_success(),
+            "create {name}: {}",
+            resp.status()
+        );
+    }
+
+    async fn set_args(&self, name: &str, args: &[&str]) {
+        let resp = self
+            .http
+            .patch(self.url(name))
+            .header("content-type", "application/merge-patch+json")
+            .body(json!({"spec": {"execution": {"args": args}}}).to_string())
+            .send()
+            .await
+            .expect("patch");
+        assert!(
+            resp.status().is_success(),
+            "patch {name}: {}",
+            resp.status()
+        );
+    }
+
+    async fn get(&self, name: &str) -> Value {
+        let resp = self.http.get(self.url(name)).send().await.expect("get");
+        assert!(resp.status().is_success(), "get {name}: {}", resp.status());
+        resp.json().await.expect("json")
+    }
+
+    /// Events about `name` with `reason`.
+    async fn events(&self, name: &str, reason: &str) -> usize {
+        let url = format!(
+            "{}/apis/events.k8s.io/v1/namespaces/{NAMESPACE}/events",
+            self.kubesim.base_url()
+        );
+        let list: Value = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .expect("events")
+            .json()
+            .await
+            .expect("json");
+        list["items"]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .filter(|e| e["regarding"]["name"] == name && e["reason"] == reason)
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    async fn status_patches(&self) -> u64 {
+        self.kubesim
+            .count("patch", "deviceprocesses", Some("status"))
+            .await
+            + self
+                .kubesim
+                .count("update", "deviceprocesses", Some("status"))
+                .await
+    }
+}
+
+fn condition<'a>(dp: &'a Value, kind: &str) -> Option<&'a str> {
+    dp["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind)?["status"]
+        .as_str()
+}
+
+/// The status the whole loop should produce: Pending, connected, current spec observed.
+fn fully_observed(dp: &Value) -> bool {
+    let spec_hash = value_hash(&dp["spec"]);
+    dp["status"]["phase"] == "Pending"
+        && condition(dp, "AgentConnected") == Some("True")
+        && condition(dp, "SpecObserved") == Some("True")
+        && dp["status"]["observedSpecHash"] == spec_hash.as_str()
+}
+
+#[tokio::test]
+async fn creation_and_spec_edits_are_observed_within_a_second() {
+    let stack = Stack::start().await;
+    let device = "tor1-01";
+    let mut agent = stack.agent_binary(device);
+    agent
+        .wait_for_log("new desired document", Duration::from_secs(10))
+        .await;
+
+    let created = Instant::now();
+    stack
+        .create_process("logger-tor1-01", device, &["v1"])
+        .await;
+    let dp = wait_for(
+        Duration::from_secs(1),
+        "status of the new DeviceProcess",
+        || async {
+            let dp = stack.get("logger-tor1-01").await;
+            fully_observed(&dp).then_some(dp)
+        },
+    )
+    .await;
+    eprintln!("created -> observed in {:?}", created.elapsed());
+    let first_hash = dp["status"]["observedSpecHash"].clone();
+
+    let edited = Instant::now();
+    stack.set_args("logger-tor1-01", &["v2"]).await;
+    let dp = wait_for(
+        Duration::from_secs(1),
+        "status after the spec edit",
+        || async {
+            let dp = stack.get("logger-tor1-01").await;
+            (fully_observed(&dp) && dp["status"]["observedSpecHash"] != first_hash).then_some(dp)
+        },
+    )
+    .await;
+    eprintln!("edited -> observed in {:?}", edited.elapsed());
+    assert_eq!(
+        dp["status"]["observedGeneration"],
+        dp["metadata"]["generation"]
+    );
+    assert_eq!(stack.events("logger-tor1-01", "SpecObserved").await, 2);
+
+    // Steady state: heartbeats keep coming, Kubernetes sees no writes.
+    let writes = stack.status_patches().await;
+    let heartbeats = agent.logs().len();
+    tokio::time::sleep(Duration::from_secs(3 * HEARTBEAT_SECONDS)).await;
+    assert_eq!(
+        stack.status_patches().await,
+        writes,
+        "heartbeats must not write status"
+    );
+    assert_eq!(
+        agent.logs().len(),
+        heartbeats,
+        "the agent logs nothing in steady state"
+    );
+    assert!(agent.is_running());
+}
+
+#[tokio::test]
+async fn a_gateway_outage_costs_bounded_requests_and_the_agent_recovers() {
+    let mut stack = Stack::start().await;
+    let device = "tor2-01";
+    stack
+        .create_process("logger-tor2-01", device, &["v1"])
+        .await;
+
+    let metrics = Arc::new(AgentMetrics::default());
+    let mut config = AgentConfig::new(device, stack.gateway_url().parse().expect("url"));
+    config.device_token = Some(device_token(SECRET.as_bytes(), device));
+    // With the default 30 s cap recovery could take that long; 8 s keeps the test short while
+    // the waits still grow well past the heartbeat interval.
+    config.backoff.cap = Duration::from_secs(8);
+    let agent = Agent::new(
+        config,
+        apollo_agent::http_client().expect("client"),
+        metrics.clone(),
+    )
+    .expect("agent");
+    let cancel = CancellationToken::new();
+    let _stop = cancel.clone().drop_guard();
+    let task = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { agent.run(cancel).await }
+    });
+    wait_until(
+        Duration::from_secs(5),
+        "observed before the outage",
+        || async { fully_observed(&stack.get("logger-tor2-01").await) },
+    )
+    .await;
+
+    stack.stop_gateway().await;
+    let before = metrics.snapshot();
+    // The outage itself: ten seconds without a gateway.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let during = metrics.snapshot();
+    let attempts = during.total_requests() - before.total_requests();
+    // Two loops backing off from 500 ms to the 8 s cap with full jitter make about a dozen
+    // attempts in 10 s; retrying at the heartbeat and poll intervals would be about 20, a hot
+    // loop thousands.
+    assert!(
+        (2..=24).contains(&attempts),
+        "{attempts} requests during a 10 s outage"
+    );
+    assert!(during.backoffs > before.backoffs);
+
+    stack.start_gateway().await;
+    let restarted = Instant::now();
+    wait_until(
+        Duration::from_secs(10),
+        "a report acknowledged again",
+        || {
+            let reports = metrics.snapshot().report.ok;
+            async move { reports > during.report.ok }
+        },
+    )
+    .await;
+    eprintln!(
+        "reporting {:?} after the gateway returned",
+        restarted.elapsed()
+    );
+    wait_until(Duration::from_secs(5), "connected again", || async {
+        fully_observed(&stack.get("logger-tor2-01").await)
+    })
+    .await;
+    // The desired loop recovered by itself too: a spec edit reaches the agent (a held long poll
+    // counts as a request only once answered, so the edit is the proof).
+    let observed = stack.get("logger-tor2-01").await["status"]["observedSpecHash"].clone();
+    stack.set_args("logger-tor2-01", &["v2"]).await;
+    wait_until(Duration::from_secs(10), "the edit observed", || async {
+        let dp = stack.get("logger-tor2-01").await;
+        fully_observed(&dp) && dp["status"]["observedSpecHash"] != observed
+    })
+    .await;
+    eprintln!(
+        "edit observed {:?} after the gateway returned",
+        restarted.elapsed()
+    );
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(1), task)
+        .await
+        .expect("agent stops")
+        .expect("no panic");
+}
+
+#[tokio::test]
+async fn a_stopped_agent_goes_stale_and_a_restarted_one_reconnects_without_spec_changes() {
+    let stack = Stack::start().await;
+    let device = "tor3-01";
+    let name = "logger-tor3-01";
+    stack.create_process(name, device, &["v1"]).await;
+    let mut agent = stack.agent_binary(device);
+    wait_until(Duration::from_secs(5), "observed", || async {
+        fully_observed(&stack.get(name).await)
+    })
+    .await;
+    let observed_hash = stack.get(name).await["status"]["observedSpecHash"].clone();
+
+    let connected_events = stack.events(name, "AgentConnected").await;
+    let stopped = Instant::now();
+    let status = agent
+        .terminate(Duration::from_secs(1))
+        .await
+        .expect("agent exits on SIGTERM");
+    assert!(status.success());
+    let stale_window = Duration::from_secs(HEARTBEAT_SECONDS * STALE_MULTIPLIER as u64);
+    wait_until(
+        stale_window + Duration::from_secs(3),
+        "AgentConnected=False",
+        || async { condition(&stack.get(name).await, "AgentConnected") == Some("False") },
+    )
+    .await;
+    // The last heartbeat was at most one interval before the stop.
+    assert!(stopped.elapsed() >= stale_window - Duration::from_secs(HEARTBEAT_SECONDS));
+    assert_eq!(stack.events(name, "AgentDisconnected").await, 1);
+
+    // Unchanged desired state: only the heartbeat (connect/report) can bring it back.
+    let mut agent = stack.agent_binary(device);
+    wait_until(
+        Duration::from_secs(3),
+        "AgentConnected=True again",
+        || async { fully_observed(&stack.get(name).await) },
+    )
+    .await;
+    let dp = stack.get(name).await;
+    assert_eq!(dp["status"]["observedSpecHash"], observed_hash);
+    // The reconnect is one disconnected->connected transition: exactly one more Event.
+    assert_eq!(
+        stack.events(name, "AgentConnected").await,
+        connected_events + 1
+    );
+    assert_eq!(stack.events(name, "AgentDisconnected").await, 1);
+    assert!(agent.is_running());
+}
