@@ -7,7 +7,11 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = apollo_router::Args::parse();
-    init_logging(&args.log_format);
+    let format = args
+        .log_format
+        .parse()
+        .unwrap_or(apollo_telemetry::LogFormat::Text);
+    let _telemetry = apollo_telemetry::init("apollo-router", format);
     let shutdown = CancellationToken::new();
     tokio::spawn(forward_signals(shutdown.clone()));
     match apollo_router::run(args, shutdown).await {
@@ -17,21 +21,6 @@ async fn main() -> std::process::ExitCode {
             eprintln!("apollo-router: {e}");
             std::process::ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
 

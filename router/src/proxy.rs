@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tracing::{debug, warn};
+use tracing::{debug, warn, Instrument};
 
 use crate::membership::Membership;
 use crate::metrics::{Metrics, Upstream, UpstreamLabels};
@@ -99,9 +99,23 @@ impl Proxy {
             Ok(b) => b,
             Err(resp) => return resp,
         };
+        let span = tracing::info_span!(
+            "router.request",
+            otel.kind = "server",
+            http.method = %parts.method,
+            device = %device,
+            slot,
+            upstream = tracing::field::Empty,
+            http.status_code = tracing::field::Empty,
+        );
+        apollo_telemetry::set_parent_from_headers(&span, &parts.headers);
         self.metrics.in_flight.inc();
-        let resp = self.forward(&parts, body, slot).await;
+        let resp = self
+            .forward(&parts, body, slot)
+            .instrument(span.clone())
+            .await;
         self.metrics.in_flight.dec();
+        span.record("http.status_code", resp.status().as_u16());
         resp
     }
 
@@ -134,6 +148,7 @@ impl Proxy {
                     continue;
                 }
             };
+            tracing::Span::current().record("upstream", route.ordinal);
             if route.fallback || tried.len() > 1 {
                 self.metrics.fallbacks.inc();
             }
@@ -272,6 +287,8 @@ fn build_upstream_request(
     if let Some(headers) = builder.headers_mut() {
         copy_end_to_end_headers(&parts.headers, headers);
         headers.remove(header::HOST);
+        // The gateway's span becomes a child of this router span (same trace id).
+        apollo_telemetry::inject_current(headers);
         if let Some(PeerAddr(peer)) = parts.extensions.get::<PeerAddr>() {
             let forwarded = match parts
                 .headers
