@@ -441,17 +441,17 @@ fn manager_name(manager: &str) -> String {
 
 /// Records a create or update: `manager` takes the leaves it changed; nobody keeps removed leaves.
 pub fn record_update(
+    kind: &KindInfo,
     old: Option<&Value>,
     new: &mut Value,
     manager: &str,
     subresource: Subresource,
-    api_version: &str,
     now: &str,
 ) {
-    let kind = bare_kind();
-    let new_leaves = leaves(&kind, new);
+    let api_version = kind.api_version();
+    let new_leaves = leaves(kind, new);
     let (mut entries, old_leaves) = match old {
-        Some(old) => (read_entries(old), leaves(&kind, old)),
+        Some(old) => (read_entries(old), leaves(kind, old)),
         None => (Vec::new(), FieldSet::new()),
     };
     let changed: FieldSet = new_leaves
@@ -472,26 +472,18 @@ pub fn record_update(
         Some(index) => {
             entries[index].fields.extend(changed);
             entries[index].time = now.to_string();
-            entries[index].api_version = api_version.to_string();
+            entries[index].api_version = api_version;
         }
         None => entries.push(Entry {
             manager,
             operation: "Update".into(),
-            api_version: api_version.to_string(),
+            api_version,
             time: now.to_string(),
             subresource: subresource.name().to_string(),
             fields: changed,
         }),
     }
     write_entries(new, entries);
-}
-
-/// A KindInfo with no schema: update bookkeeping only needs the built-in list keys.
-fn bare_kind() -> KindInfo {
-    let mut kinds = crate::kinds::built_in_kinds();
-    let mut kind = kinds.remove(0);
-    kind.schema = None;
-    kind
 }
 
 /// The part of an apply configuration a subresource accepts.
@@ -754,11 +746,11 @@ mod tests {
         let mut updated = applied.clone();
         updated["spec"]["holderIdentity"] = json!("b");
         record_update(
+            &kind,
             Some(&applied),
             &mut updated,
             "kubectl-edit",
             Subresource::Main,
-            "coordination.k8s.io/v1",
             "now",
         );
         let conflicts = apply(

@@ -3,7 +3,7 @@
 //!
 //! All of it runs under one mutex held only for the duration of a synchronous call.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
@@ -157,6 +157,19 @@ pub struct State {
     kinds: Vec<Arc<KindInfo>>,
     collections: BTreeMap<StoreKey, Collection>,
     history_limit: usize,
+    /// Set when a deletion or a deletionTimestamp may give the garbage collector work.
+    gc_pending: bool,
+    /// uids of removed objects: dependents whose owners are all gone, and one of them is among
+    /// these, are collected (owners that never existed are left alone).
+    removed_uids: HashSet<String>,
+}
+
+/// Who owns the fields of a newly created object.
+enum Ownership {
+    /// An Update entry for the manager covering every field.
+    Update,
+    /// An Apply entry (server-side apply creating the object) with the applied fields.
+    Apply(Vec<Vec<String>>),
 }
 
 /// The current time as Kubernetes writes `metav1.Time`: RFC 3339 in whole seconds.
@@ -337,6 +350,8 @@ impl State {
             kinds: Vec::new(),
             collections: BTreeMap::new(),
             history_limit: history_limit.max(1),
+            gc_pending: false,
+            removed_uids: HashSet::new(),
         };
         state.sync_kinds();
         let namespaces = state.builtin("", "namespaces");
@@ -531,6 +546,13 @@ impl State {
             }
         }
         collection.notify.send_replace(rv);
+        if event == EventType::Deleted {
+            self.removed_uids
+                .insert(meta_str(&object, "uid").to_string());
+            self.gc_pending = true;
+        } else if meta(&object).get("deletionTimestamp").is_some() {
+            self.gc_pending = true;
+        }
         object
     }
 
@@ -549,6 +571,23 @@ impl State {
         namespace: Option<&str>,
         body: Value,
         options: &WriteOptions,
+    ) -> Result<Value, ApiError> {
+        if !meta_str(&body, "resourceVersion").is_empty() {
+            // etcd3's Create refuses this, and the apiserver surfaces it as an internal error.
+            return Err(ApiError::internal(
+                "resourceVersion should not be set on objects to be created",
+            ));
+        }
+        self.create_owned(kind, namespace, body, options, Ownership::Update)
+    }
+
+    fn create_owned(
+        &mut self,
+        kind: &KindInfo,
+        namespace: Option<&str>,
+        body: Value,
+        options: &WriteOptions,
+        ownership: Ownership,
     ) -> Result<Value, ApiError> {
         if !body.is_object() {
             return Err(ApiError::bad_request(
@@ -611,14 +650,23 @@ impl State {
             }
         }
         self.apply_kind_defaults(kind, &mut object, &now)?;
-        managed::record_update(
-            None,
-            &mut object,
-            &options.field_manager,
-            Subresource::Main,
-            &kind.api_version(),
-            &now,
-        );
+        match ownership {
+            Ownership::Update => managed::record_update(
+                kind,
+                None,
+                &mut object,
+                &options.field_manager,
+                Subresource::Main,
+                &now,
+            ),
+            Ownership::Apply(applied) => managed::replace_entries_with_apply(
+                &mut object,
+                &options.field_manager,
+                &kind.api_version(),
+                &applied,
+                Subresource::Main,
+            ),
+        }
         if options.dry_run {
             meta_mut(&mut object).insert("resourceVersion".into(), Value::String(String::new()));
             return Ok(object);
@@ -896,38 +944,17 @@ impl State {
             ));
         }
         let mut object = body.clone();
-        meta_mut(&mut object).insert("name".into(), Value::String(name.to_string()));
+        let metadata = meta_mut(&mut object);
+        metadata.insert("name".into(), Value::String(name.to_string()));
+        metadata.remove("resourceVersion");
         let applied_set = managed::applied_set(kind, &object);
-        let mut created = self.create(kind, namespace, object, options)?;
-        managed::replace_entries_with_apply(
-            &mut created,
-            &options.field_manager,
-            &kind.api_version(),
-            &applied_set,
-            Subresource::Main,
-        );
-        if options.dry_run {
-            return Ok(created);
-        }
-        // The stored copy must carry the Apply entry; this rewrite does not emit another event.
-        if let Some(collection) = self.collections.get_mut(&kind.store) {
-            let key = (
-                meta_str(&created, "namespace").to_string(),
-                name.to_string(),
-            );
-            collection.objects.insert(key, created.clone());
-            if let Some(last) = collection.history.back_mut() {
-                if last.rv.to_string() == meta_str(&created, "resourceVersion") {
-                    *last = Arc::new(WatchRecord {
-                        rv: last.rv,
-                        event: last.event,
-                        object: created.clone(),
-                        previous: None,
-                    });
-                }
-            }
-        }
-        Ok(created)
+        self.create_owned(
+            kind,
+            namespace,
+            object,
+            options,
+            Ownership::Apply(applied_set),
+        )
     }
 
     fn finish_update(
@@ -1056,11 +1083,11 @@ impl State {
         let now = now_rfc3339();
         if !is_apply {
             managed::record_update(
+                kind,
                 Some(&current),
                 &mut next,
                 &options.field_manager,
                 subresource,
-                &kind.api_version(),
                 &now,
             );
         }
@@ -1245,10 +1272,7 @@ impl State {
         }
         let stored = self.commit(&kind.store, EventType::Modified, marked, Some(current));
         self.collect_garbage();
-        match self.get(kind, namespace, name) {
-            Ok(_) => Ok(DeleteOutcome::Pending(stored)),
-            Err(_) => Ok(DeleteOutcome::Pending(stored)),
-        }
+        Ok(DeleteOutcome::Pending(stored))
     }
 
     /// Every stored object with its store, for garbage collection passes.
@@ -1297,17 +1321,21 @@ impl State {
     /// dependents of removed owners are deleted, `orphan` and `foregroundDeletion` finalizers are
     /// processed, and terminating namespaces are emptied and removed.
     fn collect_garbage(&mut self) {
+        if !self.gc_pending {
+            return;
+        }
         // Bounded: each pass removes or changes at least one object, or the loop ends.
-        for _ in 0..10_000 {
+        for _ in 0..100_000 {
             if !self.garbage_pass() {
-                return;
+                break;
             }
         }
+        self.gc_pending = false;
     }
 
     fn garbage_pass(&mut self) -> bool {
         let objects = self.all_objects();
-        let live_uids: BTreeSet<String> = objects
+        let live_uids: HashSet<String> = objects
             .iter()
             .map(|(_, o)| meta_str(o, "uid").to_string())
             .collect();
@@ -1373,7 +1401,10 @@ impl State {
                 }
             }
             let owners = owner_uids(object);
-            if !deleting && !owners.is_empty() && owners.iter().all(|u| !live_uids.contains(u)) {
+            let owners_removed = !owners.is_empty()
+                && owners.iter().all(|u| !live_uids.contains(u))
+                && owners.iter().any(|u| self.removed_uids.contains(u));
+            if !deleting && owners_removed {
                 self.gc_delete(store, object.clone());
                 return true;
             }
