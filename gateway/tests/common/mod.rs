@@ -28,6 +28,8 @@ pub struct Options {
     pub resync_seconds: &'static str,
     pub use_redis: bool,
     pub auth_secret: bool,
+    /// kubesim faults installed before the gateway starts.
+    pub faults: Vec<serde_json::Value>,
     pub extra: Vec<String>,
 }
 
@@ -41,6 +43,7 @@ impl Default for Options {
             resync_seconds: "3600",
             use_redis: true,
             auth_secret: true,
+            faults: Vec::new(),
             extra: Vec::new(),
         }
     }
@@ -72,10 +75,20 @@ impl Stack {
     }
 
     pub async fn start_with(options: Options) -> Self {
+        let stack = Self::spawn_with(options).await;
+        stack.wait_ready().await;
+        stack
+    }
+
+    /// Starts everything without waiting for the gateway to be ready.
+    pub async fn spawn_with(options: Options) -> Self {
         let kubesim = KubeSimProc::start().await;
         let redis = RedisServer::start().await;
         let client = kubesim.client().await;
         install_crd(&client).await;
+        for fault in options.faults {
+            kubesim.set_faults(fault).await;
+        }
         let secret_dir = tempfile::tempdir().expect("tempdir");
         let secret_file = secret_dir.path().join("secret");
         std::fs::write(&secret_file, format!("{SECRET}\n")).expect("write secret");
@@ -114,7 +127,7 @@ impl Stack {
             .env("KUBECONFIG", kubesim.kubeconfig())
             .env("RUST_LOG", "info,apollo_gateway=debug")
             .spawn();
-        let stack = Self {
+        Self {
             kubesim,
             redis,
             gateway,
@@ -127,9 +140,17 @@ impl Stack {
                 .expect("http client"),
             _secret_dir: secret_dir,
             secret_file,
-        };
-        stack.wait_ready().await;
-        stack
+        }
+    }
+
+    /// Status code of `/readyz`.
+    pub async fn readyz(&self) -> u16 {
+        self.http
+            .get(format!("{}/readyz", self.admin_url))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
     }
 
     pub async fn wait_ready(&self) {

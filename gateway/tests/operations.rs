@@ -1,0 +1,359 @@
+//! Operational behaviour beyond issue 5's list: readiness, shutdown, load shedding, the resync,
+//! Redis restarts and the in-memory backend.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use apollo_crds::conditions::{
+    Condition, AGENT_CONNECTED, FALSE, REASON_AGENT_CONNECTED, REASON_AGENT_DISCONNECTED,
+    SPEC_OBSERVED, TRUE,
+};
+use apollo_test_support::wait_until;
+use common::*;
+use kube::api::{Patch, PatchParams};
+use nix::sys::signal::Signal;
+use serde_json::json;
+
+async fn connected(stack: &Stack, device: &str, name: &str) {
+    let dp = stack.get(name).await;
+    wait_until(DEADLINE, "the gateway serves the DeviceProcess", || async {
+        let body: serde_json::Value = stack
+            .desired(device, None, None)
+            .await
+            .json()
+            .await
+            .unwrap_or_default();
+        body["items"]
+            .as_array()
+            .is_some_and(|items| !items.is_empty())
+    })
+    .await;
+    assert_eq!(
+        stack
+            .report(device, &[(name, &hash_of(&dp))])
+            .await
+            .status(),
+        200
+    );
+    stack
+        .wait_status(name, "connected and observed", |dp| {
+            is_condition(dp, AGENT_CONNECTED, TRUE) && is_condition(dp, SPEC_OBSERVED, TRUE)
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn readyz_follows_redis_and_the_kubernetes_watch() {
+    let mut stack = Stack::start().await;
+    let health = stack
+        .http
+        .get(format!("{}/healthz", stack.admin_url))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), 200);
+
+    stack.redis.stop();
+    wait_until(DEADLINE, "not ready without Redis", || async {
+        stack.readyz().await == 503
+    })
+    .await;
+    let body: serde_json::Value = stack
+        .http
+        .get(format!("{}/readyz", stack.admin_url))
+        .send()
+        .await
+        .expect("readyz")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(body["stateStore"], false);
+    assert_eq!(body["cacheSynced"], true);
+    assert!(stack.gateway.is_running());
+    stack.redis.restart().await;
+    wait_until(DEADLINE, "ready again once Redis is back", || async {
+        stack.readyz().await == 200
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn kubernetes_unreachable_at_start_keeps_retrying_and_readyz_stays_false() {
+    // Every list of DeviceProcesses fails until the faults are cleared.
+    let mut stack = Stack::spawn_with(Options {
+        faults: vec![json!({"verb": "list", "resource": "deviceprocesses", "code": 503})],
+        ..Options::default()
+    })
+    .await;
+    wait_until(DEADLINE, "admin endpoint up", || async {
+        stack.readyz().await != 0
+    })
+    .await;
+    wait_until(DEADLINE, "the watch retried its list", || async {
+        stack.kubesim.count("list", "deviceprocesses", None).await >= 2
+    })
+    .await;
+    assert_eq!(stack.readyz().await, 503);
+    assert!(stack.gateway.is_running());
+    let early = stack.desired("early", None, None).await;
+    assert_eq!(early.status(), 503, "no document before the cache synced");
+    assert_eq!(header(&early, "retry-after"), "1");
+    stack.kubesim.clear_faults().await;
+    wait_until(
+        Duration::from_secs(30),
+        "ready once Kubernetes answers",
+        || async { stack.readyz().await == 200 },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_long_polls_early_with_304_and_exits_cleanly() {
+    let mut stack = Stack::start().await;
+    let etag = stack.etag_of("sleepy").await;
+    let poll = {
+        let http = stack.http.clone();
+        let url = format!("{}?waitSeconds=60", stack.desired_url("sleepy"));
+        let token = stack.token("sleepy");
+        let etag = etag.clone();
+        tokio::spawn(async move {
+            http.get(url)
+                .header("x-device-token", token)
+                .header("if-none-match", etag)
+                .send()
+                .await
+                .expect("long poll")
+        })
+    };
+    wait_until(DEADLINE, "the long poll is held", || async {
+        stack.metric("apollo_gateway_long_poll_waiters").await >= 1.0
+    })
+    .await;
+    let signalled = Instant::now();
+    stack.gateway.signal(Signal::SIGTERM);
+    let response = poll.await.expect("join");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        signalled.elapsed()
+    );
+    assert_eq!(response.status(), 304);
+    assert_eq!(header(&response, "etag"), etag);
+    let status = stack
+        .gateway
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("exits after SIGTERM");
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn requests_above_the_concurrency_limit_are_shed_with_503_and_retry_after() {
+    let stack = Stack::start_with(Options {
+        extra: vec!["--max-concurrent-requests".into(), "2".into()],
+        ..Options::default()
+    })
+    .await;
+    let etag = stack.etag_of("busy").await;
+    let mut polls = Vec::new();
+    for _ in 0..2 {
+        let http = stack.http.clone();
+        let url = format!("{}?waitSeconds=5", stack.desired_url("busy"));
+        let token = stack.token("busy");
+        let etag = etag.clone();
+        polls.push(tokio::spawn(async move {
+            http.get(url)
+                .header("x-device-token", token)
+                .header("if-none-match", etag)
+                .send()
+                .await
+                .expect("long poll")
+                .status()
+        }));
+    }
+    wait_until(DEADLINE, "two long polls held", || async {
+        stack.metric("apollo_gateway_long_poll_waiters").await >= 2.0
+    })
+    .await;
+    let shed = stack.desired("busy", None, None).await;
+    assert_eq!(shed.status(), 503);
+    assert_eq!(header(&shed, "retry-after"), "1");
+    assert_eq!(header(&shed, "x-apollo-gateway"), "0");
+    let body: serde_json::Value = shed.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "overloaded");
+    for poll in polls {
+        assert_eq!(poll.await.expect("join"), 304);
+    }
+    assert_eq!(stack.desired("busy", None, None).await.status(), 200);
+}
+
+#[tokio::test]
+async fn resync_repairs_a_wrong_status_and_writes_nothing_when_it_is_right() {
+    let stack = Stack::start_with(Options {
+        heartbeat_seconds: 30,
+        resync_seconds: "0.3",
+        ..Options::default()
+    })
+    .await;
+    stack.create("drifty", "drift", "alpine:1").await;
+    connected(&stack, "drift", "drifty").await;
+    stack.kubesim.reset_requests().await;
+    let before = stack.metric("apollo_gateway_resyncs_total").await;
+    wait_until(DEADLINE, "three resync passes", || async {
+        stack.metric("apollo_gateway_resyncs_total").await >= before + 3.0
+    })
+    .await;
+    assert_eq!(
+        stack.kubesim.writes(None).await,
+        0,
+        "resync wrote a correct status"
+    );
+
+    // Someone else overwrites the status: the resync puts it back, without an Event.
+    let wrong = Condition::new(
+        AGENT_CONNECTED,
+        FALSE,
+        REASON_AGENT_DISCONNECTED,
+        "edited by hand",
+        "2026-01-01T00:00:00Z",
+    );
+    stack
+        .processes()
+        .patch_status(
+            "drifty",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"conditions": [wrong]}})),
+        )
+        .await
+        .expect("overwrite status");
+    stack
+        .wait_status("drifty", "repaired by the resync", |dp| {
+            is_condition(dp, AGENT_CONNECTED, TRUE) && is_condition(dp, SPEC_OBSERVED, TRUE)
+        })
+        .await;
+    assert_eq!(
+        stack.events("drifty", REASON_AGENT_CONNECTED).await.len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_redis_restart_alone_disconnects_nobody_and_emits_nothing() {
+    let mut stack = Stack::start_with(Options {
+        heartbeat_seconds: 1,
+        stale_multiplier: 3,
+        resync_seconds: "0.3",
+        ..Options::default()
+    })
+    .await;
+    stack.create("steady", "steady-dev", "alpine:1").await;
+    connected(&stack, "steady-dev", "steady").await;
+    wait_until(DEADLINE, "connect Event", || async {
+        stack.events("steady", REASON_AGENT_CONNECTED).await.len() == 1
+    })
+    .await;
+    let agent = {
+        let http = stack.http.clone();
+        let url = format!("{}/v1/devices/steady-dev/report", stack.device_url);
+        let token = stack.token("steady-dev");
+        tokio::spawn(async move {
+            loop {
+                let _ = http
+                    .post(&url)
+                    .header("x-device-token", &token)
+                    .json(&json!({"agentVersion": "t", "timestamp": "2026-11-22T03:00:00Z"}))
+                    .send()
+                    .await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    stack.kubesim.reset_requests().await;
+    stack.redis.restart().await;
+    wait_until(
+        DEADLINE,
+        "the agent's reports are recorded again",
+        || async { stack.recorded("steady-dev") },
+    )
+    .await;
+    // Well past the 3 s stale window, with sweeps and resyncs running.
+    let resyncs = stack.metric("apollo_gateway_resyncs_total").await;
+    wait_until(
+        Duration::from_secs(15),
+        "resyncs after the restart",
+        || async { stack.metric("apollo_gateway_resyncs_total").await >= resyncs + 12.0 },
+    )
+    .await;
+    agent.abort();
+    assert!(is_condition(
+        &stack.get("steady").await,
+        AGENT_CONNECTED,
+        TRUE
+    ));
+    assert!(stack
+        .events("steady", REASON_AGENT_DISCONNECTED)
+        .await
+        .is_empty());
+    assert_eq!(
+        stack.events("steady", REASON_AGENT_CONNECTED).await.len(),
+        1
+    );
+    assert_eq!(
+        stack.kubesim.writes(None).await,
+        0,
+        "{:?}",
+        stack.kubesim.requests().await
+    );
+}
+
+#[tokio::test]
+async fn a_device_forgotten_by_a_restarted_redis_is_still_marked_stale_once() {
+    let mut stack = Stack::start_with(Options {
+        resync_seconds: "0.3",
+        ..Options::default()
+    })
+    .await;
+    stack.create("ghost", "ghost-dev", "alpine:1").await;
+    connected(&stack, "ghost-dev", "ghost").await;
+    // The agent goes silent at the same moment Redis loses everything.
+    stack.redis.restart().await;
+    stack
+        .wait_status("ghost", "marked stale after re-tracking", |dp| {
+            is_condition(dp, AGENT_CONNECTED, FALSE)
+        })
+        .await;
+    wait_until(DEADLINE, "one Warning", || async {
+        stack.events("ghost", REASON_AGENT_DISCONNECTED).await.len() == 1
+    })
+    .await;
+    stack.wait_sweeps(10.0).await;
+    assert_eq!(
+        stack.events("ghost", REASON_AGENT_DISCONNECTED).await.len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn the_in_memory_backend_serves_one_replica_and_refuses_several() {
+    let stack = Stack::start_with(Options {
+        use_redis: false,
+        ..Options::default()
+    })
+    .await;
+    stack.create("solo", "solo-dev", "alpine:1").await;
+    connected(&stack, "solo-dev", "solo").await;
+    assert!(!stack.recorded("solo-dev"), "nothing went to Redis");
+
+    let mut refused = apollo_test_support::Proc::builder(gateway_binary())
+        .args(["--insecure-no-auth", "--replicas", "3", "--ordinal", "1"])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .env_remove("APOLLO_REDIS_URL")
+        .spawn();
+    let status = refused
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("exits");
+    assert!(!status.success());
+    assert!(refused.logs().contains("--redis-url"), "{}", refused.logs());
+}
