@@ -1,0 +1,510 @@
+//! The load test harness: thousands of real agents (the `apollo-agent` library, sharing one HTTP
+//! connection pool) in one process, against a router.
+//!
+//! Two modes:
+//! - `--local-stack` (default when no `--router-url` is given): starts the whole stack on loopback
+//!   (kubesim, redis-server, controller, N gateways, router), creates one NetworkSwitch per
+//!   simulated device and a DeviceProcessDeployment selecting them all, and measures what matters
+//!   to operators: time to converge, agent request rates and latencies, the 200/304 split, and the
+//!   Kubernetes API requests spent in steady state and per rollout wave (kubesim counts them).
+//! - `--router-url URL --secret-file F`: drives an existing deployment; agent-side numbers only.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use apollo_agent::{Agent, AgentConfig, AgentMetrics, MetricsSnapshot, RequestCounts};
+use apollo_crds::{DeviceProcess, DeviceProcessDeployment, NetworkSwitch};
+use apollo_e2e::{Ports, Stack, StackConfig};
+use clap::Parser;
+use futures::StreamExt;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+/// Command line of `loadtest`.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "loadtest",
+    about = "Simulate thousands of Apollo agents and report the numbers"
+)]
+pub struct Args {
+    /// Simulated devices (one agent each).
+    #[arg(long, env = "APOLLO_LT_DEVICES", default_value_t = 2000)]
+    pub devices: usize,
+    /// Steady-state measurement window, in seconds.
+    #[arg(long, env = "APOLLO_LT_DURATION_SECONDS", default_value_t = 60)]
+    pub duration_seconds: u64,
+    /// Agents are started evenly over this many seconds.
+    #[arg(long, env = "APOLLO_LT_RAMP_SECONDS", default_value_t = 10)]
+    pub ramp_seconds: u64,
+    /// Gateway replicas of the local stack.
+    #[arg(long, env = "APOLLO_LT_GATEWAYS", default_value_t = 3)]
+    pub gateways: u32,
+    /// Heartbeat interval the gateways announce (local stack).
+    #[arg(long, env = "APOLLO_LT_HEARTBEAT_SECONDS", default_value_t = 15)]
+    pub heartbeat_interval_seconds: u64,
+    /// Long-poll wait of each agent, in seconds.
+    #[arg(long, env = "APOLLO_LT_POLL_WAIT_SECONDS", default_value_t = 30)]
+    pub poll_wait_seconds: u64,
+    /// Skip the rollout wave (template change) measurement.
+    #[arg(long, env = "APOLLO_LT_NO_ROLLOUT")]
+    pub no_rollout: bool,
+    /// Drive an existing router instead of starting the local stack.
+    #[arg(long, env = "APOLLO_LT_ROUTER_URL", requires = "secret_file")]
+    pub router_url: Option<String>,
+    /// HMAC key file of the existing deployment (device tokens are derived from it).
+    #[arg(long, env = "APOLLO_LT_SECRET_FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// Device name prefix.
+    #[arg(long, env = "APOLLO_LT_PREFIX", default_value = "lt")]
+    pub prefix: String,
+    /// Where the local stack keeps its logs.
+    #[arg(long, env = "APOLLO_LT_WORK_DIR", default_value = "target/loadtest")]
+    pub work_dir: PathBuf,
+    /// Also write the results as JSON here.
+    #[arg(long, env = "APOLLO_LT_JSON")]
+    pub json: Option<PathBuf>,
+}
+
+/// Device names of the run.
+pub fn device_names(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i:05}")).collect()
+}
+
+/// Agent-side numbers over one window.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Window {
+    /// Window length in seconds.
+    pub seconds: f64,
+    /// Requests per second of every kind.
+    pub requests_per_second: f64,
+    /// /desired answered 200.
+    pub desired_200: u64,
+    /// /desired answered 304.
+    pub desired_304: u64,
+    /// /report calls.
+    pub reports: u64,
+    /// Reports per second.
+    pub reports_per_second: f64,
+    /// Mean report latency, ms.
+    pub report_mean_ms: f64,
+    /// Failed requests of every kind.
+    pub errors: u64,
+}
+
+fn diff(after: RequestCounts, before: RequestCounts) -> RequestCounts {
+    RequestCounts {
+        ok: after.ok - before.ok,
+        not_modified: after.not_modified - before.not_modified,
+        http_error: after.http_error - before.http_error,
+        transport_error: after.transport_error - before.transport_error,
+        latency_micros_total: after.latency_micros_total - before.latency_micros_total,
+    }
+}
+
+/// Numbers between two snapshots taken `elapsed` apart.
+pub fn window(before: &MetricsSnapshot, after: &MetricsSnapshot, elapsed: Duration) -> Window {
+    let desired = diff(after.desired, before.desired);
+    let report = diff(after.report, before.report);
+    let connect = diff(after.connect, before.connect);
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    let total = desired.total() + report.total() + connect.total();
+    Window {
+        seconds: secs,
+        requests_per_second: total as f64 / secs,
+        desired_200: desired.ok,
+        desired_304: desired.not_modified,
+        reports: report.total(),
+        reports_per_second: report.total() as f64 / secs,
+        report_mean_ms: if report.total() == 0 {
+            0.0
+        } else {
+            report.latency_micros_total as f64 / report.total() as f64 / 1000.0
+        },
+        errors: desired.errors() + report.errors() + connect.errors(),
+    }
+}
+
+/// Kubernetes API requests counted by kubesim over a window.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ApiCost {
+    /// create/update/patch/delete on deviceprocesses (incl. /status).
+    pub deviceprocess_writes: u64,
+    /// Events created or patched.
+    pub event_writes: u64,
+    /// Lease writes (leader election and shard leases).
+    pub lease_writes: u64,
+    /// List calls on any resource.
+    pub lists: u64,
+    /// Get calls on deviceprocesses.
+    pub deviceprocess_gets: u64,
+}
+
+async fn api_cost(http: &reqwest::Client, kubesim: &str) -> anyhow::Result<ApiCost> {
+    let v: serde_json::Value = http
+        .get(format!("{kubesim}/kubesim/requests"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let mut cost = ApiCost::default();
+    for r in v["requests"].as_array().cloned().unwrap_or_default() {
+        let verb = r["verb"].as_str().unwrap_or_default();
+        let resource = r["resource"].as_str().unwrap_or_default();
+        let n = r["count"].as_u64().unwrap_or(0);
+        let write = matches!(verb, "create" | "update" | "patch" | "delete");
+        match (resource, write) {
+            ("deviceprocesses", true) => cost.deviceprocess_writes += n,
+            ("events", true) => cost.event_writes += n,
+            ("leases", true) => cost.lease_writes += n,
+            ("deviceprocesses", false) if verb == "get" => cost.deviceprocess_gets += n,
+            _ => {}
+        }
+        if verb == "list" {
+            cost.lists += n;
+        }
+    }
+    Ok(cost)
+}
+
+async fn reset_cost(http: &reqwest::Client, kubesim: &str) -> anyhow::Result<()> {
+    http.delete(format!("{kubesim}/kubesim/requests"))
+        .send()
+        .await?
+        .error_for_status()?;
+    Ok(())
+}
+
+/// Everything a run measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Results {
+    /// Simulated devices.
+    pub devices: usize,
+    /// Gateway replicas (local stack).
+    pub gateways: u32,
+    /// Seconds from the first agent start until every DeviceProcess showed AgentConnected=True
+    /// and SpecObserved=True (local stack).
+    pub converge_seconds: Option<f64>,
+    /// Steady state, agent side.
+    pub steady: Window,
+    /// Steady state, Kubernetes side (local stack).
+    pub steady_api: Option<ApiCost>,
+    /// Seconds from a template change until every DeviceProcess observed the new spec.
+    pub rollout_seconds: Option<f64>,
+    /// Kubernetes requests spent by that rollout wave (controller updates included).
+    pub rollout_api: Option<ApiCost>,
+}
+
+fn converged(dps: &[DeviceProcess], want_hash: Option<&str>) -> usize {
+    dps.iter()
+        .filter(|dp| {
+            let Some(st) = dp.status.as_ref() else {
+                return false;
+            };
+            let hash_ok = match want_hash {
+                Some(h) => st.observed_spec_hash.as_deref() == Some(h),
+                None => {
+                    st.observed_spec_hash.as_deref()
+                        == Some(apollo_crds::spec_hash(&dp.spec).as_str())
+                }
+            };
+            hash_ok
+                && apollo_crds::conditions::is_true(
+                    &st.conditions,
+                    apollo_crds::conditions::AGENT_CONNECTED,
+                )
+                && apollo_crds::conditions::is_true(
+                    &st.conditions,
+                    apollo_crds::conditions::SPEC_OBSERVED,
+                )
+        })
+        .count()
+}
+
+async fn wait_converged(
+    api: &Api<DeviceProcess>,
+    n: usize,
+    deadline: Duration,
+    label: &str,
+    template_changed: bool,
+) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    loop {
+        let dps = api
+            .list(
+                &ListParams::default()
+                    .labels(&format!("{}={label}", apollo_crds::LABEL_DEPLOYMENT)),
+            )
+            .await?
+            .items;
+        let done = if template_changed {
+            // Every child must carry the new template and be observed at its hash.
+            dps.iter()
+                .filter(|dp| dp.spec.execution.args.first().map(String::as_str) == Some("rollout"))
+                .count()
+                .min(converged(&dps, None))
+        } else {
+            converged(&dps, None)
+        };
+        if dps.len() == n && done == n {
+            return Ok(start.elapsed().as_secs_f64());
+        }
+        if start.elapsed() > deadline {
+            bail!("only {done} of {n} DeviceProcesses converged within {deadline:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn spawn_agents(
+    devices: &[String],
+    router: &str,
+    token: impl Fn(&str) -> String,
+    args: &Args,
+    metrics: Arc<AgentMetrics>,
+    cancel: CancellationToken,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let http = apollo_agent::http_client()?;
+    let url: reqwest::Url = router.parse().context("router URL")?;
+    let ramp = Duration::from_secs(args.ramp_seconds);
+    let n = devices.len().max(1) as u32;
+    let mut handles = Vec::with_capacity(devices.len());
+    for (i, device) in devices.iter().enumerate() {
+        let mut config = AgentConfig::new(device.clone(), url.clone());
+        config.device_token = Some(token(device));
+        config.poll_wait = Duration::from_secs(args.poll_wait_seconds);
+        config.initial_heartbeat_interval = Duration::from_secs(args.heartbeat_interval_seconds);
+        let agent = Agent::new(config, http.clone(), metrics.clone())?;
+        let delay = ramp * i as u32 / n;
+        let cancel = cancel.clone();
+        handles.push(tokio::spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            agent.run(cancel).await;
+        }));
+    }
+    Ok(handles)
+}
+
+/// Runs the load test and returns its numbers.
+pub async fn run(args: Args) -> anyhow::Result<Results> {
+    let devices = device_names(&args.prefix, args.devices);
+    let metrics = Arc::new(AgentMetrics::default());
+    let cancel = CancellationToken::new();
+    if let Some(router) = args.router_url.clone() {
+        let key = std::fs::read(args.secret_file.as_ref().context("--secret-file")?)?;
+        let key = apollo_protocol::token::key_from_secret_file(&key);
+        let handles = spawn_agents(
+            &devices,
+            &router,
+            |d| apollo_protocol::token::device_token(&key, d),
+            &args,
+            metrics.clone(),
+            cancel.clone(),
+        )?;
+        tokio::time::sleep(Duration::from_secs(args.ramp_seconds + 5)).await;
+        let before = metrics.snapshot();
+        let t = Instant::now();
+        tokio::time::sleep(Duration::from_secs(args.duration_seconds)).await;
+        let steady = window(&before, &metrics.snapshot(), t.elapsed());
+        cancel.cancel();
+        futures::future::join_all(handles).await;
+        return Ok(Results {
+            devices: args.devices,
+            gateways: 0,
+            converge_seconds: None,
+            steady,
+            steady_api: None,
+            rollout_seconds: None,
+            rollout_api: None,
+        });
+    }
+
+    // Local stack.
+    let work_dir = {
+        std::fs::create_dir_all(&args.work_dir)?;
+        args.work_dir.canonicalize()?
+    };
+    let bin_dir = std::env::current_exe()?
+        .parent()
+        .context("loadtest has no directory")?
+        .to_path_buf();
+    let mut cfg = StackConfig::demo(work_dir, bin_dir);
+    cfg.gateways = args.gateways;
+    cfg.devices = Vec::new();
+    cfg.run_agents = false;
+    cfg.install_samples = false;
+    cfg.heartbeat_interval_seconds = args.heartbeat_interval_seconds;
+    cfg.sweep_interval_seconds = 5;
+    cfg.ports = Ports::ephemeral();
+    eprintln!(
+        "loadtest: starting the local stack ({} gateways) ...",
+        args.gateways
+    );
+    let stack = Stack::start(cfg).await?;
+    let client = stack.client();
+    let kubesim = stack.kubesim_url().context("local stack has kubesim")?;
+    let http = reqwest::Client::new();
+    let ns = "default";
+
+    eprintln!(
+        "loadtest: creating {} NetworkSwitches and a DeviceProcessDeployment ...",
+        devices.len()
+    );
+    let switches: Api<NetworkSwitch> = Api::namespaced(client.clone(), ns);
+    let created = futures::stream::iter(devices.iter().cloned())
+        .map(|d| {
+            let switches = switches.clone();
+            let prefix = args.prefix.clone();
+            async move {
+                let sw = apollo_e2e::samples::switch(&d, &[("fleet", prefix.as_str())]);
+                switches.create(&PostParams::default(), &sw).await
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    if let Some(Err(e)) = created.into_iter().find(Result::is_err) {
+        bail!("create NetworkSwitch: {e}");
+    }
+    let dep_name = format!("{}-fleet", args.prefix);
+    let mut dep = apollo_e2e::samples::demo_deployment()?;
+    dep.metadata.name = Some(dep_name.clone());
+    dep.spec.selector = serde_json::from_value(json!({"matchLabels": {"fleet": args.prefix}}))?;
+    let deps: Api<DeviceProcessDeployment> = Api::namespaced(client.clone(), ns);
+    deps.create(&PostParams::default(), &dep).await?;
+    let dps: Api<DeviceProcess> = Api::namespaced(client.clone(), ns);
+
+    eprintln!(
+        "loadtest: starting {} agents over {}s ...",
+        devices.len(),
+        args.ramp_seconds
+    );
+    let handles = spawn_agents(
+        &devices,
+        &stack.router_url(),
+        |d| stack.token(d),
+        &args,
+        metrics.clone(),
+        cancel.clone(),
+    )?;
+    let deadline = Duration::from_secs(args.ramp_seconds + 120);
+    let converge = wait_converged(&dps, devices.len(), deadline, &dep_name, false).await?;
+    eprintln!(
+        "loadtest: converged in {converge:.1}s; measuring steady state for {}s ...",
+        args.duration_seconds
+    );
+
+    reset_cost(&http, &kubesim).await?;
+    let before = metrics.snapshot();
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.duration_seconds)).await;
+    let steady = window(&before, &metrics.snapshot(), t.elapsed());
+    let steady_api = api_cost(&http, &kubesim).await?;
+
+    let (rollout_seconds, rollout_api) = if args.no_rollout {
+        (None, None)
+    } else {
+        eprintln!("loadtest: changing the template (rollout wave) ...");
+        reset_cost(&http, &kubesim).await?;
+        deps.patch(
+            &dep_name,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"template": {"spec": {"execution": {"args": ["rollout"]}}}}}),
+            ),
+        )
+        .await?;
+        let secs = wait_converged(
+            &dps,
+            devices.len(),
+            Duration::from_secs(300),
+            &dep_name,
+            true,
+        )
+        .await?;
+        // Let the status writers finish their queues before counting.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        (Some(secs), Some(api_cost(&http, &kubesim).await?))
+    };
+
+    cancel.cancel();
+    futures::future::join_all(handles).await;
+    stack.shutdown().await;
+    Ok(Results {
+        devices: args.devices,
+        gateways: args.gateways,
+        converge_seconds: Some(converge),
+        steady,
+        steady_api: Some(steady_api),
+        rollout_seconds,
+        rollout_api,
+    })
+}
+
+/// The results as a Markdown table.
+pub fn render(r: &Results) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "| metric | value |\n|---|---|\n| devices (agents) | {} |\n| gateway replicas | {} |\n",
+        r.devices, r.gateways
+    ));
+    if let Some(c) = r.converge_seconds {
+        out.push_str(&format!(
+            "| time to converge (all AgentConnected + SpecObserved) | {c:.1} s |\n"
+        ));
+    }
+    let s = &r.steady;
+    let polls = s.desired_200 + s.desired_304;
+    out.push_str(&format!(
+        "| steady window | {:.0} s |\n| agent requests/s | {:.0} |\n| reports/s | {:.0} |\n| mean report latency | {:.2} ms |\n| desired polls 200 / 304 | {} / {} ({:.1}% 304) |\n| errors | {} |\n",
+        s.seconds,
+        s.requests_per_second,
+        s.reports_per_second,
+        s.report_mean_ms,
+        s.desired_200,
+        s.desired_304,
+        if polls == 0 { 0.0 } else { 100.0 * s.desired_304 as f64 / polls as f64 },
+        s.errors
+    ));
+    if let Some(a) = &r.steady_api {
+        out.push_str(&format!(
+            "| steady state: DeviceProcess writes / Event writes / Lists | {} / {} / {} |\n| steady state: Lease writes (elections, shard leases) | {} |\n",
+            a.deviceprocess_writes, a.event_writes, a.lists, a.lease_writes
+        ));
+    }
+    if let (Some(secs), Some(a)) = (r.rollout_seconds, &r.rollout_api) {
+        let per = a.deviceprocess_writes as f64 / r.devices.max(1) as f64;
+        out.push_str(&format!(
+            "| rollout wave: time until every device observed the new spec | {secs:.1} s |\n| rollout wave: DeviceProcess writes (controller spec updates + gateway status patches) | {} ({per:.2} per device) |\n| rollout wave: Event writes | {} |\n",
+            a.deviceprocess_writes, a.event_writes
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn router_url_needs_a_secret_file() {
+        assert!(Args::try_parse_from(["loadtest", "--router-url", "http://x"]).is_err());
+    }
+
+    #[test]
+    fn device_names_are_stable_and_padded() {
+        assert_eq!(device_names("lt", 2), ["lt-00000", "lt-00001"]);
+    }
+}
