@@ -357,3 +357,135 @@ async fn the_in_memory_backend_serves_one_replica_and_refuses_several() {
     assert!(!status.success());
     assert!(refused.logs().contains("--redis-url"), "{}", refused.logs());
 }
+
+#[tokio::test]
+async fn a_spec_change_observed_within_the_debounce_window_costs_one_status_patch() {
+    let stack = Stack::start_with(Options {
+        heartbeat_seconds: 30,
+        debounce_seconds: "1",
+        ..Options::default()
+    })
+    .await;
+    stack.create("wave", "wave-dev", "alpine:1").await;
+    connected(&stack, "wave-dev", "wave").await;
+    stack.kubesim.reset_requests().await;
+
+    let etag = stack.etag_of("wave-dev").await;
+    let changed = stack.change_spec("wave", "alpine:2").await;
+    // The agent learns the new spec through its long poll and reports it at once.
+    let response = stack.desired("wave-dev", Some(&etag), Some(10)).await;
+    assert_eq!(response.status(), 200);
+    let new_hash = hash_of(&changed);
+    assert_eq!(
+        stack
+            .report("wave-dev", &[("wave", &new_hash)])
+            .await
+            .status(),
+        200
+    );
+    stack
+        .wait_status("wave", "the new spec observed", |dp| {
+            dp.status
+                .as_ref()
+                .and_then(|s| s.observed_spec_hash.as_deref())
+                == Some(new_hash.as_str())
+                && is_condition(dp, SPEC_OBSERVED, TRUE)
+        })
+        .await;
+    // Past the debounce window: the spec-change write found nothing left to do.
+    stack.wait_sweeps(15.0).await;
+    assert_eq!(
+        stack.status_patches().await,
+        1,
+        "{:?}",
+        stack.kubesim.requests().await
+    );
+}
+
+#[tokio::test]
+async fn a_gateway_whose_cache_is_not_warm_answers_304_from_the_etag_in_redis() {
+    let stack = Stack::start().await;
+    stack.create("warm", "warm-dev", "alpine:1").await;
+    connected(&stack, "warm-dev", "warm").await;
+    let etag = stack.etag_of("warm-dev").await;
+    let tag = apollo_protocol::shard::slot_tag(apollo_protocol::shard::slot("warm-dev"));
+    let key = format!("apollo:{tag}:device:warm-dev");
+    wait_until(DEADLINE, "the served ETag is recorded", || async {
+        stack
+            .redis
+            .command(&["HGET", &key, "etag"])
+            .is_some_and(|reply| reply.contains(&etag))
+    })
+    .await;
+
+    // A second replica whose DeviceProcess list keeps failing.
+    stack
+        .kubesim
+        .set_faults(json!({"verb": "list", "resource": "deviceprocesses", "code": 503}))
+        .await;
+    let device = apollo_test_support::free_addr();
+    let admin = apollo_test_support::free_addr();
+    let secret = tempfile::NamedTempFile::new().expect("secret");
+    std::fs::write(secret.path(), SECRET).expect("write secret");
+    let _second = apollo_test_support::Proc::builder(gateway_binary())
+        .args([
+            "--listen",
+            &device.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+        ])
+        .args([
+            "--redis-url",
+            &stack.redis.url(),
+            "--ordinal",
+            "1",
+            "--replicas",
+            "2",
+        ])
+        .arg("--auth-secret-file")
+        .arg(secret.path())
+        .env("KUBECONFIG", stack.kubesim.kubeconfig())
+        .spawn();
+    let url = format!("http://{device}/v1/devices/warm-dev/desired");
+    let token = stack.token("warm-dev");
+    let response = apollo_test_support::wait_for(DEADLINE, "second replica answers", || async {
+        stack
+            .http
+            .get(&url)
+            .header("x-device-token", &token)
+            .header("if-none-match", &etag)
+            .send()
+            .await
+            .ok()
+    })
+    .await;
+    assert_eq!(response.status(), 304);
+    assert_eq!(header(&response, "etag"), etag);
+    assert_eq!(header(&response, "x-apollo-gateway"), "1");
+    let other = stack
+        .http
+        .get(&url)
+        .header("x-device-token", &token)
+        .header("if-none-match", "\"something-else\"")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(other.status(), 503);
+}
+
+#[tokio::test]
+async fn the_device_api_speaks_http2_with_prior_knowledge() {
+    let stack = Stack::start().await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("h2 client");
+    let response = h2
+        .get(stack.desired_url("h2-dev"))
+        .header("x-device-token", stack.token("h2-dev"))
+        .send()
+        .await
+        .expect("h2 request");
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+}
