@@ -489,3 +489,28 @@ async fn the_device_api_speaks_http2_with_prior_knowledge() {
     assert_eq!(response.version(), reqwest::Version::HTTP_2);
     assert_eq!(response.status(), 200);
 }
+
+#[tokio::test]
+async fn namespace_scope_limits_what_the_gateway_serves() {
+    let stack = Stack::start_with(Options {
+        extra: vec!["--namespace".into(), "elsewhere".into()],
+        ..Options::default()
+    })
+    .await;
+    stack.create("outside", "scoped-dev", "alpine:1").await;
+    // Another device's change in the watched scope would be visible; this one never is.
+    stack.wait_sweeps(5.0).await;
+    let body: serde_json::Value = stack
+        .desired("scoped-dev", None, None)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(body["items"], json!([]));
+    assert_eq!(
+        stack.kubesim.count("list", "deviceprocesses", None).await,
+        1,
+        "{:?}",
+        stack.kubesim.requests().await
+    );
+}
