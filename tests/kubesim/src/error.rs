@@ -175,6 +175,38 @@ impl ApiError {
         }))
     }
 
+    /// A 422 listing several invalid fields, in the apiserver's `[a, b]` form when there are many.
+    pub fn invalid_fields(
+        kind: &str,
+        group: &str,
+        name: &str,
+        violations: &[(String, String)],
+    ) -> Self {
+        let qualified_kind = if group.is_empty() {
+            kind.to_string()
+        } else {
+            format!("{kind}.{group}")
+        };
+        let rendered: Vec<String> = violations
+            .iter()
+            .map(|(field, detail)| format!("{field}: {detail}"))
+            .collect();
+        let summary = match rendered.as_slice() {
+            [one] => one.clone(),
+            many => format!("[{}]", many.join(", ")),
+        };
+        let causes: Vec<Value> = violations
+            .iter()
+            .map(|(field, detail)| json!({"reason": "FieldValueInvalid", "message": detail, "field": field}))
+            .collect();
+        Self::new(
+            422,
+            "Invalid",
+            format!("{qualified_kind} \"{name}\" is invalid: {summary}"),
+        )
+        .with_details(json!({"name": name, "group": group, "kind": kind, "causes": causes}))
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(400, "BadRequest", message)
     }

@@ -21,8 +21,10 @@
 //! kubesim serves a minimal `/openapi/v3`: one document per group/version with a PATCH operation
 //! per kind that declares the `fieldValidation` query parameter. That is what `kubectl`'s
 //! field-validation check looks for, so `kubectl apply` works with its default `--validate=strict`
-//! and sends `fieldValidation=Strict` instead of validating client-side. kubesim accepts that
-//! parameter but does not validate or prune against CRD schemas. The PATCH operations do not list
+//! and sends `fieldValidation=Strict` instead of validating client-side. kubesim honours it the
+//! way the apiserver does for custom resources: unknown fields are a 400 `strict decoding error`
+//! under `Strict` and are pruned otherwise; schema `default`s are applied; types, `enum` and
+//! `required` are validated (422). Built-in kinds are stored as sent. The PATCH operations do not list
 //! strategic merge patch, so `kubectl apply` builds strategic merge patches for built-in kinds from
 //! its compiled-in types and JSON merge patches for custom resources, exactly as with a real
 //! server whose OpenAPI it cannot use. `/openapi/v2` is not served (404).
@@ -56,6 +58,7 @@ pub mod faults;
 pub mod kinds;
 pub mod managed;
 pub mod patch;
+pub mod schema;
 pub mod selectors;
 pub mod server;
 pub mod store;

@@ -17,6 +17,7 @@ use crate::discovery;
 use crate::error::{ApiError, ErrorTarget};
 use crate::faults::{FaultAction, FaultRule, Faults, RequestCounts, RequestFacts, RequestKey};
 use crate::kinds::KindInfo;
+use crate::schema::FieldValidation;
 use crate::selectors::{FieldSelector, LabelSelector};
 use crate::store::{
     DeleteOptions, DeleteOutcome, EventType, PatchBody, PatchType, State, Subresource, WatchRecord,
@@ -350,6 +351,7 @@ fn write_options(query: &BTreeMap<String, String>, headers: &HeaderMap) -> Write
     WriteOptions {
         dry_run: query.get("dryRun").is_some_and(|v| v == "All"),
         field_manager,
+        field_validation: FieldValidation::parse(query.get("fieldValidation").map(String::as_str)),
     }
 }
 

@@ -13,6 +13,7 @@ use crate::error::{ApiError, ErrorTarget};
 use crate::kinds::{built_in_kinds, crd_status, kinds_from_crd, KindInfo, StoreKey};
 use crate::managed;
 use crate::patch;
+use crate::schema::{self, FieldValidation, SchemaError};
 use crate::selectors::{FieldSelector, LabelSelector};
 use crate::views;
 
@@ -114,6 +115,7 @@ pub struct PatchBody<'a> {
 pub struct WriteOptions {
     pub dry_run: bool,
     pub field_manager: String,
+    pub field_validation: FieldValidation,
 }
 
 /// `DeleteOptions` as the apiserver reads them from the request body and query.
@@ -260,6 +262,34 @@ fn content(object: &Value) -> Value {
     stripped
 }
 
+/// Prunes, defaults and validates a custom resource against its schema, as the apiserver does.
+fn conform_to_schema(
+    kind: &KindInfo,
+    object: &mut Value,
+    validation: FieldValidation,
+) -> Result<(), ApiError> {
+    let Some(schema) = &kind.schema else {
+        return Ok(());
+    };
+    let name = meta_str(object, "name").to_string();
+    schema::conform(schema, object, validation).map_err(|error| match error {
+        SchemaError::UnknownFields(fields) => {
+            let rendered: Vec<String> = fields
+                .iter()
+                .map(|f| format!("unknown field \"{f}\""))
+                .collect();
+            ApiError::bad_request(format!("strict decoding error: {}", rendered.join(", ")))
+        }
+        SchemaError::Invalid(violations) => {
+            let pairs: Vec<(String, String)> = violations
+                .into_iter()
+                .map(|v| (v.field, v.detail))
+                .collect();
+            ApiError::invalid_fields(&kind.kind, &kind.group, &name, &pairs)
+        }
+    })
+}
+
 /// Whether anything outside metadata (and outside status, when status is its own subresource) changed.
 fn generation_relevant_change(kind: &KindInfo, old: &Value, new: &Value) -> bool {
     let strip = |object: &Value| {
@@ -364,8 +394,8 @@ impl State {
                     None,
                     body,
                     &WriteOptions {
-                        dry_run: false,
                         field_manager: "kubesim".into(),
+                        ..Default::default()
                     },
                 );
             }
@@ -649,6 +679,7 @@ impl State {
                 fields.remove("status");
             }
         }
+        conform_to_schema(kind, &mut object, options.field_validation)?;
         self.apply_kind_defaults(kind, &mut object, &now)?;
         match ownership {
             Ownership::Update => managed::record_update(
@@ -1077,6 +1108,7 @@ impl State {
                 next["status"]["conditions"] = Value::Array(conditions.clone());
             }
         }
+        conform_to_schema(kind, &mut next, options.field_validation)?;
         if content(&next) == content(&current) {
             return Ok(current);
         }
@@ -1479,8 +1511,8 @@ mod tests {
 
     fn options() -> WriteOptions {
         WriteOptions {
-            dry_run: false,
             field_manager: "test".into(),
+            ..Default::default()
         }
     }
 

@@ -726,3 +726,87 @@ async fn recorder_events_are_served_through_both_event_apis() {
         Some("apollo-controller")
     );
 }
+
+#[tokio::test]
+async fn custom_resources_are_pruned_defaulted_and_validated_against_their_schema() {
+    let (_sim, client) = start().await;
+    install_crds(&client).await;
+    let processes: Api<DeviceProcess> = Api::default_namespaced(client.clone());
+    let raw: Api<kube::api::DynamicObject> = Api::default_namespaced_with(
+        client.clone(),
+        &kube::api::ApiResource::erase::<DeviceProcess>(&()),
+    );
+    processes
+        .create(&PostParams::default(), &device_process("p", "tor1"))
+        .await
+        .expect("create");
+    let pruned = processes
+        .patch_status(
+            "p",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Pending", "bogus": 1}})),
+        )
+        .await
+        .expect("unknown status fields are pruned");
+    let stored = raw.get("p").await.expect("get");
+    assert_eq!(stored.data["status"], json!({"phase": "Pending"}));
+    assert_eq!(
+        pruned.status.and_then(|s| s.phase).as_deref(),
+        Some("Pending")
+    );
+
+    let strict = PatchParams {
+        field_validation: Some(kube::api::ValidationDirective::Strict),
+        ..Default::default()
+    };
+    let rejected = api_error(
+        processes
+            .patch(
+                "p",
+                &strict,
+                &Patch::Merge(json!({"spec": {"surprise": true}})),
+            )
+            .await
+            .expect_err("strict rejects unknown fields"),
+    );
+    assert_eq!(
+        (rejected.code, rejected.message.as_str()),
+        (
+            400,
+            "strict decoding error: unknown field \"spec.surprise\""
+        )
+    );
+
+    let invalid = api_error(
+        processes
+            .patch(
+                "p",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"execution": {"backend": "teleport"}}})),
+            )
+            .await
+            .expect_err("enum violation"),
+    );
+    assert_eq!((invalid.code, invalid.reason.as_str()), (422, "Invalid"));
+    assert!(
+        invalid.message.starts_with(
+            "DeviceProcess.azure.com \"p\" is invalid: spec.execution.backend: Unsupported value"
+        ),
+        "{}",
+        invalid.message
+    );
+    let missing = api_error(
+        processes
+            .patch_status("p", &PatchParams::default(), &Patch::Merge(json!({"status": {"conditions": [{"type": "AgentConnected", "status": "True"}]}})))
+            .await
+            .expect_err("required condition fields"),
+    );
+    assert_eq!(missing.code, 422);
+    assert!(
+        missing
+            .message
+            .contains("status.conditions[0].lastTransitionTime: Required value"),
+        "{}",
+        missing.message
+    );
+}

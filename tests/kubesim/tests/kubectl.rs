@@ -58,6 +58,18 @@ impl Kubectl {
         );
         stdout
     }
+
+    /// Runs kubectl expecting failure and returns stderr.
+    async fn fail(&self, args: &[&str]) -> String {
+        let output = within(self.command(args).output())
+            .await
+            .expect("kubectl runs");
+        assert!(
+            !output.status.success(),
+            "kubectl {args:?} should have failed"
+        );
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    }
 }
 
 fn repo_file(path: &str) -> PathBuf {
