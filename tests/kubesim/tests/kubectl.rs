@@ -138,10 +138,19 @@ async fn apply_crds_and_objects_then_get_with_printer_columns_and_json() {
     let kubectl = Kubectl::new(sim.kubeconfig_path());
     let dir = tempfile::tempdir().expect("tempdir");
     apply_everything(&kubectl, dir.path()).await;
-    // Server-side field validation was used: kubectl asked for it on every write.
     assert_eq!(
         request_count(&client, "create", "networkswitches", "").await,
         1
+    );
+    // kubectl validates through the server (fieldValidation=Strict), so unknown fields are refused.
+    let bogus = dir.path().join("bogus.yaml");
+    std::fs::write(&bogus, "apiVersion: azure.com/v1alpha1\nkind: NetworkSwitch\nmetadata:\n  name: bogus\nspec:\n  site: sfo\n  bogus: 1\n").expect("write");
+    let refused = kubectl
+        .fail(&["apply", "-f", bogus.to_str().expect("path")])
+        .await;
+    assert!(
+        refused.contains("strict decoding error: unknown field \"spec.bogus\""),
+        "{refused}"
     );
 
     let unchanged = kubectl
