@@ -478,20 +478,19 @@ async fn record(api: &DeviceApi, device: &str, report: &Report) -> Result<Respon
         }
         ObservationCheck::Accepted { known, ignored } => (known, ignored),
     };
+    // One hash per object: the last one listed wins, so a repeated entry is not two changes.
+    let mut observations: Vec<(ObjectKey, String)> = Vec::with_capacity(known.len());
+    for i in known {
+        let o = &report.observations[i];
+        let key = ObjectKey::new(o.namespace.as_str(), o.name.as_str());
+        observations.retain(|(k, _)| *k != key);
+        observations.push((key, o.observed_spec_hash.clone()));
+    }
     let input = ReportInput {
         device,
         now_ms: now_ms(),
         agent_version: &report.agent_version,
-        observations: known
-            .into_iter()
-            .map(|i| {
-                let o = &report.observations[i];
-                (
-                    ObjectKey::new(o.namespace.as_str(), o.name.as_str()),
-                    o.observed_spec_hash.clone(),
-                )
-            })
-            .collect(),
+        observations,
     };
     let outcome = api.store.record_report(&input).await.map_err(|error| {
         tracing::warn!(%device, %error, "recording a report failed");
