@@ -238,6 +238,37 @@ const BUILT_INS: &[BuiltIn] = &[
     },
 ];
 
+/// Columns `kubectl get` shows for built-ins beyond Name and Age, where a JSONPath can express them.
+fn built_in_columns(group: &str, plural: &str) -> Vec<PrinterColumn> {
+    let column = |name: &str, type_: &str, json_path: &str| PrinterColumn {
+        name: name.into(),
+        type_: type_.into(),
+        format: String::new(),
+        description: String::new(),
+        priority: 0,
+        json_path: json_path.into(),
+    };
+    let mut columns = match (group, plural) {
+        ("", "namespaces") => vec![column("Status", "string", ".status.phase")],
+        ("coordination.k8s.io", "leases") => {
+            vec![column("Holder", "string", ".spec.holderIdentity")]
+        }
+        ("", "events") => vec![
+            column("Type", "string", ".type"),
+            column("Reason", "string", ".reason"),
+            column("Object", "string", ".involvedObject.name"),
+            column("Message", "string", ".message"),
+        ],
+        ("apps", "statefulsets") | ("apps", "deployments") => vec![
+            column("Replicas", "integer", ".spec.replicas"),
+            column("Ready", "integer", ".status.readyReplicas"),
+        ],
+        _ => Vec::new(),
+    };
+    columns.push(age_column());
+    columns
+}
+
 /// The built-in kinds every kubesim serves.
 pub fn built_in_kinds() -> Vec<KindInfo> {
     BUILT_INS
@@ -272,7 +303,12 @@ pub fn built_in_kinds() -> Vec<KindInfo> {
                 plural: b.plural.into(),
                 singular: b.kind.to_ascii_lowercase(),
                 short_names: b.short_names.iter().map(|s| s.to_string()).collect(),
-                categories: Vec::new(),
+                // kubectl's `get all` expands the "all" category.
+                categories: if matches!(b.plural, "services" | "statefulsets" | "deployments") {
+                    vec!["all".into()]
+                } else {
+                    Vec::new()
+                },
                 namespaced: b.namespaced,
                 status_subresource: b.status,
                 scale: b.scale.then(|| ScaleSpec {
@@ -281,7 +317,7 @@ pub fn built_in_kinds() -> Vec<KindInfo> {
                     label_selector_path: Some(".spec.selector".into()),
                     selector_is_object: true,
                 }),
-                printer_columns: Vec::new(),
+                printer_columns: built_in_columns(b.group, b.plural),
                 built_in: true,
                 tracks_generation: b.generation,
                 allow_unconditional_update: true,

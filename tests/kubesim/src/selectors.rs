@@ -170,14 +170,6 @@ impl FieldSelector {
         Ok(Self { requirements })
     }
 
-    /// The name this selector pins with `metadata.name=X`, if any.
-    pub fn pinned_name(&self) -> Option<&str> {
-        self.requirements
-            .iter()
-            .find(|(f, equal, _)| *equal && f == "metadata.name")
-            .map(|(_, _, v)| v.as_str())
-    }
-
     pub fn matches(&self, object: &Value) -> bool {
         self.requirements.iter().all(|(field, equal, expected)| {
             let actual = field_value(object, field);
@@ -261,7 +253,6 @@ mod tests {
         let s = FieldSelector::parse("metadata.name=a,metadata.namespace!=other", "", "pods")
             .expect("parse");
         assert!(s.matches(&o));
-        assert_eq!(s.pinned_name(), Some("a"));
         let event = json!({"metadata": {"name": "e"}, "involvedObject": {"kind": "Foo", "name": "x", "namespace": ""}, "source": {"component": "c"}});
         let s = FieldSelector::parse(
             "involvedObject.kind=Foo,involvedObject.name=x,involvedObject.namespace=,source=c",

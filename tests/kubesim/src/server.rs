@@ -484,7 +484,17 @@ async fn resource_request(
             }
         }
         "watch" => {
-            let params = WatchParams::parse(&kind, namespace, query, as_table)?;
+            let mut query = query.clone();
+            if !name.is_empty() {
+                // A watch on an item URL (the legacy form) is a watch pinned to that name.
+                let pinned = format!("metadata.name={name}");
+                let fields = match query.get("fieldSelector").filter(|f| !f.is_empty()) {
+                    Some(existing) => format!("{existing},{pinned}"),
+                    None => pinned,
+                };
+                query.insert("fieldSelector".into(), fields);
+            }
+            let params = WatchParams::parse(&kind, namespace, &query, as_table)?;
             Ok(start_watch(sim.clone(), kind, params))
         }
         "create" => {

@@ -21,6 +21,9 @@ use crate::views;
 pub const INITIAL_NAMESPACES: &[&str] =
     &["default", "kube-system", "kube-public", "kube-node-lease"];
 
+/// Namespaces the apiserver refuses to delete.
+const IMMORTAL_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public"];
+
 const FINALIZER_FOREGROUND: &str = "foregroundDeletion";
 const FINALIZER_ORPHAN: &str = "orphan";
 
@@ -787,6 +790,16 @@ impl State {
             }
             ("events.k8s.io", "events") => {
                 // The apiserver requires these on events.k8s.io writes; kube's Recorder sends them.
+                let type_ = object["type"].as_str().unwrap_or_default();
+                if type_ != "Normal" && type_ != "Warning" {
+                    return Err(ApiError::invalid(
+                        &kind.kind,
+                        &kind.group,
+                        meta_str(object, "name"),
+                        "type",
+                        &format!("Unsupported value: \"{type_}\": supported values: \"Normal\", \"Warning\""),
+                    ));
+                }
                 for field in [
                     "eventTime",
                     "action",
@@ -1276,6 +1289,12 @@ impl State {
             }
         }
         let is_namespace = kind.group.is_empty() && kind.plural == "namespaces";
+        if is_namespace && IMMORTAL_NAMESPACES.contains(&name) {
+            // The NamespaceLifecycle admission plugin protects these.
+            return Err(ApiError::forbidden(format!(
+                "namespaces \"{name}\" is forbidden: this namespace may not be deleted"
+            )));
+        }
         if list.is_empty() && !is_namespace {
             if options.dry_run {
                 return Ok(DeleteOutcome::Removed(current));

@@ -257,7 +257,7 @@ fn cell(column: &PrinterColumn, object: &Value) -> Value {
     }
 }
 
-/// The printer columns of a kind: CRD columns, or Age for built-ins.
+/// The printer columns of a kind; Age when it defines none.
 fn columns(kind: &KindInfo) -> Vec<PrinterColumn> {
     if kind.printer_columns.is_empty() {
         vec![age_column()]
