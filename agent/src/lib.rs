@@ -38,7 +38,9 @@ use std::time::Duration;
 pub use agent::Agent;
 pub use config::{AgentConfig, RawConfig};
 pub use error::AgentError;
-pub use metrics::{AgentMetrics, MetricsSnapshot, RequestCounts, RequestKind, RequestOutcome};
+pub use metrics::{
+    AgentMetrics, LatencyHistogram, MetricsSnapshot, RequestCounts, RequestKind, RequestOutcome,
+};
 
 /// Time allowed to open a TCP connection to the gateway.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

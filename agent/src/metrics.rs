@@ -67,12 +67,96 @@ impl KindCounters {
     }
 }
 
+/// Upper bounds (inclusive, microseconds) of the report latency histogram's buckets; the last
+/// bucket takes everything slower.
+pub const LATENCY_BUCKETS_MICROS: [u64; 14] = [
+    250,
+    500,
+    1_000,
+    2_000,
+    5_000,
+    10_000,
+    20_000,
+    50_000,
+    100_000,
+    200_000,
+    500_000,
+    1_000_000,
+    2_000_000,
+    u64::MAX,
+];
+
+/// Counts of report latencies per bucket of [`LATENCY_BUCKETS_MICROS`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LatencyHistogram {
+    /// Requests per bucket.
+    pub counts: [u64; LATENCY_BUCKETS_MICROS.len()],
+}
+
+impl LatencyHistogram {
+    /// Requests counted.
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// Upper bound of the bucket holding quantile `q` (0..=1), or None when empty. The true value
+    /// is at most this (a histogram cannot say more).
+    pub fn quantile_upper_bound(&self, q: f64) -> Option<Duration> {
+        let total = self.total();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (count, bound) in self.counts.iter().zip(LATENCY_BUCKETS_MICROS) {
+            seen += count;
+            if seen >= rank {
+                return Some(Duration::from_micros(bound));
+            }
+        }
+        None
+    }
+
+    /// `self - earlier`, bucket by bucket.
+    pub fn since(&self, earlier: &Self) -> Self {
+        let mut out = Self::default();
+        for (i, c) in out.counts.iter_mut().enumerate() {
+            *c = self.counts[i].saturating_sub(earlier.counts[i]);
+        }
+        out
+    }
+}
+
+#[derive(Debug, Default)]
+struct AtomicHistogram {
+    counts: [AtomicU64; LATENCY_BUCKETS_MICROS.len()],
+}
+
+impl AtomicHistogram {
+    fn record(&self, micros: u64) {
+        let i = LATENCY_BUCKETS_MICROS
+            .iter()
+            .position(|bound| micros <= *bound)
+            .unwrap_or(LATENCY_BUCKETS_MICROS.len() - 1);
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> LatencyHistogram {
+        let mut out = LatencyHistogram::default();
+        for (o, c) in out.counts.iter_mut().zip(&self.counts) {
+            *o = c.load(Ordering::Relaxed);
+        }
+        out
+    }
+}
+
 /// Counters of one or many agents. All updates are relaxed atomic adds.
 #[derive(Debug, Default)]
 pub struct AgentMetrics {
     connect: KindCounters,
     desired: KindCounters,
     report: KindCounters,
+    report_latency: AtomicHistogram,
     new_documents: AtomicU64,
     observations_reported: AtomicU64,
     backoffs: AtomicU64,
@@ -100,6 +184,9 @@ impl AgentMetrics {
         counter.fetch_add(1, Ordering::Relaxed);
         let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         counters.latency_micros.fetch_add(micros, Ordering::Relaxed);
+        if kind == RequestKind::Report {
+            self.report_latency.record(micros);
+        }
     }
 
     pub(crate) fn record_new_document(&self) {
@@ -124,6 +211,7 @@ impl AgentMetrics {
             connect: self.connect.snapshot(),
             desired: self.desired.snapshot(),
             report: self.report.snapshot(),
+            report_latency: self.report_latency.snapshot(),
             new_documents: self.new_documents.load(Ordering::Relaxed),
             observations_reported: self.observations_reported.load(Ordering::Relaxed),
             backoffs: self.backoffs.load(Ordering::Relaxed),
@@ -168,6 +256,8 @@ pub struct MetricsSnapshot {
     pub desired: RequestCounts,
     /// `/report` calls (heartbeats and change reports).
     pub report: RequestCounts,
+    /// Latency distribution of `/report` calls.
+    pub report_latency: LatencyHistogram,
     /// Desired documents that differed from the one held before.
     pub new_documents: u64,
     /// Observations carried by acknowledged reports.
@@ -197,6 +287,30 @@ impl MetricsSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn report_latency_histogram_gives_bucket_bounds_for_quantiles() {
+        let m = AgentMetrics::default();
+        for ms in [1u64, 1, 1, 1, 1, 1, 1, 1, 30, 700] {
+            m.record_request(
+                RequestKind::Report,
+                RequestOutcome::Ok,
+                Duration::from_millis(ms),
+            );
+        }
+        m.record_request(
+            RequestKind::Desired,
+            RequestOutcome::Ok,
+            Duration::from_secs(9),
+        );
+        let h = m.snapshot().report_latency;
+        assert_eq!(h.total(), 10);
+        assert_eq!(h.quantile_upper_bound(0.5), Some(Duration::from_millis(1)));
+        assert_eq!(h.quantile_upper_bound(0.9), Some(Duration::from_millis(50)));
+        assert_eq!(h.quantile_upper_bound(1.0), Some(Duration::from_secs(1)));
+        assert_eq!(LatencyHistogram::default().quantile_upper_bound(0.5), None);
+        assert_eq!(h.since(&h).total(), 0);
+    }
 
     #[test]
     fn counts_by_kind_and_outcome() {

@@ -91,6 +91,10 @@ pub struct Window {
     pub reports_per_second: f64,
     /// Mean report latency, ms.
     pub report_mean_ms: f64,
+    /// Report latency p50 (upper bound of its histogram bucket), ms.
+    pub report_p50_ms: f64,
+    /// Report latency p99 (upper bound of its histogram bucket), ms.
+    pub report_p99_ms: f64,
     /// Failed requests of every kind.
     pub errors: u64,
 }
@@ -111,6 +115,12 @@ pub fn window(before: &MetricsSnapshot, after: &MetricsSnapshot, elapsed: Durati
     let report = diff(after.report, before.report);
     let connect = diff(after.connect, before.connect);
     let secs = elapsed.as_secs_f64().max(1e-9);
+    let latency = after.report_latency.since(&before.report_latency);
+    let q = |p: f64| {
+        latency
+            .quantile_upper_bound(p)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
     let total = desired.total() + report.total() + connect.total();
     Window {
         seconds: secs,
@@ -125,6 +135,8 @@ pub fn window(before: &MetricsSnapshot, after: &MetricsSnapshot, elapsed: Durati
             report.latency_micros_total as f64 / report.total() as f64 / 1000.0
         },
         errors: desired.errors() + report.errors() + connect.errors(),
+        report_p50_ms: q(0.5),
+        report_p99_ms: q(0.99),
     }
 }
 
@@ -462,11 +474,13 @@ pub fn render(r: &Results) -> String {
     let s = &r.steady;
     let polls = s.desired_200 + s.desired_304;
     out.push_str(&format!(
-        "| steady window | {:.0} s |\n| agent requests/s | {:.0} |\n| reports/s | {:.0} |\n| mean report latency | {:.2} ms |\n| desired polls 200 / 304 | {} / {} ({:.1}% 304) |\n| errors | {} |\n",
+        "| steady window | {:.0} s |\n| agent requests/s | {:.0} |\n| reports/s | {:.0} |\n| report latency mean / p50 / p99 | {:.2} ms / <= {} ms / <= {} ms |\n| desired polls 200 / 304 | {} / {} ({:.1}% 304) |\n| errors | {} |\n",
         s.seconds,
         s.requests_per_second,
         s.reports_per_second,
         s.report_mean_ms,
+        s.report_p50_ms,
+        s.report_p99_ms,
         s.desired_200,
         s.desired_304,
         if polls == 0 { 0.0 } else { 100.0 * s.desired_304 as f64 / polls as f64 },

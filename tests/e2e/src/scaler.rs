@@ -47,6 +47,8 @@ pub struct Gateways {
     running: Mutex<BTreeMap<u32, Running>>,
     /// Ordinals killed on purpose (kill -9 in a test): not restarted until released.
     held: Mutex<BTreeSet<u32>>,
+    /// Crash-loop back-off per ordinal: (restarts so far, not before).
+    crash_backoff: Mutex<BTreeMap<u32, (u32, std::time::Instant)>>,
 }
 
 impl Gateways {
@@ -56,6 +58,7 @@ impl Gateways {
             launcher,
             running: Mutex::new(BTreeMap::new()),
             held: Mutex::new(BTreeSet::new()),
+            crash_backoff: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -172,11 +175,30 @@ impl Gateways {
             }
             dead
         };
+        let now = std::time::Instant::now();
         for o in crashed {
-            eprintln!("apollo-dev: gateway-{o} exited; restarting it");
+            // Like a kubelet's CrashLoopBackOff: 0.5 s, 1 s, 2 s ... up to 30 s.
+            let mut backoff = self.crash_backoff.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = backoff.entry(o).or_insert((0, now));
+            let delay =
+                Duration::from_millis(500u64 << entry.0.min(6)).min(Duration::from_secs(30));
+            *entry = (entry.0 + 1, now + delay);
+            eprintln!(
+                "apollo-dev: gateway-{o} exited; restarting it in {delay:?} (log: {})",
+                self.launcher
+                    .log_dir
+                    .join(format!("gateway-{o}.log"))
+                    .display()
+            );
         }
         for ordinal in 0..desired {
-            if !held.contains(&ordinal) && !self.lock().contains_key(&ordinal) {
+            let waiting = self
+                .crash_backoff
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&ordinal)
+                .is_some_and(|(_, not_before)| *not_before > now);
+            if !waiting && !held.contains(&ordinal) && !self.lock().contains_key(&ordinal) {
                 self.start(ordinal);
             }
         }
