@@ -50,6 +50,23 @@
 //!   a forced relist of every kube-rs watcher: `{"verb":"watch","code":410,"times":1}` followed by
 //!   `{"dropWatches":true}`. Rules are checked in the order they were added; the first live match
 //!   applies. The reply lists the active rules.
+//!
+//! # Differences from a real apiserver (known and deliberate)
+//! - Lists ignore `limit`/`continue` and return everything in one page (clients accept this);
+//!   `resourceVersionMatch` is ignored and lists always reflect the latest state.
+//! - A watch from a resourceVersion newer than the server's does not wait or fail; it just
+//!   streams later changes.
+//! - Garbage collection and namespace termination run synchronously inside the write that
+//!   triggers them (the real controllers are asynchronous): dependents are gone by the time the
+//!   owner's DELETE returns. A dependent is only collected when an owner it names was deleted here,
+//!   not when it names an owner that never existed.
+//! - Built-in kinds are stored as sent (no defaulting or validation beyond Events); only custom
+//!   resources are checked against their schema. No authentication or authorization.
+//! - managedFields of Events use the stored core/v1 field names in both views.
+//! - Discovery is legacy JSON only (no aggregated discovery, no protobuf).
+//! - kube's client retries 429, 503 and 504 by itself (honouring `Retry-After`), so an injected
+//!   503 with `times: 1` is invisible to kube-rs callers except in the request counts; use 500 to
+//!   surface an error.
 #![forbid(unsafe_code)]
 
 pub mod discovery;
