@@ -810,3 +810,80 @@ async fn custom_resources_are_pruned_defaulted_and_validated_against_their_schem
         missing.message
     );
 }
+
+#[tokio::test]
+async fn kube_controller_reconciles_owners_when_owned_children_change() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use apollo_crds::DeviceProcessDeployment;
+    use kube::runtime::Controller;
+
+    let (_sim, client) = start().await;
+    install_crds(&client).await;
+    let deployments: Api<DeviceProcessDeployment> = Api::default_namespaced(client.clone());
+    let processes: Api<DeviceProcess> = Api::default_namespaced(client.clone());
+    let reconciles = Arc::new(AtomicUsize::new(0));
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("never fails")]
+    struct Never;
+    let counter = reconciles.clone();
+    let controller = Controller::new(deployments.clone(), watcher::Config::default())
+        .owns(processes.clone(), watcher::Config::default())
+        .run(
+            move |_deployment: Arc<DeviceProcessDeployment>, _ctx: Arc<()>| {
+                let counter = counter.clone();
+                async move {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Never>(Action::await_change())
+                }
+            },
+            |_, _: &Never, _| Action::await_change(),
+            Arc::new(()),
+        )
+        .for_each(|_| async {});
+    let driver = tokio::spawn(controller);
+
+    let deployment: DeviceProcessDeployment = serde_json::from_value(json!({
+        "apiVersion": "azure.com/v1alpha1", "kind": "DeviceProcessDeployment",
+        "metadata": {"name": "demo"},
+        "spec": {"selector": {"matchLabels": {"site": "sfo"}},
+                 "template": {"spec": {"artifact": {"type": "oci", "url": "alpine"}, "execution": {"backend": "container"}}}},
+    }))
+    .expect("deployment");
+    let deployment = deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .expect("create");
+    eventually("the first reconcile", || async {
+        (reconciles.load(Ordering::SeqCst) >= 1).then_some(())
+    })
+    .await;
+
+    let mut child = device_process("demo-tor1", "tor1");
+    child.metadata.owner_references = Some(vec![deployment
+        .controller_owner_ref(&())
+        .expect("owner ref")]);
+    processes
+        .create(&PostParams::default(), &child)
+        .await
+        .expect("child");
+    eventually("a reconcile for the new child", || async {
+        (reconciles.load(Ordering::SeqCst) >= 2).then_some(())
+    })
+    .await;
+    let before = reconciles.load(Ordering::SeqCst);
+    processes
+        .patch_status(
+            "demo-tor1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Pending"}})),
+        )
+        .await
+        .expect("child status");
+    eventually("a reconcile for the child's status", || async {
+        (reconciles.load(Ordering::SeqCst) > before).then_some(())
+    })
+    .await;
+    driver.abort();
+}
