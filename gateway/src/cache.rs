@@ -19,6 +19,7 @@ use crate::desired::{build_snapshot, DesiredSnapshot};
 use crate::metrics::Metrics;
 use crate::model::{CachedProcess, ObjectKey};
 use crate::ownership::OwnedSlots;
+use crate::projection::Shown;
 
 /// The indexed cache of DeviceProcesses.
 pub struct Cache {
@@ -123,6 +124,20 @@ impl Cache {
             .devices
             .get(device)
             .map(|e| e.processes.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// What the status of each of `device`'s DeviceProcesses shows now.
+    pub fn shown_for_device(&self, device: &str) -> HashMap<ObjectKey, Shown> {
+        self.read()
+            .devices
+            .get(device)
+            .map(|e| {
+                e.processes
+                    .iter()
+                    .map(|(k, p)| (k.clone(), Shown::of(p.status.as_ref())))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 

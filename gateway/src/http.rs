@@ -32,6 +32,7 @@ use crate::cache::{Cache, ObservationCheck};
 use crate::desired::DesiredSnapshot;
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 use crate::model::ObjectKey;
+use crate::projection::Shown;
 use crate::state::{now_ms, ReportInput, ReportOutcome, StateStore, Store};
 
 /// Route templates (the `route` label of request metrics).
@@ -48,12 +49,13 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(MAX_WAIT_SECONDS + 30)
 /// Receives the transitions a report decided (the status writer, or a test double).
 pub trait ReportSink: Send + Sync + 'static {
     /// Called once per recorded report, after the store decided its transitions.
-    fn on_report(&self, device: &str, outcome: &ReportOutcome);
+    /// `before` is what each DeviceProcess's status showed before the report was recorded.
+    fn on_report(&self, device: &str, outcome: &ReportOutcome, before: &HashMap<ObjectKey, Shown>);
 }
 
 impl ReportSink for crate::status::StatusWriter {
-    fn on_report(&self, device: &str, outcome: &ReportOutcome) {
-        crate::status::StatusWriter::on_report(self, device, outcome);
+    fn on_report(&self, device: &str, outcome: &ReportOutcome, before: &HashMap<ObjectKey, Shown>) {
+        crate::status::StatusWriter::on_report(self, device, outcome, before);
     }
 }
 
@@ -492,11 +494,12 @@ async fn record(api: &DeviceApi, device: &str, report: &Report) -> Result<Respon
         agent_version: &report.agent_version,
         observations,
     };
+    let before = api.cache.shown_for_device(device);
     let outcome = api.store.record_report(&input).await.map_err(|error| {
         tracing::warn!(%device, %error, "recording a report failed");
         ApiError::unavailable("the state store is unavailable")
     })?;
-    api.sink.on_report(device, &outcome);
+    api.sink.on_report(device, &outcome, &before);
     Ok(axum::Json(ReportAck {
         ack: true,
         heartbeat_interval_seconds: api.heartbeat_interval_seconds,

@@ -81,6 +81,8 @@ pub enum Transition {
     Connected {
         /// Disconnected, or Unknown when the store had no record.
         prior: Connection,
+        /// Whether the status said AgentConnected=True before the report was recorded.
+        shown_connected: bool,
     },
     /// The sweep found the device stale.
     Disconnected,
@@ -90,7 +92,29 @@ pub enum Transition {
         hash: String,
         /// Whether the store held an earlier hash.
         prior_known: bool,
+        /// status.observedSpecHash before the report was recorded.
+        shown_hash: Option<String>,
     },
+}
+
+/// What a DeviceProcess's status showed before a report was recorded. Taken before the store
+/// call, so no write caused by the report itself can be mistaken for an earlier state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Shown {
+    /// AgentConnected=True.
+    pub connected: bool,
+    /// status.observedSpecHash.
+    pub observed_hash: Option<String>,
+}
+
+impl Shown {
+    /// What `status` shows.
+    pub fn of(status: Option<&DeviceProcessStatus>) -> Self {
+        Self {
+            connected: status.is_some_and(|s| conditions::is_true(&s.conditions, AGENT_CONNECTED)),
+            observed_hash: status.and_then(|s| s.observed_spec_hash.clone()),
+        }
+    }
 }
 
 impl Transition {
@@ -136,40 +160,36 @@ pub struct EventSpec {
     pub note: String,
 }
 
-/// The Event a transition produces for a DeviceProcess whose status was `before`, if any.
-/// Transitions decided against a store that had no record (it lost its state) produce an Event
-/// only when the status shows the transition is real, so a Redis restart alone emits nothing.
-pub fn event_for(
-    transition: &Transition,
-    device: &str,
-    before: Option<&DeviceProcessStatus>,
-) -> Option<EventSpec> {
+/// The Event a transition produces, if any. Transitions decided against a store that had no
+/// record (it lost its state) produce an Event only when the status did not already show them,
+/// so a Redis restart alone emits nothing; every other transition produces its Event.
+pub fn event_for(transition: &Transition, device: &str) -> Option<EventSpec> {
     match transition {
-        Transition::Connected { prior } => {
-            let was_connected =
-                before.is_some_and(|s| conditions::is_true(&s.conditions, AGENT_CONNECTED));
-            (*prior == Connection::Disconnected || !was_connected).then(|| EventSpec {
-                type_: EventType::Normal,
-                reason: REASON_AGENT_CONNECTED,
-                action: "Report",
-                note: format!("the agent of device {device} connected"),
-            })
-        }
+        Transition::Connected {
+            prior,
+            shown_connected,
+        } => (*prior == Connection::Disconnected || !shown_connected).then(|| EventSpec {
+            type_: EventType::Normal,
+            reason: REASON_AGENT_CONNECTED,
+            action: "Report",
+            note: format!("the agent of device {device} connected"),
+        }),
         Transition::Disconnected => Some(EventSpec {
             type_: EventType::Warning,
             reason: REASON_AGENT_DISCONNECTED,
             action: "StaleSweep",
             note: format!("no report from device {device} within the stale window"),
         }),
-        Transition::SpecObserved { hash, prior_known } => {
-            let already = before.and_then(|s| s.observed_spec_hash.as_deref()) == Some(hash);
-            (*prior_known || !already).then(|| EventSpec {
-                type_: EventType::Normal,
-                reason: REASON_SPEC_OBSERVED,
-                action: "Report",
-                note: format!("the agent of device {device} observed spec {hash}"),
-            })
-        }
+        Transition::SpecObserved {
+            hash,
+            prior_known,
+            shown_hash,
+        } => (*prior_known || shown_hash.as_ref() != Some(hash)).then(|| EventSpec {
+            type_: EventType::Normal,
+            reason: REASON_SPEC_OBSERVED,
+            action: "Report",
+            note: format!("the agent of device {device} observed spec {hash}"),
+        }),
     }
 }
 
@@ -329,62 +349,71 @@ mod tests {
 
     #[test]
     fn events_once_per_real_transition() {
+        let connect = |prior, shown_connected| {
+            event_for(
+                &Transition::Connected {
+                    prior,
+                    shown_connected,
+                },
+                "d",
+            )
+        };
+        let e = connect(Connection::Disconnected, false).expect("reconnect");
+        assert_eq!(
+            (e.type_, e.reason),
+            (EventType::Normal, REASON_AGENT_CONNECTED)
+        );
+        assert!(
+            connect(Connection::Disconnected, true).is_some(),
+            "the store saw the flip"
+        );
+        assert!(
+            connect(Connection::Unknown, false).is_some(),
+            "first connect ever"
+        );
+        assert!(
+            connect(Connection::Unknown, true).is_none(),
+            "store lost its state, status already connected"
+        );
+        let w = event_for(&Transition::Disconnected, "d").expect("event");
+        assert_eq!(
+            (w.type_, w.reason),
+            (EventType::Warning, REASON_AGENT_DISCONNECTED)
+        );
+        let observed = |prior_known, shown: Option<&str>| {
+            event_for(
+                &Transition::SpecObserved {
+                    hash: "sha256:a".into(),
+                    prior_known,
+                    shown_hash: shown.map(str::to_owned),
+                },
+                "d",
+            )
+        };
+        assert!(
+            observed(false, Some("sha256:a")).is_none(),
+            "already in status"
+        );
+        assert!(observed(false, None).is_some());
+        assert!(observed(false, Some("sha256:b")).is_some());
+        assert!(observed(true, Some("sha256:a")).is_some());
+    }
+
+    #[test]
+    fn shown_reads_connection_and_hash() {
         let connected = project(
             &process(1, "sha256:a", None),
             Connection::Connected,
             Some("sha256:a"),
             T0,
         );
-        let disconnected = project(
-            &process(1, "sha256:a", Some(connected.clone())),
-            Connection::Disconnected,
-            None,
-            T1,
-        );
-        let reconnect = Transition::Connected {
-            prior: Connection::Disconnected,
-        };
-        let e = event_for(&reconnect, "d", Some(&disconnected)).expect("event");
         assert_eq!(
-            (e.type_, e.reason),
-            (EventType::Normal, REASON_AGENT_CONNECTED)
+            Shown::of(Some(&connected)),
+            Shown {
+                connected: true,
+                observed_hash: Some("sha256:a".into())
+            }
         );
-        // First connect ever.
-        assert!(event_for(
-            &Transition::Connected {
-                prior: Connection::Unknown
-            },
-            "d",
-            None
-        )
-        .is_some());
-        // Store lost its state but the status already says connected: no Event.
-        assert!(event_for(
-            &Transition::Connected {
-                prior: Connection::Unknown
-            },
-            "d",
-            Some(&connected)
-        )
-        .is_none());
-        let w = event_for(&Transition::Disconnected, "d", Some(&connected)).expect("event");
-        assert_eq!(
-            (w.type_, w.reason),
-            (EventType::Warning, REASON_AGENT_DISCONNECTED)
-        );
-        let seen = Transition::SpecObserved {
-            hash: "sha256:a".into(),
-            prior_known: false,
-        };
-        assert!(
-            event_for(&seen, "d", Some(&connected)).is_none(),
-            "already in status"
-        );
-        assert!(event_for(&seen, "d", None).is_some());
-        let seen_again = Transition::SpecObserved {
-            hash: "sha256:a".into(),
-            prior_known: true,
-        };
-        assert!(event_for(&seen_again, "d", Some(&connected)).is_some());
+        assert_eq!(Shown::of(None), Shown::default());
     }
 }

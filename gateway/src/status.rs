@@ -4,6 +4,7 @@
 //! transitions that caused the write. Runs off the request path, rate limited, every call bounded
 //! by a timeout.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +26,7 @@ use crate::error::Error;
 use crate::metrics::{KubeWriteLabels, Metrics, QueueOutcomeLabels, TransitionLabels};
 use crate::model::{CachedProcess, ObjectKey};
 use crate::ownership::Ownership;
-use crate::projection::{event_for, needs_write, project, EventSpec, Transition};
+use crate::projection::{event_for, needs_write, project, EventSpec, Shown, Transition};
 use crate::queue::{Next, RateLimiter, Work, WriteQueue, WriteReason};
 use crate::state::{Connection, ReportOutcome, StateStore, Store};
 
@@ -113,18 +114,27 @@ impl StatusWriter {
             .inc();
     }
 
-    /// Queues the writes a report decided. The replica that recorded the report acts on its
-    /// transitions whether or not it owns the device's shard: the store told only it.
-    pub fn on_report(&self, device: &str, outcome: &ReportOutcome) {
+    /// Queues the writes a report decided; `before` is what the statuses of the device's
+    /// DeviceProcesses showed before the report was recorded. The replica that recorded the
+    /// report acts on its transitions whether or not it owns the device's shard: the store told
+    /// only it.
+    pub fn on_report(
+        &self,
+        device: &str,
+        outcome: &ReportOutcome,
+        before: &HashMap<ObjectKey, Shown>,
+    ) {
         let now = Instant::now();
         if outcome.prior != Connection::Connected {
             self.count_transition("connected");
             for key in self.cache.keys_for_device(device) {
+                let shown_connected = before.get(&key).is_some_and(|s| s.connected);
                 self.queue.push(
                     key,
                     now,
                     Work::transition(Transition::Connected {
                         prior: outcome.prior,
+                        shown_connected,
                     }),
                 );
             }
@@ -137,6 +147,9 @@ impl StatusWriter {
                 Work::transition(Transition::SpecObserved {
                     hash: change.hash.clone(),
                     prior_known: change.prior_known,
+                    shown_hash: before
+                        .get(&change.key)
+                        .and_then(|s| s.observed_hash.clone()),
                 }),
             );
         }
@@ -263,7 +276,7 @@ impl StatusWriter {
         events.extend(
             work.transitions
                 .iter()
-                .filter_map(|t| event_for(t, &process.device, process.status.as_ref())),
+                .filter_map(|t| event_for(t, &process.device)),
         );
         match self.write_status(process, reason).await {
             WriteResult::Written => self.count_queue("written"),

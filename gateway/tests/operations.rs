@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use apollo_crds::conditions::{
     Condition, AGENT_CONNECTED, FALSE, REASON_AGENT_CONNECTED, REASON_AGENT_DISCONNECTED,
-    SPEC_OBSERVED, TRUE,
+    REASON_SPEC_OBSERVED, SPEC_OBSERVED, TRUE,
 };
 use apollo_test_support::wait_until;
 use common::*;
@@ -41,6 +41,12 @@ async fn connected(stack: &Stack, device: &str, name: &str) {
             is_condition(dp, AGENT_CONNECTED, TRUE) && is_condition(dp, SPEC_OBSERVED, TRUE)
         })
         .await;
+    // The Events follow the status patch; tests that count writes start after them.
+    wait_until(DEADLINE, "connect Events published", || async {
+        !stack.events(name, REASON_AGENT_CONNECTED).await.is_empty()
+            && !stack.events(name, REASON_SPEC_OBSERVED).await.is_empty()
+    })
+    .await;
 }
 
 #[tokio::test]
