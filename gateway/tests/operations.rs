@@ -520,3 +520,52 @@ async fn namespace_scope_limits_what_the_gateway_serves() {
         stack.kubesim.requests().await
     );
 }
+
+#[tokio::test]
+async fn kubectl_shows_the_projected_status_and_the_events() {
+    let stack = Stack::start_with(Options {
+        heartbeat_seconds: 30,
+        ..Options::default()
+    })
+    .await;
+    stack.create("visible", "tor9-01", "alpine:1").await;
+    connected(&stack, "tor9-01", "visible").await;
+    let get = stack
+        .kubesim
+        .kubectl(["get", "deviceprocesses", "-n", NS])
+        .await;
+    let table = String::from_utf8_lossy(&get.stdout);
+    assert!(
+        get.status.success(),
+        "{}",
+        String::from_utf8_lossy(&get.stderr)
+    );
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("visible"))
+        .unwrap_or_else(|| panic!("no row in:\n{table}"));
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        &columns[1..5],
+        ["tor9-01", "Pending", "True", "True"],
+        "{table}"
+    );
+
+    let describe = stack
+        .kubesim
+        .kubectl(["describe", "deviceprocess", "visible", "-n", NS])
+        .await;
+    let text = String::from_utf8_lossy(&describe.stdout);
+    assert!(
+        describe.status.success(),
+        "{}",
+        String::from_utf8_lossy(&describe.stderr)
+    );
+    for needle in [
+        "AgentConnected",
+        "SpecObserved",
+        "the agent of device tor9-01 connected",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+}
