@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod control;
+pub mod fleet;
 pub mod samples;
 pub mod scaler;
 pub mod stack;

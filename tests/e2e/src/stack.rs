@@ -82,6 +82,8 @@ pub struct StackConfig {
     pub sweep_interval_seconds: u64,
     /// Ports.
     pub ports: Ports,
+    /// Extra flags for every gateway (e.g. shorter shard leases in tests).
+    pub gateway_extra_args: Vec<String>,
 }
 
 impl StackConfig {
@@ -100,6 +102,7 @@ impl StackConfig {
             stale_multiplier: 3,
             sweep_interval_seconds: 1,
             ports: Ports::dev(),
+            gateway_extra_args: Vec::new(),
         }
     }
 }
