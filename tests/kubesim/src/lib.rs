@@ -111,6 +111,9 @@ pub struct Options {
     pub history_window: usize,
     /// How often watches that allow bookmarks get one.
     pub bookmark_interval: Duration,
+    /// Server URL written into the kubeconfig when clients reach kubesim under another name
+    /// than its bind address (e.g. `http://kubesim:8001` in docker compose).
+    pub advertise_url: Option<String>,
 }
 
 impl Default for Options {
@@ -120,6 +123,7 @@ impl Default for Options {
             kubeconfig_path: None,
             history_window: 1000,
             bookmark_interval: Duration::from_secs(5),
+            advertise_url: None,
         }
     }
 }
@@ -151,7 +155,10 @@ impl KubeSim {
                 source,
             })?;
         let addr = listener.local_addr().map_err(KubeSimError::LocalAddr)?;
-        let url = format!("http://{addr}");
+        let url = options
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}"));
         let (kubeconfig_path, remove_kubeconfig_on_drop) = match options.kubeconfig_path {
             Some(path) => (path, false),
             None => {

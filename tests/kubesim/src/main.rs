@@ -29,6 +29,10 @@ struct Args {
         default_value_t = 5
     )]
     bookmark_interval_seconds: u64,
+    /// Server URL to write into the kubeconfig instead of `http://<listen address>` (for clients
+    /// that reach kubesim under another name, e.g. in docker compose).
+    #[arg(long, env = "APOLLO_KUBESIM_ADVERTISE_URL")]
+    advertise_url: Option<String>,
 }
 
 #[tokio::main]
@@ -45,6 +49,7 @@ async fn main() -> anyhow::Result<()> {
         kubeconfig_path: Some(args.kubeconfig_out.clone()),
         history_window: args.history_window,
         bookmark_interval: Duration::from_secs(args.bookmark_interval_seconds.max(1)),
+        advertise_url: args.advertise_url.clone(),
     };
     let mut sim = kubesim::KubeSim::start(options)
         .await
