@@ -55,6 +55,12 @@ pub struct Args {
     #[arg(long, env = "APOLLO_API_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub api_timeout: Duration,
 
+    /// Shortest time between two status writes of one deployment that only change the agent
+    /// counts (Connected, Observed). Bounds status writes during rollout waves; rollout progress
+    /// itself is written at once.
+    #[arg(long, env = "APOLLO_AGENT_COUNT_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub agent_count_interval: Duration,
+
     /// First retry delay after a failed reconcile (doubled per failure).
     #[arg(long, env = "APOLLO_BACKOFF_BASE", default_value = "500ms", value_parser = parse_duration)]
     pub backoff_base: Duration,

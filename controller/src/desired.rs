@@ -477,6 +477,24 @@ pub fn status_changed(
         || !conditions::semantically_equal(&current.conditions, &next.conditions)
 }
 
+/// Whether `current` and `next` differ only in the counts that follow the agents
+/// (`numberAgentConnected`, `numberSpecObserved`). Those change with every device during a rollout
+/// wave, so they are written at a bounded rate; everything else is written at once.
+pub fn only_agent_counts_changed(
+    current: &DeviceProcessDeploymentStatus,
+    next: &DeviceProcessDeploymentStatus,
+) -> bool {
+    let without_agent_counts = |s: &DeviceProcessDeploymentStatus| DeviceProcessDeploymentStatus {
+        number_agent_connected: 0,
+        number_spec_observed: 0,
+        ..s.clone()
+    };
+    !status_changed(
+        Some(&without_agent_counts(current)),
+        &without_agent_counts(next),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -870,5 +888,27 @@ mod tests {
             NOW,
         );
         assert!(status_changed(Some(&first), &broken));
+    }
+
+    #[test]
+    fn agent_count_changes_are_told_apart_from_rollout_changes() {
+        let current = DeviceProcessDeploymentStatus {
+            observed_generation: Some(2),
+            desired_number_scheduled: 3,
+            current_number_scheduled: 3,
+            updated_number_scheduled: 3,
+            ..Default::default()
+        };
+        let agents_moved = DeviceProcessDeploymentStatus {
+            number_agent_connected: 2,
+            number_spec_observed: 1,
+            ..current.clone()
+        };
+        assert!(only_agent_counts_changed(&current, &agents_moved));
+        let rollout_moved = DeviceProcessDeploymentStatus {
+            updated_number_scheduled: 2,
+            ..agents_moved.clone()
+        };
+        assert!(!only_agent_counts_changed(&current, &rollout_moved));
     }
 }

@@ -37,6 +37,9 @@ pub struct ReconcileConfig {
     pub backoff_max: Duration,
     /// Bound on each API call.
     pub api_timeout: Duration,
+    /// Shortest time between two status writes of one deployment that only move the agent
+    /// counts; rollout progress (generation, desired, current, updated) is written at once.
+    pub agent_count_interval: Duration,
 }
 
 /// Everything a reconcile needs, shared by all reconciles.
@@ -57,6 +60,8 @@ pub struct Context {
     pub config: ReconcileConfig,
     /// Our writes the caches have not shown yet.
     expectations: Expectations,
+    /// When each deployment's status was last written, to pace agent-count-only writes.
+    status_written_at: Mutex<HashMap<(String, String), Instant>>,
     /// Consecutive failures per deployment, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<DeviceProcessDeployment>, u32>>,
 }
@@ -81,8 +86,15 @@ impl Context {
             metrics,
             config,
             expectations: Expectations::default(),
+            status_written_at: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn status_written_at(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Instant>> {
+        self.status_written_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn failures(
@@ -195,8 +207,9 @@ async fn reconcile_deployment(
                 Some(&problem),
                 &now,
             );
-            write_status(deployment, &namespace, shown_status.as_ref(), status, ctx).await?;
-            return Ok(Action::await_change());
+            let paced =
+                write_status(deployment, &namespace, shown_status.as_ref(), status, ctx).await?;
+            return Ok(paced.map_or_else(Action::await_change, Action::requeue));
         }
         Err(other) => return Err(Error::Desired(name, other)),
     };
@@ -300,13 +313,14 @@ async fn reconcile_deployment(
         None,
         &now,
     );
-    write_status(deployment, &namespace, shown_status.as_ref(), status, ctx).await?;
+    let paced = write_status(deployment, &namespace, shown_status.as_ref(), status, ctx).await?;
 
-    Ok(if requeue_soon {
-        Action::requeue(ctx.config.backoff_base)
+    let next = if requeue_soon {
+        ctx.config.backoff_base
     } else {
-        Action::requeue(ctx.config.resync_period)
-    })
+        ctx.config.resync_period
+    };
+    Ok(Action::requeue(paced.map_or(next, |wait| wait.min(next))))
 }
 
 /// Children controlled by the deployment with `uid`, as they are after our own writes.
@@ -358,16 +372,30 @@ async fn update_child(
 }
 
 /// Patch `/status` when, and only when, it differs from the one shown (cache plus our writes).
+/// Returns `Some(wait)` when a change of the agent counts alone was held back to pace writes; the
+/// caller re-runs the reconcile after `wait`.
 async fn write_status(
     deployment: &DeviceProcessDeployment,
     namespace: &str,
     shown: Option<&apollo_crds::DeviceProcessDeploymentStatus>,
     status: apollo_crds::DeviceProcessDeploymentStatus,
     ctx: &Context,
-) -> Result<(), Error> {
+) -> Result<Option<Duration>, Error> {
     let name = deployment.name_any();
     if !desired::status_changed(shown, &status) {
-        return Ok(());
+        return Ok(None);
+    }
+    let key = (namespace.to_owned(), name.clone());
+    if let Some(current) = shown {
+        if desired::only_agent_counts_changed(current, &status) {
+            let since_last = ctx.status_written_at().get(&key).map(|at| at.elapsed());
+            if let Some(wait) = since_last
+                .and_then(|elapsed| ctx.config.agent_count_interval.checked_sub(elapsed))
+                .filter(|wait| !wait.is_zero())
+            {
+                return Ok(Some(wait));
+            }
+        }
     }
     ctx.leadership.ensure()?;
     let api: Api<DeviceProcessDeployment> = Api::namespaced(ctx.client.clone(), namespace);
@@ -387,12 +415,14 @@ async fn write_status(
                 deployment.metadata.resource_version.clone(),
                 status,
             );
-            Ok(())
+            ctx.status_written_at().insert(key, Instant::now());
+            Ok(None)
         }
         // Deleted meanwhile: nothing to report on.
         Err(error) if is_status(&error, 404) => {
             ctx.metrics.write(DEPLOYMENT_STATUS, "patch", "not_found");
-            Ok(())
+            ctx.status_written_at().remove(&key);
+            Ok(None)
         }
         Err(error) => {
             ctx.metrics

@@ -135,6 +135,28 @@ pub fn deployments_for_switch(
         .collect()
 }
 
+/// Resolves once `store` has received its first complete list.
+///
+/// `Store::wait_until_ready` keeps a single waker per store, so when two tasks wait on clones of
+/// the same store (here: this one and the controller's runner, which waits on the deployment
+/// store) only the last to poll is woken. Polling afresh at a short interval makes readiness
+/// independent of who else waits.
+async fn synced<K>(store: &Store<K>)
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    const REPOLL: std::time::Duration = std::time::Duration::from_millis(100);
+    loop {
+        match tokio::time::timeout(REPOLL, store.wait_until_ready()).await {
+            Ok(Ok(())) => return,
+            // The writer is gone: the watch ended, which only happens at shutdown.
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => {}
+        }
+    }
+}
+
 /// One item each time leadership is gained.
 fn leadership_gained(mut changes: watch::Receiver<bool>) -> impl Stream<Item = ()> + Send {
     changes.mark_unchanged();
@@ -217,15 +239,9 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
     let readiness_stores = (deployment_store, switch_store.clone(), child_store.clone());
     tokio::spawn(async move {
         let (deployments, switches, children) = readiness_stores;
-        let synced = tokio::try_join!(
-            deployments.wait_until_ready(),
-            switches.wait_until_ready(),
-            children.wait_until_ready()
-        );
-        if synced.is_ok() {
-            tracing::info!("watch caches synced");
-            ready_tx.send_replace(true);
-        }
+        tokio::join!(synced(&deployments), synced(&switches), synced(&children));
+        tracing::info!("watch caches synced");
+        ready_tx.send_replace(true);
     });
 
     let elector_stop = CancellationToken::new();
@@ -266,6 +282,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
             backoff_base: args.backoff_base,
             backoff_max: args.backoff_max,
             api_timeout: args.api_timeout,
+            agent_count_interval: args.agent_count_interval,
         },
     ));
     tracing::info!(%identity, scope = namespace.unwrap_or("<all namespaces>"), "controller starting");

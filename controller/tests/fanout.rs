@@ -5,11 +5,15 @@ mod common;
 
 use std::time::Duration;
 
-use apollo_crds::{DeviceProcessDeployment, LABEL_DEPLOYMENT, LABEL_DEVICE_NAME};
+use apollo_crds::{
+    spec_hash, DeviceProcess, DeviceProcessDeployment, NetworkSwitch, LABEL_DEPLOYMENT,
+    LABEL_DEVICE_NAME,
+};
 use apollo_test_support::wait_until;
 use common::{labels, match_labels, template, Cluster, DEADLINE, NS};
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
 use serde_json::json;
 
@@ -452,4 +456,123 @@ async fn an_invalid_selector_is_reported_and_touches_no_child() {
         cluster.sim.count("delete", "deviceprocesses", None).await,
         0
     );
+}
+
+#[tokio::test]
+async fn agent_counts_follow_the_childrens_conditions_at_a_paced_rate() {
+    let cluster = Cluster::start().await;
+    let _controller = cluster.controller("controller-a").await;
+    cluster.switch("tor1-01", &[("role", "tor")]).await;
+    cluster.switch("tor1-02", &[("role", "tor")]).await;
+    cluster
+        .deployment("logger", match_labels(&[("role", "tor")]), &["v1"])
+        .await;
+    cluster.converged("logger", 2).await;
+    cluster.sim.reset_requests().await;
+
+    // What the gateway does when agents connect and observe their specs: four status changes.
+    let now = "2026-01-01T00:00:00Z";
+    for child in cluster.children_of("logger").await {
+        let connected = json!({"status": {"phase": "Pending", "conditions": [
+            {"type": "AgentConnected", "status": "True", "reason": "AgentConnected",
+             "message": "agent reports within the stale window", "lastTransitionTime": now}
+        ]}});
+        let observed = json!({"status": {
+        "observedSpecHash": spec_hash(&child.spec),
+        "conditions": [
+            {"type": "AgentConnected", "status": "True", "reason": "AgentConnected",
+             "message": "agent reports within the stale window", "lastTransitionTime": now},
+            {"type": "SpecObserved", "status": "True", "reason": "SpecObserved",
+             "message": "agent observed the current spec", "lastTransitionTime": now}
+        ]}});
+        for body in [connected, observed] {
+            cluster
+                .children
+                .patch_status(
+                    &child.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&body),
+                )
+                .await
+                .expect("patch child status");
+        }
+    }
+    let deployments = cluster.deployments.clone();
+    wait_until(DEADLINE, "Connected and Observed reach 2", || {
+        let deployments = deployments.clone();
+        async move {
+            deployments
+                .get("logger")
+                .await
+                .is_ok_and(|d: DeviceProcessDeployment| {
+                    d.status.is_some_and(|s| {
+                        s.number_agent_connected == 2 && s.number_spec_observed == 2
+                    })
+                })
+        }
+    })
+    .await;
+    let status_writes = cluster
+        .sim
+        .count("patch", "deviceprocessdeployments", Some("status"))
+        .await;
+    // Paced at --agent-count-interval (2s): at most one write now and one when the interval ends.
+    assert!(
+        (1..=2).contains(&status_writes),
+        "four child transitions cost {status_writes} deployment status writes"
+    );
+}
+
+#[tokio::test]
+async fn a_namespace_scoped_controller_leaves_other_namespaces_alone() {
+    let cluster = Cluster::start().await;
+    let namespaces: Api<Namespace> = Api::all(cluster.client.clone());
+    let mut other = Namespace::default();
+    other.metadata.name = Some("other".into());
+    namespaces
+        .create(&PostParams::default(), &other)
+        .await
+        .expect("create namespace");
+    let _controller = cluster
+        .controller_with("controller-a", &[("--namespace", NS)])
+        .await;
+    let other_switches: Api<NetworkSwitch> = Api::namespaced(cluster.client.clone(), "other");
+    let other_deployments: Api<DeviceProcessDeployment> =
+        Api::namespaced(cluster.client.clone(), "other");
+    let mut switch = NetworkSwitch::new("tor9-01", Default::default());
+    switch.metadata.labels = Some(labels(&[("role", "tor")]));
+    other_switches
+        .create(&PostParams::default(), &switch)
+        .await
+        .expect("create switch in other namespace");
+    other_deployments
+        .create(
+            &PostParams::default(),
+            &DeviceProcessDeployment::new(
+                "logger",
+                apollo_crds::DeviceProcessDeploymentSpec {
+                    selector: match_labels(&[("role", "tor")]),
+                    template: template(&["v1"]),
+                },
+            ),
+        )
+        .await
+        .expect("create deployment in other namespace");
+    // The in-scope deployment is created last: once it has converged, the other one has had
+    // every chance to be (wrongly) reconciled.
+    cluster.switch("tor1-01", &[("role", "tor")]).await;
+    cluster
+        .deployment("logger", match_labels(&[("role", "tor")]), &["v1"])
+        .await;
+    cluster.converged("logger", 1).await;
+
+    let untouched = other_deployments.get("logger").await.expect("get");
+    assert_eq!(untouched.status, None);
+    let other_children: Api<DeviceProcess> = Api::namespaced(cluster.client.clone(), "other");
+    assert!(other_children
+        .list(&Default::default())
+        .await
+        .expect("list")
+        .items
+        .is_empty());
 }

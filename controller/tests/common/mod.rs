@@ -96,12 +96,20 @@ impl Cluster {
         .into_iter()
         .collect();
         flags.extend(overrides.iter().copied());
-        let proc = Proc::builder(env!("CARGO_BIN_EXE_apollo-controller"))
-            .name(identity)
+        let mut builder = Proc::builder(env!("CARGO_BIN_EXE_apollo-controller")).name(identity);
+        // Keep whole logs for debugging a run: APOLLO_TEST_LOG_DIR=/some/dir.
+        if let Ok(dir) = std::env::var("APOLLO_TEST_LOG_DIR") {
+            builder = builder.log_file(format!("{dir}/{identity}-{}.log", admin.port()));
+        }
+        let proc = builder
             .arg("--kubeconfig")
             .arg(self.sim.kubeconfig())
             .args(flags.iter().flat_map(|(flag, value)| [*flag, *value]))
-            .env("RUST_LOG", "info,apollo_controller=debug")
+            .env(
+                "RUST_LOG",
+                std::env::var("APOLLO_TEST_CONTROLLER_LOG")
+                    .unwrap_or_else(|_| "info,apollo_controller=debug".to_owned()),
+            )
             .env_remove("KUBECONFIG")
             .spawn();
         let controller = Controller {
