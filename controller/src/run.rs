@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use apollo_crds::{DeviceProcess, DeviceProcessDeployment, NetworkSwitch, LABEL_DEPLOYMENT};
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use kube::api::Api;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::controller::Controller;
@@ -135,26 +135,21 @@ pub fn deployments_for_switch(
         .collect()
 }
 
-/// Resolves once `store` has received its first complete list.
+/// Watcher-stream hook that reports the first complete list (`InitDone`) of a cache.
 ///
-/// `Store::wait_until_ready` keeps a single waker per store, so when two tasks wait on clones of
-/// the same store (here: this one and the controller's runner, which waits on the deployment
-/// store) only the last to poll is woken. Polling afresh at a short interval makes readiness
-/// independent of who else waits.
-async fn synced<K>(store: &Store<K>)
-where
-    K: kube::Resource + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    const REPOLL: std::time::Duration = std::time::Duration::from_millis(100);
-    loop {
-        match tokio::time::timeout(REPOLL, store.wait_until_ready()).await {
-            Ok(Ok(())) => return,
-            // The writer is gone: the watch ended, which only happens at shutdown.
-            Ok(Err(_)) => return std::future::pending().await,
-            Err(_) => {}
+/// Readiness is taken from the event stream rather than `Store::wait_until_ready`: that future
+/// keeps a single waker per store, and the controller's runner already waits on the deployment
+/// store, so a second waiter could silently steal (or lose) the wake-up.
+fn report_sync<K>(synced: watch::Sender<bool>) -> impl FnMut(&watcher::Event<K>) {
+    move |event| {
+        if matches!(event, watcher::Event::InitDone) {
+            synced.send_replace(true);
         }
     }
+}
+
+async fn wait_true(mut flag: watch::Receiver<bool>) -> Result<(), watch::error::RecvError> {
+    flag.wait_for(|synced| *synced).await.map(|_| ())
 }
 
 /// One item each time leadership is gained.
@@ -203,11 +198,25 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
             .await
     });
 
+    // Each cache reports its first complete list on its own channel; /readyz waits for all three.
+    let (deployments_synced, deployments_synced_rx) = watch::channel(false);
+    let (switches_synced, switches_synced_rx) = watch::channel(false);
+    let (children_synced, children_synced_rx) = watch::channel(false);
+
+    let (deployment_store, deployment_writer) = reflector::store::<DeviceProcessDeployment>();
+    let deployment_events = reflector::reflector(
+        deployment_writer,
+        watcher(api(&client, namespace), watcher::Config::default()),
+    )
+    .inspect_ok(report_sync(deployments_synced))
+    .default_backoff()
+    .applied_objects();
     let (switch_store, switch_writer) = reflector::store::<NetworkSwitch>();
     let switch_events = reflector::reflector(
         switch_writer,
         watcher(api(&client, namespace), watcher::Config::default()),
     )
+    .inspect_ok(report_sync(switches_synced))
     .default_backoff()
     .touched_objects();
     let (child_store, child_writer) = reflector::store::<DeviceProcess>();
@@ -219,16 +228,12 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
             watcher::Config::default().labels(LABEL_DEPLOYMENT),
         ),
     )
+    .inspect_ok(report_sync(children_synced))
     .default_backoff()
     .touched_objects();
 
-    let controller = Controller::new(
-        api::<DeviceProcessDeployment>(&client, namespace),
-        watcher::Config::default(),
-    );
-    let deployment_store = controller.store();
     let (mapper_deployments, mapper_children) = (deployment_store.clone(), child_store.clone());
-    let controller = controller
+    let controller = Controller::for_stream(deployment_events, deployment_store)
         .owns_stream(child_events)
         .watches_stream(switch_events, move |switch: NetworkSwitch| {
             deployments_for_switch(&switch, &mapper_deployments, &mapper_children)
@@ -236,12 +241,17 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
         .reconcile_all_on(leadership_gained(leadership.subscribe()))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned());
 
-    let readiness_stores = (deployment_store, switch_store.clone(), child_store.clone());
     tokio::spawn(async move {
-        let (deployments, switches, children) = readiness_stores;
-        tokio::join!(synced(&deployments), synced(&switches), synced(&children));
-        tracing::info!("watch caches synced");
-        ready_tx.send_replace(true);
+        let all_synced = futures::future::try_join3(
+            wait_true(deployments_synced_rx),
+            wait_true(switches_synced_rx),
+            wait_true(children_synced_rx),
+        )
+        .await;
+        if all_synced.is_ok() {
+            tracing::info!("watch caches synced");
+            ready_tx.send_replace(true);
+        }
     });
 
     let elector_stop = CancellationToken::new();
