@@ -90,14 +90,45 @@ pub struct Args {
     #[arg(long, env = "APOLLO_NAMESPACE")]
     pub namespace: Option<String>,
 
-    /// This replica's ordinal (0..replicas); sent as X-Apollo-Gateway on every response.
-    #[arg(long, env = "APOLLO_ORDINAL", default_value_t = 0)]
-    pub ordinal: u32,
+    /// This replica's ordinal, i.e. its shard; sent as X-Apollo-Gateway on every response.
+    /// Defaults to the trailing number of --pod-name (StatefulSet pod `apollo-gateway-2` is 2), else 0.
+    #[arg(long, env = "APOLLO_ORDINAL")]
+    pub ordinal: Option<u32>,
 
-    /// Number of gateway replicas sharing the device space.
+    /// Pod name (from the downward API); its trailing `-<n>` is the ordinal when --ordinal is absent.
+    #[arg(long, env = "APOLLO_POD_NAME")]
+    pub pod_name: Option<String>,
+
+    /// Replica count before the membership in Redis is first read. With --redis-url the count
+    /// follows the replicas registered in Redis (`kubectl scale statefulset apollo-gateway`);
+    /// without it only 1 is allowed.
     #[arg(long, env = "APOLLO_REPLICAS", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub replicas: u32,
+
+    /// Address routers use to reach this replica's device API. Defaults to --listen, or to
+    /// `<--pod-ip>:<port>` when --listen is a wildcard address.
+    #[arg(long, env = "APOLLO_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+
+    /// This pod's IP (from the downward API), used to build the advertised address.
+    #[arg(long, env = "APOLLO_POD_IP")]
+    pub pod_ip: Option<std::net::IpAddr>,
+
+    /// Namespace of the per-shard Leases (defaults to POD_NAMESPACE, else `default`).
+    #[arg(long, env = "APOLLO_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+
+    /// Duration of the per-shard Leases: a dead replica's shard is swept by another replica this
+    /// long after its last renewal.
+    #[arg(long, env = "APOLLO_SHARD_LEASE_SECONDS", default_value_t = 15,
+          value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub shard_lease_seconds: u64,
+
+    /// Log one line per device request (`GET /v1/devices/tor1-01/desired 304 0.4ms`) at info
+    /// level under the `apollo_gateway::access` target. Off by default: at fleet scale it is noise.
+    #[arg(long, env = "APOLLO_ACCESS_LOG")]
+    pub access_log: bool,
 
     /// Log format: `text` or `json`.
     #[arg(long, env = "APOLLO_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
@@ -151,19 +182,64 @@ pub struct Settings {
     pub namespace: Option<String>,
     /// This replica's ordinal.
     pub ordinal: u32,
-    /// Replica count.
+    /// Replica count before the membership is read (the only count without Redis).
     pub replicas: u32,
+    /// Address advertised to routers.
+    pub advertise_addr: String,
+    /// Namespace of the shard Leases.
+    pub lease_namespace: String,
+    /// Shard Lease duration.
+    pub shard_lease: Duration,
+    /// Per-request info log.
+    pub access_log: bool,
+}
+
+/// The ordinal at the end of a StatefulSet pod name (`apollo-gateway-2` -> 2).
+pub fn ordinal_from_pod_name(name: &str) -> Option<u32> {
+    name.rsplit_once('-').and_then(|(_, n)| n.parse().ok())
 }
 
 impl Settings {
     /// Checks the flags and reads the secret files they name.
     pub fn from_args(args: &Args) -> Result<Self, Error> {
-        if args.ordinal >= args.replicas {
+        let ordinal = match (args.ordinal, args.pod_name.as_deref()) {
+            (Some(o), _) => o,
+            (None, Some(pod)) => ordinal_from_pod_name(pod).ok_or_else(|| {
+                Error::InvalidConfig(format!(
+                    "cannot read an ordinal from pod name {pod:?}; give --ordinal"
+                ))
+            })?,
+            (None, None) => 0,
+        };
+        if args.redis_url.is_none() && ordinal >= args.replicas {
             return Err(Error::InvalidConfig(format!(
-                "--ordinal {} must be below --replicas {}",
-                args.ordinal, args.replicas
+                "--ordinal {ordinal} must be below --replicas {}",
+                args.replicas
             )));
         }
+        let advertise_addr = match (&args.advertise_addr, args.pod_ip) {
+            (Some(a), _) => a.clone(),
+            (None, Some(ip)) if args.listen.ip().is_unspecified() => {
+                std::net::SocketAddr::new(ip, args.listen.port()).to_string()
+            }
+            (None, _) if args.listen.ip().is_unspecified() && args.redis_url.is_some() => {
+                return Err(Error::InvalidConfig(
+                    "--listen is a wildcard address: give --advertise-addr or --pod-ip so routers \
+                     can reach this replica"
+                        .into(),
+                ))
+            }
+            (None, _) => args.listen.to_string(),
+        };
+        let lease_namespace = args
+            .lease_namespace
+            .clone()
+            .or_else(|| {
+                std::env::var("POD_NAMESPACE")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+            })
+            .unwrap_or_else(|| "default".to_owned());
         if args.replicas > 1 && args.redis_url.is_none() {
             return Err(Error::InvalidConfig(
                 "the in-memory state store serves a single replica; give --redis-url when \
@@ -207,8 +283,12 @@ impl Settings {
             status_writers: args.status_writers,
             max_concurrent_requests: args.max_concurrent_requests,
             namespace: args.namespace.clone(),
-            ordinal: args.ordinal,
+            ordinal,
             replicas: args.replicas,
+            advertise_addr,
+            lease_namespace,
+            shard_lease: Duration::from_secs(args.shard_lease_seconds),
+            access_log: args.access_log,
         })
     }
 }
@@ -234,9 +314,11 @@ mod tests {
         let args = parse(&["--insecure-no-auth"]).expect("parse");
         assert_eq!(args.heartbeat_interval_seconds, 15);
         assert_eq!(args.stale_multiplier, 3);
-        assert_eq!(args.ordinal, 0);
+        assert_eq!(args.ordinal, None);
         assert_eq!(args.replicas, 1);
         let settings = Settings::from_args(&args).expect("settings");
+        assert_eq!(settings.ordinal, 0);
+        assert_eq!(settings.shard_lease, Duration::from_secs(15));
         assert_eq!(settings.stale_window, Duration::from_secs(45));
         assert!(settings.auth.is_insecure());
     }
@@ -267,9 +349,52 @@ mod tests {
             "1",
             "--redis-url",
             "redis://127.0.0.1:1",
+            "--advertise-addr",
+            "10.0.0.7:8080",
         ])
         .expect("parse");
         assert!(Settings::from_args(&args).is_ok());
+    }
+
+    #[test]
+    fn ordinal_comes_from_the_statefulset_pod_name() {
+        assert_eq!(ordinal_from_pod_name("apollo-gateway-12"), Some(12));
+        assert_eq!(ordinal_from_pod_name("gateway"), None);
+        let args = parse(&[
+            "--insecure-no-auth",
+            "--redis-url",
+            "redis://127.0.0.1:1",
+            "--pod-name",
+            "apollo-gateway-2",
+            "--pod-ip",
+            "10.1.2.3",
+        ])
+        .expect("parse");
+        let settings = Settings::from_args(&args).expect("settings");
+        assert_eq!(settings.ordinal, 2);
+        assert_eq!(settings.advertise_addr, "10.1.2.3:8080");
+        let bad = parse(&["--insecure-no-auth", "--pod-name", "gateway"]).expect("parse");
+        assert!(Settings::from_args(&bad).is_err());
+    }
+
+    #[test]
+    fn a_wildcard_listen_address_needs_something_to_advertise_with_redis() {
+        let args =
+            parse(&["--insecure-no-auth", "--redis-url", "redis://127.0.0.1:1"]).expect("parse");
+        let err = Settings::from_args(&args).expect_err("must refuse");
+        assert!(err.to_string().contains("--advertise-addr"), "{err}");
+        let args = parse(&[
+            "--insecure-no-auth",
+            "--redis-url",
+            "redis://127.0.0.1:1",
+            "--listen",
+            "127.0.0.1:9000",
+        ])
+        .expect("parse");
+        assert_eq!(
+            Settings::from_args(&args).expect("ok").advertise_addr,
+            "127.0.0.1:9000"
+        );
     }
 
     #[test]

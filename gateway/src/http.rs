@@ -81,6 +81,8 @@ pub struct DeviceApi {
     pub ordinal: u32,
     /// Concurrent requests above which requests are shed with 503.
     pub max_concurrent_requests: usize,
+    /// Log one info line per device request (method, path, status, latency).
+    pub access_log: bool,
 }
 
 /// An error answered with the JSON envelope.
@@ -177,7 +179,11 @@ pub fn device_router(api: Arc<DeviceApi>) -> Router {
     let ordinal = HeaderValue::from(api.ordinal);
     let metrics = api.metrics.clone();
     let limit = api.max_concurrent_requests;
-    let outer = Arc::new(Outer { ordinal, metrics });
+    let outer = Arc::new(Outer {
+        ordinal,
+        metrics,
+        access_log: api.access_log,
+    });
     Router::new()
         .route(ROUTE_DESIRED, get(desired))
         .route(ROUTE_REPORT, post(report))
@@ -188,7 +194,15 @@ pub fn device_router(api: Arc<DeviceApi>) -> Router {
             ServiceBuilder::new()
                 .layer(middleware::from_fn_with_state(outer, observe))
                 .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path())
+                    let span = tracing::info_span!(
+                        "gateway.request",
+                        otel.kind = "server",
+                        method = %req.method(),
+                        path = %req.uri().path()
+                    );
+                    // Continue the agent's (and router's) trace: one trace per report.
+                    apollo_telemetry::set_parent_from_headers(&span, req.headers());
+                    span
                 }))
                 .layer(HandleErrorLayer::new(overloaded))
                 .load_shed()
@@ -203,12 +217,24 @@ pub fn device_router(api: Arc<DeviceApi>) -> Router {
 struct Outer {
     ordinal: HeaderValue,
     metrics: Metrics,
+    access_log: bool,
 }
 
 async fn observe(State(outer): State<Arc<Outer>>, request: Request, next: Next) -> Response {
     let route = route_label(request.uri().path());
     let start = Instant::now();
+    let access = outer
+        .access_log
+        .then(|| (request.method().clone(), request.uri().path().to_owned()));
     let mut response = next.run(request).await;
+    if let Some((method, path)) = access {
+        tracing::info!(
+            target: "apollo_gateway::access",
+            "{method} {path} {} {:.1}ms",
+            response.status().as_u16(),
+            start.elapsed().as_secs_f64() * 1000.0
+        );
+    }
     response
         .headers_mut()
         .insert(GATEWAY_HEADER, outer.ordinal.clone());

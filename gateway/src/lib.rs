@@ -6,11 +6,13 @@
 //! - [`projection`]: pure status projection and Event decisions.
 //! - [`queue`] and [`status`]: the coalescing, rate-limited status writer.
 //! - [`sweep`]: stale sweep and level-triggered resync over the owned slots ([`ownership`]).
+//! - [`cluster`]: membership in Redis and per-shard Leases deciding which slots this replica owns.
 //! - [`http`]: the device API and admin endpoints; [`server`] wires everything together.
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod cache;
+pub mod cluster;
 pub mod config;
 pub mod desired;
 pub mod error;

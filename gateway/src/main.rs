@@ -6,19 +6,6 @@ use std::process::ExitCode;
 use apollo_gateway::{Args, Settings};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
-
-fn init_tracing(format: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
 
 /// Cancels `shutdown` on the first SIGINT or SIGTERM.
 fn watch_signals(shutdown: CancellationToken) {
@@ -42,7 +29,12 @@ fn watch_signals(shutdown: CancellationToken) {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    init_tracing(&args.log_format);
+    let format = args
+        .log_format
+        .parse()
+        .unwrap_or(apollo_telemetry::LogFormat::Text);
+    // Exports spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set; flushed when dropped.
+    let _telemetry = apollo_telemetry::init("apollo-gateway", format);
     let settings = match Settings::from_args(&args) {
         Ok(settings) => settings,
         Err(error) => {

@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{run_watch, Cache};
+use crate::cluster;
 use crate::config::Settings;
 use crate::error::Error;
 use crate::http::{admin_router, device_router, AdminState, DeviceApi};
@@ -55,10 +56,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         Some(url) => Store::redis(RedisStore::new(url)?, metrics.clone()),
         None => Store::memory(metrics.clone()),
     };
-    let (_ownership_sender, ownership) = ownership::fixed(OwnedSlots::of_shards(
-        &[settings.ordinal],
-        settings.replicas,
-    ));
+    // Alone (in-memory store) this replica owns every slot. In a cluster it owns the slots of
+    // the shards whose Lease it holds, published by the cluster task below.
+    let (ownership_sender, ownership) = if settings.redis_url.is_some() {
+        ownership::fixed(OwnedSlots::none())
+    } else {
+        ownership::fixed(OwnedSlots::of_shards(
+            &[settings.ordinal],
+            settings.replicas,
+        ))
+    };
     let cache = Arc::new(Cache::new(
         settings.heartbeat_interval_seconds,
         metrics.clone(),
@@ -90,6 +97,27 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     );
 
     let mut tasks = JoinSet::new();
+    if let Some(redis_url) = &settings.redis_url {
+        tasks.spawn(cluster::run(
+            cluster::ClusterConfig {
+                ordinal: settings.ordinal,
+                advertise_addr: settings.advertise_addr.clone(),
+                redis_url: redis_url.clone(),
+                lease_namespace: settings.lease_namespace.clone(),
+                lease_duration: settings.shard_lease,
+            },
+            client.clone(),
+            settings.replicas,
+            ownership_sender,
+            shutdown.clone(),
+        ));
+    } else {
+        // Keep the fixed ownership's sender alive for the life of the process.
+        tasks.spawn(async move {
+            let _keep = ownership_sender;
+            std::future::pending::<()>().await
+        });
+    }
     let api: Api<DeviceProcess> = match &settings.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -131,6 +159,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         etag_records,
         ordinal: settings.ordinal,
         max_concurrent_requests: settings.max_concurrent_requests,
+        access_log: settings.access_log,
     });
     let admin = Arc::new(AdminState {
         cache,
@@ -141,13 +170,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     {
         let shutdown = shutdown.clone();
         servers.spawn(async move {
-            axum::serve(device_listener, device_router(device_api))
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-                .map_err(|source| Error::Serve {
-                    what: "device API",
-                    source,
-                })
+            serve_device_api(device_listener, device_router(device_api), shutdown).await;
+            Ok(())
         });
     }
     {
@@ -202,6 +226,54 @@ async fn record_etags(
         let Some((device, etag)) = next else { return };
         if let Err(error) = store.record_desired_etag(&device, &etag).await {
             tracing::debug!(%device, %error, "recording the served ETag failed");
+        }
+    }
+}
+
+/// Most concurrent HTTP/2 streams per connection: a router multiplexes the long polls of many
+/// agents over one connection, so hyper's default (200) would queue them.
+const MAX_CONCURRENT_STREAMS: u32 = 100_000;
+
+/// Serves the device API over HTTP/1.1 and HTTP/2 cleartext (prior knowledge) until shutdown, then
+/// lets in-flight requests (long polls end early with 304) finish.
+async fn serve_device_api(
+    listener: TcpListener,
+    router: axum::Router,
+    shutdown: CancellationToken,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http2()
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+    let builder = Arc::new(builder);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors and the like: pause instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {
+            tracing::warn!("connections still open 10 s after shutdown; closing them");
         }
     }
 }

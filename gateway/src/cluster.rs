@@ -1,0 +1,522 @@
+//! Membership and shard ownership of a replica in a gateway cluster.
+//!
+//! Every second the replica (1) registers itself in Redis with its ordinal and advertised address
+//! (see [`apollo_protocol::membership`]; routers read the same hash) and reads the whole
+//! membership, which gives the replica count N; and (2) manages one `coordination.k8s.io/v1`
+//! Lease per shard (`apollo-gateway-shard-<i>`):
+//! - shard `ordinal` is its own: it acquires and renews that Lease;
+//! - a shard whose replica is not alive and whose Lease has expired is taken over by one live
+//!   replica (the same deterministic choice every replica makes; the others step in only if that
+//!   one does not), and handed back (released) as soon as its replica is alive again;
+//! - a shard at or above N (after a scale-down) is released.
+//!
+//! The slots of the shards whose Lease this replica holds (and renewed within the Lease duration)
+//! are published as its [`OwnedSlots`]: the stale sweep and the resync run on exactly those.
+//! Lease writes use the resourceVersion as an optimistic lock, so of two replicas racing for a
+//! Lease exactly one wins. Transitions are decided atomically in Redis anyway, so the brief overlaps
+//! a scale change can cause never produce a duplicate Event.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use apollo_protocol::membership::{
+    View, HEARTBEAT_EVERY_MS, MEMBERS_KEY, READ_SCRIPT, REGISTER_SCRIPT,
+};
+use apollo_protocol::shard::jump_hash;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{Api, ObjectMeta, PostParams};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::ownership::OwnedSlots;
+
+/// Prefix of the shard Leases' names.
+pub const SHARD_LEASE_PREFIX: &str = "apollo-gateway-shard-";
+/// Bound of each Redis or Kubernetes call made here.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How this replica takes part in the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// This replica's ordinal (its own shard).
+    pub ordinal: u32,
+    /// Address routers use to reach this replica's device API.
+    pub advertise_addr: String,
+    /// Redis holding the membership.
+    pub redis_url: String,
+    /// Namespace of the shard Leases.
+    pub lease_namespace: String,
+    /// Lease duration; a dead replica's shard is taken over this long after its last renewal.
+    pub lease_duration: Duration,
+}
+
+impl ClusterConfig {
+    fn identity(&self) -> String {
+        format!("apollo-gateway-{}", self.ordinal)
+    }
+}
+
+/// Name of the Lease of `shard`.
+pub fn lease_name(shard: u32) -> String {
+    format!("{SHARD_LEASE_PREFIX}{shard}")
+}
+
+/// What to do about one shard's Lease this tick (pure decision).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseAction {
+    /// Acquire it if free or expired, renew it if held.
+    Hold,
+    /// Take it over only if it has expired, or has stayed expired for long (not the preferred taker).
+    TakeOverIfExpired {
+        /// Whether this replica is the one every replica picks for the takeover.
+        preferred: bool,
+    },
+    /// Give it up if held.
+    Release,
+    /// Leave it alone.
+    Ignore,
+}
+
+/// Decides, for every shard that matters, what this replica does with its Lease.
+pub fn plan(ordinal: u32, view: &View, held: &[u32]) -> BTreeMap<u32, LeaseAction> {
+    let replicas = view.replicas.max(ordinal + 1);
+    let mut out = BTreeMap::new();
+    for shard in 0..replicas {
+        let action = if shard == ordinal {
+            LeaseAction::Hold
+        } else if view.alive.contains_key(&shard) {
+            // Its replica is alive: hand it back if we had taken it over.
+            if held.contains(&shard) {
+                LeaseAction::Release
+            } else {
+                LeaseAction::Ignore
+            }
+        } else {
+            let candidates: Vec<u32> = view.alive.keys().copied().filter(|o| *o != shard).collect();
+            let preferred = !candidates.is_empty()
+                && candidates[jump_hash(u64::from(shard), candidates.len() as u32) as usize]
+                    == ordinal;
+            LeaseAction::TakeOverIfExpired { preferred }
+        };
+        out.insert(shard, action);
+    }
+    for shard in held {
+        if *shard >= replicas {
+            out.insert(*shard, LeaseAction::Release);
+        }
+    }
+    out
+}
+
+struct Held {
+    /// Until when we may act on it (last successful write + duration).
+    valid_until: Instant,
+    /// When we last wrote it.
+    renewed_at: Instant,
+}
+
+/// Runs membership and shard leases until `shutdown`, publishing owned slots on `ownership`.
+/// On shutdown the replica deregisters and releases its Leases, so a scale-down hands its work
+/// over at once.
+pub async fn run(
+    config: ClusterConfig,
+    client: kube::Client,
+    initial_replicas: u32,
+    ownership: watch::Sender<Arc<OwnedSlots>>,
+    shutdown: CancellationToken,
+) {
+    let leases: Api<Lease> = Api::namespaced(client, &config.lease_namespace);
+    let redis = match redis::Client::open(config.redis_url.as_str()) {
+        Ok(c) => c,
+        Err(error) => {
+            warn!(%error, "invalid Redis URL for membership");
+            return;
+        }
+    };
+    let register = redis::Script::new(REGISTER_SCRIPT);
+    let read = redis::Script::new(READ_SCRIPT);
+    let mut conn: Option<redis::aio::MultiplexedConnection> = None;
+    let mut view = View {
+        replicas: initial_replicas.max(config.ordinal + 1),
+        ..View::default()
+    };
+    let mut held: BTreeMap<u32, Held> = BTreeMap::new();
+    let mut expired_since: BTreeMap<u32, Instant> = BTreeMap::new();
+    let mut published: Option<(Vec<u32>, u32)> = None;
+    let mut ticker = tokio::time::interval(Duration::from_millis(HEARTBEAT_EVERY_MS));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    info!(
+        ordinal = config.ordinal,
+        advertise = %config.advertise_addr,
+        lease_namespace = %config.lease_namespace,
+        "joining the gateway cluster"
+    );
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        // 1. Membership.
+        match refresh_membership(&redis, &mut conn, &register, &read, &config).await {
+            Ok(new_view) => {
+                if new_view.replicas != view.replicas || new_view.alive != view.alive {
+                    info!(
+                        replicas = new_view.replicas,
+                        alive = ?new_view.alive.keys().collect::<Vec<_>>(),
+                        "gateway membership changed"
+                    );
+                }
+                view = new_view;
+            }
+            Err(error) => {
+                conn = None;
+                debug!(%error, "membership refresh failed; keeping the last view");
+            }
+        }
+        // 2. Leases.
+        let held_now: Vec<u32> = held.keys().copied().collect();
+        for (shard, action) in plan(config.ordinal, &view, &held_now) {
+            let result = match action {
+                LeaseAction::Hold => hold(&leases, &config, shard, &mut held, true).await,
+                LeaseAction::TakeOverIfExpired { preferred } => {
+                    if held.contains_key(&shard) {
+                        hold(&leases, &config, shard, &mut held, true).await
+                    } else {
+                        let since = *expired_since.entry(shard).or_insert_with(Instant::now);
+                        // Not the preferred taker: step in only if the shard stays orphaned.
+                        let patient = preferred || since.elapsed() > 2 * config.lease_duration;
+                        if patient {
+                            hold(&leases, &config, shard, &mut held, false).await
+                        } else {
+                            Ok(())
+                        }
+                    }
+                }
+                LeaseAction::Release => {
+                    expired_since.remove(&shard);
+                    release(&leases, &config, shard, &mut held).await
+                }
+                LeaseAction::Ignore => {
+                    expired_since.remove(&shard);
+                    Ok(())
+                }
+            };
+            if let Err(error) = result {
+                debug!(shard, %error, "shard lease call failed");
+            }
+            if held.contains_key(&shard) {
+                expired_since.remove(&shard);
+            }
+        }
+        // A Lease we could not renew in time is no longer ours to act on.
+        let now = Instant::now();
+        held.retain(|shard, h| {
+            let valid = h.valid_until > now;
+            if !valid {
+                warn!(
+                    shard,
+                    "shard lease not renewed in time; stopping its sweeps"
+                );
+            }
+            valid
+        });
+        // 3. Publish what we own.
+        let replicas = view.replicas.max(config.ordinal + 1);
+        let shards: Vec<u32> = held.keys().copied().filter(|s| *s < replicas).collect();
+        if published.as_ref() != Some(&(shards.clone(), replicas)) {
+            info!(?shards, replicas, "owned shards");
+            ownership.send_replace(Arc::new(OwnedSlots::of_shards(&shards, replicas)));
+            published = Some((shards, replicas));
+        }
+    }
+    // Graceful leave: deregister first (routers move devices at once), then free the Leases.
+    if let Some(c) = conn.as_mut() {
+        let removed: Result<Result<i64, _>, _> = tokio::time::timeout(
+            CALL_TIMEOUT,
+            redis::cmd("HDEL")
+                .arg(MEMBERS_KEY)
+                .arg(config.ordinal)
+                .query_async(c),
+        )
+        .await;
+        if !matches!(removed, Ok(Ok(_))) {
+            warn!("could not deregister from the membership; routers notice in a few seconds");
+        }
+    }
+    let shards: Vec<u32> = held.keys().copied().collect();
+    for shard in shards {
+        let _ = release(&leases, &config, shard, &mut held).await;
+    }
+    ownership.send_replace(Arc::new(OwnedSlots::none()));
+    info!("left the gateway cluster");
+}
+
+async fn refresh_membership(
+    client: &redis::Client,
+    conn: &mut Option<redis::aio::MultiplexedConnection>,
+    register: &redis::Script,
+    read: &redis::Script,
+    config: &ClusterConfig,
+) -> Result<View, String> {
+    if conn.is_none() {
+        let c = tokio::time::timeout(CALL_TIMEOUT, client.get_multiplexed_async_connection())
+            .await
+            .map_err(|_| "connect timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        *conn = Some(c);
+    }
+    let Some(c) = conn.as_mut() else {
+        return Err("no connection".into());
+    };
+    tokio::time::timeout(
+        CALL_TIMEOUT,
+        register
+            .key(MEMBERS_KEY)
+            .arg(config.ordinal)
+            .arg(&config.advertise_addr)
+            .invoke_async::<u64>(c),
+    )
+    .await
+    .map_err(|_| "register timed out".to_owned())?
+    .map_err(|e| e.to_string())?;
+    let fields: Vec<String> =
+        tokio::time::timeout(CALL_TIMEOUT, read.key(MEMBERS_KEY).invoke_async(c))
+            .await
+            .map_err(|_| "membership read timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+    let Some((now, rest)) = fields.split_first() else {
+        return Err("empty membership reply".into());
+    };
+    let now_ms = now.parse::<u64>().map_err(|e| e.to_string())?;
+    Ok(View::from_registrations(
+        rest.chunks_exact(2)
+            .map(|kv| (kv[0].as_str(), kv[1].as_str())),
+        now_ms,
+    ))
+}
+
+fn now_micro() -> MicroTime {
+    MicroTime(jiff::Timestamp::now())
+}
+
+fn expired(lease: &Lease) -> bool {
+    let Some(spec) = lease.spec.as_ref() else {
+        return true;
+    };
+    if spec
+        .holder_identity
+        .as_deref()
+        .unwrap_or_default()
+        .is_empty()
+    {
+        return true;
+    }
+    let duration = i64::from(spec.lease_duration_seconds.unwrap_or(0));
+    match spec.renew_time.as_ref().or(spec.acquire_time.as_ref()) {
+        Some(t) => {
+            let age = jiff::Timestamp::now().duration_since(t.0);
+            age.as_secs() >= duration
+        }
+        None => true,
+    }
+}
+
+/// Acquires (when free, expired, or `own` and already ours) or renews the Lease of `shard`.
+async fn hold(
+    leases: &Api<Lease>,
+    config: &ClusterConfig,
+    shard: u32,
+    held: &mut BTreeMap<u32, Held>,
+    _own: bool,
+) -> Result<(), kube::Error> {
+    let me = config.identity();
+    let name = lease_name(shard);
+    let duration_secs = config.lease_duration.as_secs().max(1) as i32;
+    // Renewing every third of the duration keeps Lease writes to a trickle.
+    if let Some(h) = held.get(&shard) {
+        if h.renewed_at.elapsed() < config.lease_duration / 3 {
+            return Ok(());
+        }
+    }
+    let started = Instant::now();
+    let current = tokio::time::timeout(CALL_TIMEOUT, leases.get_opt(&name))
+        .await
+        .map_err(|_| timeout_error())??;
+    let written = match current {
+        None => {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    labels: Some(
+                        [(
+                            "app.kubernetes.io/name".to_owned(),
+                            "apollo-gateway".to_owned(),
+                        )]
+                        .into(),
+                    ),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(me.clone()),
+                    lease_duration_seconds: Some(duration_secs),
+                    acquire_time: Some(now_micro()),
+                    renew_time: Some(now_micro()),
+                    lease_transitions: Some(0),
+                    ..LeaseSpec::default()
+                }),
+            };
+            tokio::time::timeout(CALL_TIMEOUT, leases.create(&PostParams::default(), &lease))
+                .await
+                .map_err(|_| timeout_error())?
+                .map(|_| true)
+        }
+        Some(mut lease) => {
+            let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+            let mine = spec.holder_identity.as_deref() == Some(me.as_str());
+            if !mine && !expired(&lease) {
+                held.remove(&shard);
+                return Ok(());
+            }
+            let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+            if !mine {
+                spec.holder_identity = Some(me.clone());
+                spec.acquire_time = Some(now_micro());
+                spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+            }
+            spec.lease_duration_seconds = Some(duration_secs);
+            spec.renew_time = Some(now_micro());
+            // replace carries metadata.resourceVersion: a concurrent writer gets 409.
+            tokio::time::timeout(
+                CALL_TIMEOUT,
+                leases.replace(&name, &PostParams::default(), &lease),
+            )
+            .await
+            .map_err(|_| timeout_error())?
+            .map(|_| true)
+        }
+    };
+    match written {
+        Ok(_) => {
+            if !held.contains_key(&shard) {
+                info!(shard, "acquired shard lease");
+            }
+            held.insert(
+                shard,
+                Held {
+                    valid_until: started + config.lease_duration,
+                    renewed_at: started,
+                },
+            );
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            // Someone else wrote it first: not ours (they will hold or renew it).
+            if held.remove(&shard).is_some() {
+                warn!(shard, "lost shard lease to another replica");
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Releases the Lease of `shard` if we hold it (clears the holder so another replica can take it
+/// at once).
+async fn release(
+    leases: &Api<Lease>,
+    config: &ClusterConfig,
+    shard: u32,
+    held: &mut BTreeMap<u32, Held>,
+) -> Result<(), kube::Error> {
+    if held.remove(&shard).is_none() {
+        return Ok(());
+    }
+    let name = lease_name(shard);
+    let Some(mut lease) = tokio::time::timeout(CALL_TIMEOUT, leases.get_opt(&name))
+        .await
+        .map_err(|_| timeout_error())??
+    else {
+        return Ok(());
+    };
+    let me = config.identity();
+    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+    if spec.holder_identity.as_deref() != Some(me.as_str()) {
+        return Ok(());
+    }
+    spec.holder_identity = None;
+    spec.renew_time = None;
+    let result = tokio::time::timeout(
+        CALL_TIMEOUT,
+        leases.replace(&name, &PostParams::default(), &lease),
+    )
+    .await
+    .map_err(|_| timeout_error())?;
+    match result {
+        Ok(_) => {
+            info!(shard, "released shard lease");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn timeout_error() -> kube::Error {
+    kube::Error::Service(Box::new(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "Kubernetes call timed out",
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(replicas: u32, alive: &[u32]) -> View {
+        View {
+            replicas,
+            alive: alive.iter().map(|o| (*o, format!("g{o}"))).collect(),
+            members: (0..replicas).map(|o| (o, format!("g{o}"))).collect(),
+        }
+    }
+
+    #[test]
+    fn a_replica_holds_its_own_shard_and_ignores_live_others() {
+        let p = plan(1, &view(3, &[0, 1, 2]), &[]);
+        assert_eq!(p[&1], LeaseAction::Hold);
+        assert_eq!(p[&0], LeaseAction::Ignore);
+        assert_eq!(p[&2], LeaseAction::Ignore);
+    }
+
+    #[test]
+    fn exactly_one_live_replica_is_the_preferred_taker_of_a_dead_shard() {
+        let v = view(3, &[0, 2]);
+        let preferred: Vec<u32> = [0u32, 2]
+            .iter()
+            .filter(|o| {
+                plan(**o, &v, &[])[&1] == LeaseAction::TakeOverIfExpired { preferred: true }
+            })
+            .copied()
+            .collect();
+        assert_eq!(preferred.len(), 1, "{preferred:?}");
+    }
+
+    #[test]
+    fn a_taken_over_shard_is_handed_back_and_shards_beyond_n_are_released() {
+        let p = plan(0, &view(3, &[0, 1, 2]), &[0, 1]);
+        assert_eq!(p[&1], LeaseAction::Release);
+        let p = plan(0, &view(2, &[0, 1]), &[0, 3]);
+        assert_eq!(p[&3], LeaseAction::Release);
+        assert_eq!(p[&0], LeaseAction::Hold);
+    }
+
+    #[test]
+    fn a_replica_not_yet_in_the_view_still_holds_its_shard() {
+        let p = plan(4, &view(3, &[0, 1, 2]), &[]);
+        assert_eq!(p[&4], LeaseAction::Hold);
+        assert_eq!(p.len(), 5);
+    }
+}
