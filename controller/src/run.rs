@@ -321,3 +321,99 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
     tracing::info!("controller stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use apollo_crds::{
+        Artifact, Backend, DeviceProcessDeploymentSpec, DeviceProcessSpec, DeviceProcessTemplate,
+        DeviceRef, Execution, NetworkSwitchSpec, TemplateMetadata, WorkloadSpec,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
+
+    fn workload() -> WorkloadSpec {
+        WorkloadSpec {
+            artifact: Artifact {
+                type_: "oci".into(),
+                url: "u".into(),
+                digest: None,
+            },
+            execution: Execution {
+                backend: Backend::Container,
+                command: vec![],
+                args: vec![],
+                env: vec![],
+                working_dir: None,
+            },
+        }
+    }
+
+    fn deployment(name: &str, namespace: &str, role: &str) -> DeviceProcessDeployment {
+        let mut d = DeviceProcessDeployment::new(
+            name,
+            DeviceProcessDeploymentSpec {
+                selector: LabelSelector {
+                    match_labels: Some([("role".to_owned(), role.to_owned())].into()),
+                    match_expressions: None,
+                },
+                template: DeviceProcessTemplate {
+                    metadata: TemplateMetadata::default(),
+                    spec: workload(),
+                },
+            },
+        );
+        d.metadata.namespace = Some(namespace.into());
+        d
+    }
+
+    fn child_of(owner: &str, device: &str) -> DeviceProcess {
+        let w = workload();
+        let mut c = DeviceProcess::new(
+            &format!("{owner}-{device}"),
+            DeviceProcessSpec {
+                device_ref: DeviceRef {
+                    name: device.into(),
+                },
+                artifact: w.artifact,
+                execution: w.execution,
+            },
+        );
+        c.metadata.namespace = Some("fabric".into());
+        c.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: "azure.com/v1alpha1".into(),
+            kind: "DeviceProcessDeployment".into(),
+            name: owner.into(),
+            uid: format!("uid-{owner}"),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        }]);
+        c
+    }
+
+    #[test]
+    fn a_switch_maps_to_deployments_selecting_it_and_to_owners_of_its_children() {
+        let (deployments, mut deployment_writer) = reflector::store::<DeviceProcessDeployment>();
+        for d in [
+            deployment("selects", "fabric", "tor"),
+            deployment("used-to-select", "fabric", "spine"),
+            deployment("unrelated", "fabric", "spine"),
+            deployment("elsewhere", "lab", "tor"),
+        ] {
+            deployment_writer.apply_watcher_event(&watcher::Event::Apply(d));
+        }
+        let (children, mut child_writer) = reflector::store::<DeviceProcess>();
+        child_writer
+            .apply_watcher_event(&watcher::Event::Apply(child_of("used-to-select", "tor1")));
+        child_writer.apply_watcher_event(&watcher::Event::Apply(child_of("unrelated", "tor2")));
+
+        let mut switch = NetworkSwitch::new("tor1", NetworkSwitchSpec::default());
+        switch.metadata.namespace = Some("fabric".into());
+        switch.metadata.labels = Some([("role".to_owned(), "tor".to_owned())].into());
+
+        let mapped: Vec<String> = deployments_for_switch(&switch, &deployments, &children)
+            .into_iter()
+            .map(|r| format!("{}/{}", r.namespace.unwrap_or_default(), r.name))
+            .collect();
+        assert_eq!(mapped, ["fabric/selects", "fabric/used-to-select"]);
+    }
+}
