@@ -133,6 +133,19 @@ impl Expectations {
         view
     }
 
+    /// Whether a create in `namespace` still stands in for an object the cache has not shown.
+    /// While one does, a deletion of that object by someone else would be masked, so the caller
+    /// looks again once the expectation has expired.
+    pub fn awaiting_creates(&self, namespace: &str) -> bool {
+        let now = Instant::now();
+        lock(&self.children).iter().any(|(key, w)| {
+            key.0 == namespace
+                && w.cached_version.is_none()
+                && w.result.is_some()
+                && w.expires > now
+        })
+    }
+
     /// Remember that we wrote `status` for the deployment cached at `cached_version`.
     pub fn status_written(
         &self,
@@ -225,12 +238,15 @@ mod tests {
             "not the caller's"
         );
         assert!(e.children_view("other", vec![], |_| true).is_empty());
+        assert!(e.awaiting_creates("ns"));
+        assert!(!e.awaiting_creates("other"));
         let arrived = Arc::new(child("a", "5", &[]));
         assert_eq!(
             names(&e.children_view("ns", vec![arrived], |_| true)),
             [("a".into(), "5".into())]
         );
         // Forgotten once seen: a later deletion is not masked.
+        assert!(!e.awaiting_creates("ns"));
         assert!(e.children_view("ns", vec![], |_| true).is_empty());
     }
 

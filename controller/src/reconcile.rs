@@ -15,7 +15,7 @@ use kube::{Resource, ResourceExt};
 use tokio::time::Instant;
 
 use crate::desired::{self, ChildUpdate, DesiredError};
-use crate::expectations::Expectations;
+use crate::expectations::{Expectations, EXPECTATION_TTL};
 use crate::lease::Leadership;
 use crate::metrics::{outcome_of, Metrics};
 use crate::{with_timeout, Error};
@@ -317,6 +317,8 @@ async fn reconcile_deployment(
 
     let next = if requeue_soon {
         ctx.config.backoff_base
+    } else if ctx.expectations.awaiting_creates(&namespace) {
+        ctx.config.resync_period.min(EXPECTATION_TTL)
     } else {
         ctx.config.resync_period
     };
