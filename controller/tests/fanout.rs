@@ -576,3 +576,77 @@ async fn a_namespace_scoped_controller_leaves_other_namespaces_alone() {
         .items
         .is_empty());
 }
+
+#[tokio::test]
+async fn a_child_deleted_by_hand_is_recreated() {
+    let cluster = Cluster::start().await;
+    let _controller = cluster.controller("controller-a").await;
+    cluster.switch("tor1-01", &[("role", "tor")]).await;
+    cluster
+        .deployment("logger", match_labels(&[("role", "tor")]), &["v1"])
+        .await;
+    cluster.converged("logger", 1).await;
+    let original = cluster.children.get("logger-tor1-01").await.expect("child");
+
+    cluster
+        .children
+        .delete("logger-tor1-01", &DeleteParams::default())
+        .await
+        .expect("delete child");
+    let children = cluster.children.clone();
+    wait_until(DEADLINE, "the child is recreated", || {
+        let children = children.clone();
+        let original_uid = original.uid();
+        async move {
+            children
+                .get_opt("logger-tor1-01")
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|c| c.uid() != original_uid)
+        }
+    })
+    .await;
+    assert_eq!(
+        cluster.events_for("logger", "SuccessfulCreate").await.len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn failed_writes_are_retried_with_backoff_until_converged() {
+    let cluster = Cluster::start().await;
+    let controller = cluster.controller("controller-a").await;
+    cluster.switch("tor1-01", &[("role", "tor")]).await;
+    cluster.switch("tor1-02", &[("role", "tor")]).await;
+    cluster
+        .sim
+        .set_faults(
+            json!({"verb": "create", "resource": "deviceprocesses", "code": 500, "times": 2}),
+        )
+        .await;
+    cluster
+        .deployment("logger", match_labels(&[("role", "tor")]), &["v1"])
+        .await;
+    cluster.converged("logger", 2).await;
+    assert_eq!(
+        cluster.sim.count("create", "deviceprocesses", None).await,
+        4,
+        "two refused creates, then one per child"
+    );
+    assert_eq!(
+        controller
+            .metric(
+                "apollo_controller_kube_writes_total",
+                &[r#"resource="deviceprocesses""#, r#"outcome="error""#]
+            )
+            .await,
+        2.0
+    );
+    assert!(
+        controller
+            .metric("apollo_controller_reconciles_total", &[r#"result="error""#])
+            .await
+            >= 2.0
+    );
+}
