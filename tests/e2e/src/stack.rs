@@ -84,6 +84,8 @@ pub struct StackConfig {
     pub ports: Ports,
     /// Extra flags for every gateway (e.g. shorter shard leases in tests).
     pub gateway_extra_args: Vec<String>,
+    /// Long-poll wait of the agent processes (seconds).
+    pub agent_poll_wait_seconds: u64,
 }
 
 impl StackConfig {
@@ -103,6 +105,8 @@ impl StackConfig {
             sweep_interval_seconds: 1,
             ports: Ports::dev(),
             gateway_extra_args: Vec::new(),
+            // Short enough that the demo's "200 once, then 304s" shows within seconds.
+            agent_poll_wait_seconds: 5,
         }
     }
 }
@@ -250,6 +254,8 @@ impl Stack {
                 ),
                 format!("--stale-multiplier={}", cfg.stale_multiplier),
                 format!("--sweep-interval-seconds={}", cfg.sweep_interval_seconds),
+                // The demo's "200 once, then 304s" is read from this log.
+                "--access-log".to_owned(),
             ],
             log_dir: logs.clone(),
             base_ports: cfg.ports.gateway_base,
@@ -367,6 +373,10 @@ impl Stack {
             .env("APOLLO_DEVICE_NAME", device)
             .env("APOLLO_GATEWAY_URL", self.router_url())
             .env("APOLLO_DEVICE_TOKEN", self.token(device))
+            .env(
+                "APOLLO_POLL_WAIT_SECONDS",
+                self.cfg.agent_poll_wait_seconds.to_string(),
+            )
             .spawn();
         let previous = self
             .agents

@@ -1,0 +1,384 @@
+//! The sharded gateway cluster end to end: kubesim, redis-server, the controller, gateway
+//! processes managed through the StatefulSet, the router, and in-process agents (issue 7).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use apollo_e2e::fleet::{self, Agents};
+use apollo_e2e::{Ports, Stack, StackConfig};
+use apollo_protocol::shard::shard_for_device;
+use apollo_test_support::{binary, wait_for, wait_until};
+
+const NS: &str = "default";
+/// Shard leases expire quickly in tests so takeovers happen within seconds.
+const LEASE_SECONDS: u64 = 3;
+
+fn config(dir: &tempfile::TempDir, gateways: u32) -> StackConfig {
+    let bin_dir = binary("apollo-gateway")
+        .parent()
+        .expect("bin dir")
+        .to_path_buf();
+    let mut cfg = StackConfig::demo(dir.path().to_path_buf(), bin_dir);
+    cfg.gateways = gateways;
+    cfg.devices = Vec::new();
+    cfg.run_agents = false;
+    cfg.install_samples = false;
+    cfg.heartbeat_interval_seconds = 2;
+    cfg.stale_multiplier = 3;
+    cfg.sweep_interval_seconds = 1;
+    cfg.ports = Ports::ephemeral();
+    cfg.gateway_extra_args = vec![format!("--shard-lease-seconds={LEASE_SECONDS}")];
+    cfg
+}
+
+async fn start(gateways: u32) -> (tempfile::TempDir, Stack) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stack = Stack::start(config(&dir, gateways))
+        .await
+        .expect("start the stack");
+    (dir, stack)
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
+/// Starts agents for a fleet and waits until every DeviceProcess is healthy.
+async fn healthy_fleet(stack: &Stack, name: &str, n: usize) -> (Vec<String>, Agents) {
+    let client = stack.client();
+    let devices = fleet::devices(name, n);
+    fleet::install(&client, NS, name, &devices)
+        .await
+        .expect("install fleet");
+    let mut agents = Agents::new(stack).expect("agents");
+    for d in &devices {
+        agents.start(stack, d).expect("start agent");
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "every DeviceProcess healthy",
+        || async {
+            fleet::processes(&client, NS, name)
+                .await
+                .is_ok_and(|dps| dps.len() == n && dps.values().all(fleet::healthy))
+        },
+    )
+    .await;
+    (devices, agents)
+}
+
+async fn placement(stack: &Stack, devices: &[String]) -> BTreeMap<String, u32> {
+    let http = http();
+    let mut out = BTreeMap::new();
+    for d in devices {
+        let o = fleet::served_by(&http, stack, d).await.expect("served");
+        out.insert(d.clone(), o);
+    }
+    out
+}
+
+async fn kubesim_writes(stack: &Stack) -> (u64, u64) {
+    let http = http();
+    let url = format!("{}/kubesim/requests", stack.kubesim_url().expect("kubesim"));
+    let v: serde_json::Value = http
+        .get(url)
+        .send()
+        .await
+        .expect("counts")
+        .json()
+        .await
+        .expect("json");
+    let (mut dp, mut ev) = (0, 0);
+    for r in v["requests"].as_array().cloned().unwrap_or_default() {
+        let write = matches!(
+            r["verb"].as_str(),
+            Some("create" | "update" | "patch" | "delete")
+        );
+        let n = r["count"].as_u64().unwrap_or(0);
+        match r["resource"].as_str() {
+            Some("deviceprocesses") if write => dp += n,
+            Some("events") if write => ev += n,
+            _ => {}
+        }
+    }
+    (dp, ev)
+}
+
+async fn reset_kubesim(stack: &Stack) {
+    http()
+        .delete(format!(
+            "{}/kubesim/requests",
+            stack.kubesim_url().expect("kubesim")
+        ))
+        .send()
+        .await
+        .expect("reset");
+}
+
+async fn kubectl_scale(stack: &Stack, replicas: u32) {
+    let cache = stack.config().work_dir.join("kubectl-cache");
+    let out = apollo_test_support::kubectl(
+        stack.kubeconfig(),
+        &cache,
+        [
+            "scale",
+            "statefulset",
+            "apollo-gateway",
+            &format!("--replicas={replicas}"),
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "kubectl scale: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Waits until the router sends every device to `shard(slot, n)`.
+async fn wait_routing(stack: &Stack, devices: &[String], n: u32) {
+    let http = http();
+    wait_until(
+        Duration::from_secs(20),
+        "router follows the new membership",
+        || async {
+            for d in devices {
+                if fleet::served_by(&http, stack, d).await != Some(shard_for_device(d, n)) {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn three_hundred_devices_spread_evenly_and_stick_to_their_replica() {
+    let (_dir, stack) = start(3).await;
+    let devices = fleet::devices("spread", 300);
+    let first = placement(&stack, &devices).await;
+    let mut per = [0u32; 3];
+    for o in first.values() {
+        per[*o as usize] += 1;
+    }
+    assert!(
+        per.iter().all(|n| (75..=125).contains(n)),
+        "per replica: {per:?}"
+    );
+    for (d, o) in &first {
+        assert_eq!(*o, shard_for_device(d, 3), "{d}");
+    }
+    assert_eq!(
+        placement(&stack, &devices).await,
+        first,
+        "placement changed while N held"
+    );
+    stack.shutdown().await;
+}
+
+#[tokio::test]
+async fn scaling_moves_a_fair_share_and_costs_no_writes_for_reporting_devices() {
+    let (_dir, stack) = start(3).await;
+    let client = stack.client();
+    let (devices, _agents) = healthy_fleet(&stack, "scale", 150).await;
+    let before = placement(&stack, &devices).await;
+    let events_before = fleet::event_counts(&client, NS).await.expect("events");
+    reset_kubesim(&stack).await;
+
+    kubectl_scale(&stack, 4).await;
+    stack
+        .wait_gateways_ready(4, Duration::from_secs(30))
+        .await
+        .expect("4 ready");
+    wait_routing(&stack, &devices, 4).await;
+    let after4 = placement(&stack, &devices).await;
+    let moved: Vec<&String> = devices
+        .iter()
+        .filter(|d| before[*d] != after4[*d])
+        .collect();
+    let share = moved.len() as f64 / devices.len() as f64;
+    assert!((0.15..=0.35).contains(&share), "moved {share:.2}");
+    assert!(
+        moved.iter().all(|d| after4[*d] == 3),
+        "devices only move to the new replica"
+    );
+
+    kubectl_scale(&stack, 2).await;
+    stack
+        .wait_gateways_ready(2, Duration::from_secs(30))
+        .await
+        .expect("2 ready");
+    wait_routing(&stack, &devices, 2).await;
+    let after2 = placement(&stack, &devices).await;
+    for d in &devices {
+        if after4[d] < 2 {
+            assert_eq!(after2[d], after4[d], "{d} moved though its replica stayed");
+        }
+    }
+    // Two stale windows of agents reporting through the changes: still nothing written.
+    let window = Duration::from_secs(2 * 3 * stack.config().heartbeat_interval_seconds);
+    tokio::time::sleep(window).await;
+    let dps = fleet::processes(&client, NS, "scale").await.expect("dps");
+    assert!(
+        dps.values().all(fleet::healthy),
+        "a device lost its health during scaling"
+    );
+    assert_eq!(
+        kubesim_writes(&stack).await,
+        (0, 0),
+        "(DeviceProcess writes, Event writes)"
+    );
+    assert_eq!(
+        fleet::event_counts(&client, NS).await.expect("events"),
+        events_before
+    );
+    stack.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_killed_replica_s_devices_fail_over_and_its_sweep_is_taken_over() {
+    let (_dir, stack) = start(3).await;
+    let client = stack.client();
+    let (devices, mut agents) = healthy_fleet(&stack, "kill", 60).await;
+    let victims: Vec<&String> = devices
+        .iter()
+        .filter(|d| shard_for_device(d, 3) == 1)
+        .collect();
+    let quiet = victims[0].clone();
+    let events_before = fleet::event_counts(&client, NS).await.expect("events");
+
+    stack.gateways().kill(1);
+    let killed_at = Instant::now();
+    let http = http();
+    for d in &victims {
+        let o = wait_for(Duration::from_secs(3), "served by a fallback", || async {
+            fleet::served_by(&http, &stack, d).await
+        })
+        .await;
+        assert_ne!(o, 1);
+    }
+    assert!(killed_at.elapsed() < Duration::from_secs(3) + Duration::from_millis(500));
+
+    // An agent of the dead replica's shard stops during the outage: someone else must notice.
+    agents.stop(&quiet).await;
+    let dp_name = format!("kill-{quiet}");
+    wait_until(
+        Duration::from_secs(30),
+        "the quiet device is marked disconnected",
+        || async {
+            fleet::processes(&client, NS, "kill")
+                .await
+                .is_ok_and(|dps| dps.get(&quiet).is_some_and(fleet::disconnected))
+        },
+    )
+    .await;
+    // Two more sweep periods: still exactly one Warning for it, none for anyone else.
+    tokio::time::sleep(Duration::from_secs(
+        2 * stack.config().sweep_interval_seconds + 1,
+    ))
+    .await;
+    let events = fleet::event_counts(&client, NS).await.expect("events");
+    let warnings = |name: &str| {
+        events
+            .get(&("AgentDisconnected".to_owned(), name.to_owned()))
+            .copied()
+            .unwrap_or(0)
+            - events_before
+                .get(&("AgentDisconnected".to_owned(), name.to_owned()))
+                .copied()
+                .unwrap_or(0)
+    };
+    assert_eq!(warnings(&dp_name), 1);
+    let dps = fleet::processes(&client, NS, "kill").await.expect("dps");
+    for (d, dp) in &dps {
+        if *d != quiet {
+            assert!(fleet::healthy(dp), "{d} is not healthy");
+            assert_eq!(warnings(&format!("kill-{d}")), 0, "{d} got a Warning");
+        }
+    }
+    stack.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stopped_agent_is_marked_stale_exactly_once_while_three_replicas_sweep() {
+    let (_dir, stack) = start(3).await;
+    let client = stack.client();
+    let (devices, mut agents) = healthy_fleet(&stack, "stale", 30).await;
+    let quiet = devices[7].clone();
+    let events_before = fleet::event_counts(&client, NS).await.expect("events");
+    reset_kubesim(&stack).await;
+    agents.stop(&quiet).await;
+    wait_until(Duration::from_secs(30), "marked disconnected", || async {
+        fleet::processes(&client, NS, "stale")
+            .await
+            .is_ok_and(|dps| dps.get(&quiet).is_some_and(fleet::disconnected))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(
+        3 * stack.config().sweep_interval_seconds + 1,
+    ))
+    .await;
+    let events = fleet::event_counts(&client, NS).await.expect("events");
+    let key = ("AgentDisconnected".to_owned(), format!("stale-{quiet}"));
+    assert_eq!(
+        events.get(&key).copied().unwrap_or(0) - events_before.get(&key).copied().unwrap_or(0),
+        1
+    );
+    assert_eq!(
+        kubesim_writes(&stack).await,
+        (1, 1),
+        "one status patch and one Event"
+    );
+    stack.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_redis_restart_loses_state_but_marks_no_device_disconnected() {
+    let (_dir, mut stack) = start(3).await;
+    let client = stack.client();
+    let (_devices, agents) = healthy_fleet(&stack, "redis", 30).await;
+    let events_before = fleet::event_counts(&client, NS).await.expect("events");
+    stack.redis().restart().await;
+    let ok_before = agents.metrics().snapshot().report.ok;
+    // Agents keep reporting successfully through the new, empty Redis.
+    wait_until(Duration::from_secs(30), "reports succeed again", || async {
+        agents.metrics().snapshot().report.ok >= ok_before + 60
+    })
+    .await;
+    // A full stale window later nobody was marked disconnected.
+    tokio::time::sleep(Duration::from_secs(
+        3 * stack.config().heartbeat_interval_seconds + 2,
+    ))
+    .await;
+    let dps = fleet::processes(&client, NS, "redis").await.expect("dps");
+    assert!(dps.values().all(fleet::healthy));
+    let events = fleet::event_counts(&client, NS).await.expect("events");
+    let disconnects = |m: &std::collections::HashMap<(String, String), u64>| {
+        m.iter()
+            .filter(|((r, _), _)| r == "AgentDisconnected")
+            .map(|(_, n)| n)
+            .sum::<u64>()
+    };
+    assert_eq!(disconnects(&events), disconnects(&events_before));
+    stack.shutdown().await;
+}
+
+#[tokio::test]
+async fn agents_recover_by_themselves_after_a_router_restart() {
+    let (_dir, mut stack) = start(2).await;
+    let client = stack.client();
+    let (_devices, agents) = healthy_fleet(&stack, "router", 20).await;
+    stack.restart_router().await.expect("restart router");
+    let ok_before = agents.metrics().snapshot().report.ok;
+    wait_until(Duration::from_secs(30), "reports flow again", || async {
+        agents.metrics().snapshot().report.ok >= ok_before + 40
+    })
+    .await;
+    let dps = fleet::processes(&client, NS, "router").await.expect("dps");
+    assert!(dps.values().all(fleet::healthy));
+    stack.shutdown().await;
+}
