@@ -218,7 +218,9 @@ async fn reconcile_deployment(
     let plan = desired::plan(&uid, &desired, &existing);
     let children_api: Api<DeviceProcess> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut requeue_soon = false;
-    let mut after: Vec<DeviceProcess> = plan.unchanged.iter().map(|c| (**c).clone()).collect();
+    // Children as they are once this reconcile's writes are done (shared, not copied: a
+    // deployment may have a child per device of a large fleet).
+    let mut after: Vec<Arc<DeviceProcess>> = plan.unchanged.clone();
 
     for child in &plan.create {
         ctx.leadership.ensure()?;
@@ -235,7 +237,7 @@ async fn reconcile_deployment(
                 ctx.expectations.created(&created);
                 tracing::info!(deployment = %name, %namespace, child = %child_name, "created DeviceProcess");
                 publish(ctx, deployment, "SuccessfulCreate", "Create", &created).await;
-                after.push(created);
+                after.push(Arc::new(created));
             }
             Err(error) => {
                 ctx.metrics.write(CHILDREN, "create", outcome_of(&error));
@@ -257,10 +259,10 @@ async fn reconcile_deployment(
     for update in &plan.update {
         ctx.leadership.ensure()?;
         match update_child(&children_api, update, ctx).await? {
-            Some(updated) => after.push(updated),
+            Some(updated) => after.push(Arc::new(updated)),
             None => {
                 requeue_soon = true;
-                after.push((*update.existing).clone());
+                after.push(Arc::clone(&update.existing));
             }
         }
     }
@@ -309,7 +311,7 @@ async fn reconcile_deployment(
         deployment,
         shown_status.as_ref(),
         &desired,
-        &after.iter().collect::<Vec<_>>(),
+        &after.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
         None,
         &now,
     );
