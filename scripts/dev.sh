@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 
 case "${1:-up}" in
   agent|status)
+    if [ -x target/release/apollo-dev ]; then exec target/release/apollo-dev "$@"; fi
     exec cargo run -q --release -p apollo-e2e --bin apollo-dev -- "$@" ;;
 esac
 
