@@ -1174,6 +1174,12 @@ fn compose_services_use_flags_our_binaries_accept() {
 /// gateways and agents are configured with.
 #[test]
 fn compose_init_writes_the_key_gateways_read_and_tokens_they_accept() {
+    let openssl = Command::new("openssl").arg("version").output();
+    assert!(
+        openssl.is_ok_and(|o| o.status.success()),
+        "the init step computes tokens with the openssl CLI (in the image through ca-certificates); \
+         install Debian's openssl package to run this test"
+    );
     let volumes = tempfile::tempdir().expect("tempdir");
     let services = services();
     let init = &services["init"];
