@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 
 source scripts/lib/ensure-deps.sh
 ensure_redis_server
+ensure_openssl
 ensure_kubectl_present
 
 echo "== cargo fmt --check"

@@ -22,6 +22,11 @@ ensure_redis_server() {
   command -v redis-server >/dev/null 2>&1 || { echo "error: redis-server is not installed" >&2; return 1; }
 }
 
+ensure_openssl() {
+  # The docker-compose init step computes device tokens with openssl; its test runs it too.
+  command -v openssl >/dev/null 2>&1 || apt_install openssl
+}
+
 ensure_kubectl_present() {
   if ! command -v kubectl >/dev/null 2>&1; then
     echo "warning: kubectl not found; tests that drive the real kubectl will fail" >&2
