@@ -145,6 +145,8 @@ pub fn window(before: &MetricsSnapshot, after: &MetricsSnapshot, elapsed: Durati
 pub struct ApiCost {
     /// create/update/patch/delete on deviceprocesses (incl. /status).
     pub deviceprocess_writes: u64,
+    /// Of those, writes of `/status` (the gateways' status patches).
+    pub status_writes: u64,
     /// Events created or patched.
     pub event_writes: u64,
     /// Lease writes (leader election and shard leases).
@@ -166,10 +168,16 @@ async fn api_cost(http: &reqwest::Client, kubesim: &str) -> anyhow::Result<ApiCo
     for r in v["requests"].as_array().cloned().unwrap_or_default() {
         let verb = r["verb"].as_str().unwrap_or_default();
         let resource = r["resource"].as_str().unwrap_or_default();
+        let subresource = r["subresource"].as_str().unwrap_or_default();
         let n = r["count"].as_u64().unwrap_or(0);
         let write = matches!(verb, "create" | "update" | "patch" | "delete");
         match (resource, write) {
-            ("deviceprocesses", true) => cost.deviceprocess_writes += n,
+            ("deviceprocesses", true) => {
+                cost.deviceprocess_writes += n;
+                if subresource == "status" {
+                    cost.status_writes += n;
+                }
+            }
             ("events", true) => cost.event_writes += n,
             ("leases", true) => cost.lease_writes += n,
             ("deviceprocesses", false) if verb == "get" => cost.deviceprocess_gets += n,
@@ -493,10 +501,15 @@ pub fn render(r: &Results) -> String {
         ));
     }
     if let (Some(secs), Some(a)) = (r.rollout_seconds, &r.rollout_api) {
-        let per = a.deviceprocess_writes as f64 / r.devices.max(1) as f64;
+        let n = r.devices.max(1) as f64;
+        let spec_writes = a.deviceprocess_writes - a.status_writes;
         out.push_str(&format!(
-            "| rollout wave: time until every device observed the new spec | {secs:.1} s |\n| rollout wave: DeviceProcess writes (controller spec updates + gateway status patches) | {} ({per:.2} per device) |\n| rollout wave: Event writes | {} |\n",
-            a.deviceprocess_writes, a.event_writes
+            "| rollout wave: time until every device observed the new spec | {secs:.1} s |\n| rollout wave: controller spec updates | {spec_writes} ({:.2} per device) |\n| rollout wave: gateway status patches | {} ({:.2} per device) |\n| rollout wave: Event writes | {} ({:.2} per device) |\n",
+            spec_writes as f64 / n,
+            a.status_writes,
+            a.status_writes as f64 / n,
+            a.event_writes,
+            a.event_writes as f64 / n
         ));
     }
     out
