@@ -50,6 +50,9 @@ pub struct Work {
     pub events: Vec<EventSpec>,
     /// Why the entry exists.
     pub reason: WriteReason,
+    /// Trace of the report (or sweep) that caused the work, so the Kubernetes patch and Events
+    /// show up in the same trace.
+    pub trace: Option<apollo_telemetry::TraceContext>,
 }
 
 impl Work {
@@ -59,6 +62,7 @@ impl Work {
             transitions: Vec::new(),
             events: Vec::new(),
             reason,
+            trace: None,
         }
     }
 
@@ -68,6 +72,7 @@ impl Work {
             transitions: vec![transition],
             events: Vec::new(),
             reason: WriteReason::Transition,
+            trace: Some(apollo_telemetry::current_context()),
         }
     }
 
@@ -82,6 +87,9 @@ impl Work {
             .drain(..(excess - from_events).min(self.transitions.len()));
         if self.reason != WriteReason::Transition {
             self.reason = other.reason;
+        }
+        if self.trace.is_none() {
+            self.trace = other.trace;
         }
     }
 }

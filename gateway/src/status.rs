@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use apollo_crds::{DeviceProcess, DeviceProcessStatus};
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -215,8 +216,13 @@ impl StatusWriter {
                     };
                     let Ok(permit) = permit else { break };
                     let this = self.clone();
+                    let span =
+                        tracing::info_span!("status.write", object = %key, reason = ?work.reason);
+                    if let Some(cx) = &work.trace {
+                        apollo_telemetry::set_parent(&span, cx);
+                    }
                     tasks.spawn(async move {
-                        this.write(&key, work).await;
+                        this.write(&key, work).instrument(span).await;
                         this.queue.done(&key);
                         drop(permit);
                     });
@@ -296,6 +302,7 @@ impl StatusWriter {
                         transitions: Vec::new(),
                         events,
                         reason: WriteReason::Retry,
+                        trace: None,
                     },
                 );
                 return;
@@ -407,7 +414,11 @@ impl StatusWriter {
         key: &ObjectKey,
         call: impl std::future::Future<Output = Result<T, kube::Error>>,
     ) -> Result<T, Error> {
-        match tokio::time::timeout(self.config.call_timeout, call).await {
+        let span = tracing::info_span!("kube.request", otel.kind = "client", op, object = %key);
+        match tokio::time::timeout(self.config.call_timeout, call)
+            .instrument(span)
+            .await
+        {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(source)) => Err(Error::KubeCall {
                 op,

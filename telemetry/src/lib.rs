@@ -160,6 +160,20 @@ impl Injector for HeaderInjector<'_> {
     }
 }
 
+/// A trace context captured from a span, to continue its trace later (e.g. off the request path)
+/// without keeping the span itself open.
+pub type TraceContext = opentelemetry::Context;
+
+/// The context of the current span (empty when no span or no exporter is active).
+pub fn current_context() -> TraceContext {
+    tracing::Span::current().context()
+}
+
+/// Makes `span` part of the trace `cx` was captured from.
+pub fn set_parent(span: &tracing::Span, cx: &TraceContext) {
+    let _ = span.set_parent(cx.clone());
+}
+
 /// Makes `span` a child of the trace named by the request's `traceparent`, if any.
 pub fn set_parent_from_headers(span: &tracing::Span, headers: &http::HeaderMap) {
     let cx =

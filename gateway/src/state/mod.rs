@@ -182,7 +182,14 @@ impl Store {
         call: impl Future<Output = Result<T, Error>>,
     ) -> Result<T, Error> {
         let start = Instant::now();
-        let result = call.await;
+        // A span only inside a traced operation (a request or a status write): background sweeps
+        // would otherwise start a trace of their own every few seconds.
+        let result = if tracing::Span::current().is_none() {
+            call.await
+        } else {
+            let span = tracing::info_span!("state_store", otel.kind = "client", db.operation = op);
+            tracing::Instrument::instrument(call, span).await
+        };
         let labels = StoreLabels { op };
         self.metrics
             .store_seconds

@@ -33,6 +33,8 @@ pub struct GatewayLauncher {
     pub log_dir: PathBuf,
     /// `(device API, admin)` port of ordinal 0; ordinal i adds i. None: ephemeral ports.
     pub base_ports: Option<(u16, u16)>,
+    /// Extra environment of every gateway.
+    pub env: Vec<(String, String)>,
 }
 
 struct Running {
@@ -107,6 +109,8 @@ impl Gateways {
             .arg(&l.secret_file)
             .args(["--ordinal", &ordinal.to_string()])
             .args(&l.extra_args)
+            .envs(crate::stack::otel_env())
+            .envs(l.env.clone())
             .spawn();
         self.lock().insert(
             ordinal,

@@ -86,6 +86,9 @@ pub struct StackConfig {
     pub gateway_extra_args: Vec<String>,
     /// Long-poll wait of the agent processes (seconds).
     pub agent_poll_wait_seconds: u64,
+    /// Environment for the servers (controller, gateways, router) on top of this process's
+    /// `OTEL_*` variables, e.g. an OTLP endpoint in tests.
+    pub server_env: Vec<(String, String)>,
 }
 
 impl StackConfig {
@@ -107,6 +110,7 @@ impl StackConfig {
             gateway_extra_args: Vec::new(),
             // Short enough that the demo's "200 once, then 304s" shows within seconds.
             agent_poll_wait_seconds: 5,
+            server_env: Vec::new(),
         }
     }
 }
@@ -125,6 +129,14 @@ pub struct Stack {
     scaler: Option<tokio::task::JoinHandle<()>>,
     shutdown: CancellationToken,
     client: kube::Client,
+}
+
+/// `OTEL_*` variables of this process, passed on to the stack's servers so that
+/// `OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318 scripts/dev.sh` exports their traces.
+pub fn otel_env() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with("OTEL_"))
+        .collect()
 }
 
 fn bin(cfg: &StackConfig, name: &str) -> anyhow::Result<PathBuf> {
@@ -232,6 +244,8 @@ impl Stack {
                 &format!("127.0.0.1:{}", cfg.ports.controller_admin),
             ])
             .args(["--lease-namespace", &cfg.namespace])
+            .envs(otel_env())
+            .envs(cfg.server_env.clone())
             .spawn();
         wait_http_ok(
             &format!("http://127.0.0.1:{}/healthz", cfg.ports.controller_admin),
@@ -259,6 +273,7 @@ impl Stack {
             ],
             log_dir: logs.clone(),
             base_ports: cfg.ports.gateway_base,
+            env: cfg.server_env.clone(),
         }));
         samples::install_gateway_statefulset(&client, &cfg.namespace, cfg.gateways).await?;
         let scaler = tokio::spawn(scaler::run(
@@ -277,6 +292,8 @@ impl Stack {
                 &format!("127.0.0.1:{}", cfg.ports.router_admin),
             ])
             .args(["--redis-url", &redis.url()])
+            .envs(otel_env())
+            .envs(cfg.server_env.clone())
             .spawn();
 
         let mut stack = Self {
@@ -488,6 +505,8 @@ impl Stack {
                 &format!("127.0.0.1:{}", self.cfg.ports.router_admin),
             ])
             .args(["--redis-url", &self.redis.url()])
+            .envs(otel_env())
+            .envs(self.cfg.server_env.clone())
             .spawn();
         wait_http_ok(
             &format!("{}/readyz", self.router_admin_url()),
