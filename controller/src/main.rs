@@ -6,19 +6,16 @@ use anyhow::Context as _;
 use apollo_controller::args::{Args, LogFormat};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    match args.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init(),
-    }
+    let format = match args.log_format {
+        LogFormat::Text => apollo_telemetry::LogFormat::Text,
+        LogFormat::Json => apollo_telemetry::LogFormat::Json,
+    };
+    // Logs to stderr; spans over OTLP/HTTP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let _telemetry = apollo_telemetry::init("apollo-controller", format);
     args.validate().map_err(anyhow::Error::msg)?;
 
     let shutdown = CancellationToken::new();
