@@ -125,6 +125,13 @@ pub struct Args {
           value_parser = clap::value_parser!(u64).range(1..=600))]
     pub shard_lease_seconds: u64,
 
+    /// After start-up, wait this long before the first stale sweep (default: one stale window).
+    /// After an outage of every replica each device's last report is old although its agent is
+    /// fine and only retrying; sweeping at once would mark the whole fleet disconnected. 0 sweeps
+    /// at once.
+    #[arg(long, env = "APOLLO_SWEEP_GRACE_SECONDS", value_parser = parse_seconds_or_zero)]
+    pub sweep_grace_seconds: Option<Duration>,
+
     /// Log one line per device request (`GET /v1/devices/tor1-01/desired 304 0.4ms`) at info
     /// level under the `apollo_gateway::access` target. Off by default: at fleet scale it is noise.
     #[arg(long, env = "APOLLO_ACCESS_LOG")]
@@ -133,6 +140,14 @@ pub struct Args {
     /// Log format: `text` or `json`.
     #[arg(long, env = "APOLLO_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+}
+
+/// Like [`parse_seconds`], but also accepts 0.
+pub fn parse_seconds_or_zero(s: &str) -> Result<Duration, String> {
+    if s.trim().parse::<f64>().is_ok_and(|v| v == 0.0) {
+        return Ok(Duration::ZERO);
+    }
+    parse_seconds(s)
 }
 
 /// Parses decimal seconds (`"15"`, `"0.25"`) into a positive duration.
@@ -192,6 +207,8 @@ pub struct Settings {
     pub shard_lease: Duration,
     /// Per-request info log.
     pub access_log: bool,
+    /// Delay of the first stale sweep after start-up.
+    pub sweep_grace: Duration,
 }
 
 /// The ordinal at the end of a StatefulSet pod name (`apollo-gateway-2` -> 2).
@@ -289,6 +306,9 @@ impl Settings {
             lease_namespace,
             shard_lease: Duration::from_secs(args.shard_lease_seconds),
             access_log: args.access_log,
+            sweep_grace: args
+                .sweep_grace_seconds
+                .unwrap_or(heartbeat * args.stale_multiplier),
         })
     }
 }
@@ -401,6 +421,21 @@ mod tests {
     fn ordinal_must_be_below_replicas() {
         let args = parse(&["--insecure-no-auth", "--ordinal", "1"]).expect("parse");
         assert!(Settings::from_args(&args).is_err());
+    }
+
+    #[test]
+    fn sweep_grace_defaults_to_the_stale_window_and_accepts_zero() {
+        let args = parse(&["--insecure-no-auth"]).expect("parse");
+        assert_eq!(
+            Settings::from_args(&args).expect("ok").sweep_grace,
+            Duration::from_secs(45)
+        );
+        let args = parse(&["--insecure-no-auth", "--sweep-grace-seconds", "0"]).expect("parse");
+        assert_eq!(
+            Settings::from_args(&args).expect("ok").sweep_grace,
+            Duration::ZERO
+        );
+        assert!(parse(&["--insecure-no-auth", "--sweep-grace-seconds", "-1"]).is_err());
     }
 
     #[test]

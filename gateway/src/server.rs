@@ -93,6 +93,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         replicas = settings.replicas,
         namespace = settings.namespace.as_deref().unwrap_or("<all>"),
         stale_window = ?settings.stale_window,
+        sweep_grace = ?settings.sweep_grace,
         "apollo-gateway starting"
     );
 
@@ -141,6 +142,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     tasks.spawn(background.clone().run_sweeper(
         settings.stale_window,
         settings.sweep_interval,
+        settings.sweep_grace,
         shutdown.clone(),
     ));
     tasks.spawn(background.run_resync(settings.resync_interval, shutdown.clone()));

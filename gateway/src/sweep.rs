@@ -43,15 +43,24 @@ impl Background {
         self,
         stale_window: Duration,
         interval: Duration,
+        grace: Duration,
         shutdown: CancellationToken,
     ) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let window_ms = i64::try_from(stale_window.as_millis()).unwrap_or(i64::MAX);
+        // After an outage of every replica, each device's last report is older than the window
+        // although its agent is fine and only retrying. Sweeping at once would mark the whole
+        // fleet disconnected (a patch and a Warning per DeviceProcess), so the first sweep waits
+        // for the grace period (one stale window by default), by which live agents have reported.
+        let started = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
+            }
+            if started.elapsed() < grace {
+                continue;
             }
             let slots = self.ownership.borrow().slots();
             if slots.is_empty() {

@@ -111,6 +111,9 @@ impl Stack {
             options.resync_seconds.into(),
             "--kube-writes-per-second".into(),
             "1000".into(),
+            // These tests exercise the sweep itself; the start-up grace has its own e2e test.
+            "--sweep-grace-seconds".into(),
+            "0".into(),
         ];
         if options.auth_secret {
             args.push("--auth-secret-file".into());

@@ -270,7 +270,10 @@ impl Stack {
                 format!("--sweep-interval-seconds={}", cfg.sweep_interval_seconds),
                 // The demo's "200 once, then 304s" is read from this log.
                 "--access-log".to_owned(),
-            ],
+            ]
+            .into_iter()
+            .chain(cfg.gateway_extra_args.iter().cloned())
+            .collect(),
             log_dir: logs.clone(),
             base_ports: cfg.ports.gateway_base,
             env: cfg.server_env.clone(),

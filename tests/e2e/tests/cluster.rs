@@ -382,3 +382,57 @@ async fn agents_recover_by_themselves_after_a_router_restart() {
     assert!(dps.values().all(fleet::healthy));
     stack.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_outage_of_every_replica_marks_nobody_disconnected_once_they_return() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(&dir, 2);
+    // Long enough for agents backing off through the outage to report again.
+    cfg.gateway_extra_args
+        .push("--sweep-grace-seconds=20".into());
+    let stack = Stack::start(cfg).await.expect("start the stack");
+    let client = stack.client();
+    let (_devices, _agents) = healthy_fleet(&stack, "outage", 20).await;
+    let events_before = fleet::event_counts(&client, NS).await.expect("events");
+
+    // Every replica dies and stays down past the stale window (6 s).
+    stack.gateways().kill(0);
+    stack.gateways().kill(1);
+    tokio::time::sleep(Duration::from_secs(
+        3 * stack.config().heartbeat_interval_seconds + 2,
+    ))
+    .await;
+    stack.gateways().revive(0);
+    stack.gateways().revive(1);
+    stack
+        .wait_gateways_ready(2, Duration::from_secs(30))
+        .await
+        .expect("replicas back");
+
+    // The agents come back by themselves; a stale window after that nobody was marked stale.
+    wait_until(
+        Duration::from_secs(40),
+        "every device reports again",
+        || async {
+            fleet::processes(&client, NS, "outage")
+                .await
+                .is_ok_and(|dps| dps.values().all(fleet::healthy))
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(
+        3 * stack.config().heartbeat_interval_seconds + 2,
+    ))
+    .await;
+    let dps = fleet::processes(&client, NS, "outage").await.expect("dps");
+    assert!(dps.values().all(fleet::healthy));
+    let events = fleet::event_counts(&client, NS).await.expect("events");
+    let disconnects = |m: &std::collections::HashMap<(String, String), u64>| {
+        m.iter()
+            .filter(|((r, _), _)| r == "AgentDisconnected")
+            .map(|(_, n)| n)
+            .sum::<u64>()
+    };
+    assert_eq!(disconnects(&events), disconnects(&events_before));
+    stack.shutdown().await;
+}
