@@ -1,7 +1,7 @@
 //! The sharded gateway cluster end to end: kubesim, redis-server, the controller, gateway
 //! processes managed through the StatefulSet, the router, and in-process agents (issue 7).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use apollo_e2e::fleet::{self, Agents};
@@ -154,6 +154,32 @@ async fn wait_routing(stack: &Stack, devices: &[String], n: u32) {
         },
     )
     .await;
+}
+
+/// Waits one stale window (plus slack) and asserts every DeviceProcess of `fleet` is still healthy
+/// and no AgentDisconnected Event was written since `events_before`.
+async fn assert_quiet_for_a_stale_window(
+    stack: &Stack,
+    fleet_name: &str,
+    events_before: &HashMap<(String, String), u64>,
+) {
+    let client = stack.client();
+    tokio::time::sleep(Duration::from_secs(
+        3 * stack.config().heartbeat_interval_seconds + 2,
+    ))
+    .await;
+    let dps = fleet::processes(&client, NS, fleet_name)
+        .await
+        .expect("dps");
+    assert!(dps.values().all(fleet::healthy));
+    let events = fleet::event_counts(&client, NS).await.expect("events");
+    let disconnects = |m: &HashMap<(String, String), u64>| {
+        m.iter()
+            .filter(|((r, _), _)| r == "AgentDisconnected")
+            .map(|(_, n)| n)
+            .sum::<u64>()
+    };
+    assert_eq!(disconnects(&events), disconnects(events_before));
 }
 
 #[tokio::test]
@@ -350,20 +376,7 @@ async fn a_redis_restart_loses_state_but_marks_no_device_disconnected() {
     })
     .await;
     // A full stale window later nobody was marked disconnected.
-    tokio::time::sleep(Duration::from_secs(
-        3 * stack.config().heartbeat_interval_seconds + 2,
-    ))
-    .await;
-    let dps = fleet::processes(&client, NS, "redis").await.expect("dps");
-    assert!(dps.values().all(fleet::healthy));
-    let events = fleet::event_counts(&client, NS).await.expect("events");
-    let disconnects = |m: &std::collections::HashMap<(String, String), u64>| {
-        m.iter()
-            .filter(|((r, _), _)| r == "AgentDisconnected")
-            .map(|(_, n)| n)
-            .sum::<u64>()
-    };
-    assert_eq!(disconnects(&events), disconnects(&events_before));
+    assert_quiet_for_a_stale_window(&stack, "redis", &events_before).await;
     stack.shutdown().await;
 }
 
@@ -420,19 +433,6 @@ async fn an_outage_of_every_replica_marks_nobody_disconnected_once_they_return()
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(
-        3 * stack.config().heartbeat_interval_seconds + 2,
-    ))
-    .await;
-    let dps = fleet::processes(&client, NS, "outage").await.expect("dps");
-    assert!(dps.values().all(fleet::healthy));
-    let events = fleet::event_counts(&client, NS).await.expect("events");
-    let disconnects = |m: &std::collections::HashMap<(String, String), u64>| {
-        m.iter()
-            .filter(|((r, _), _)| r == "AgentDisconnected")
-            .map(|(_, n)| n)
-            .sum::<u64>()
-    };
-    assert_eq!(disconnects(&events), disconnects(&events_before));
+    assert_quiet_for_a_stale_window(&stack, "outage", &events_before).await;
     stack.shutdown().await;
 }
