@@ -9,6 +9,10 @@ ensure_redis_server
 ensure_openssl
 ensure_kubectl_present
 
+# A clean clone builds everything once: incremental caches would only cost disk (several GB).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+disk_report() { echo "   disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free; target: $(du -sh "${CARGO_TARGET_DIR:-target}" 2>/dev/null | cut -f1)"; }
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
@@ -16,4 +20,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 # Multi-process tests start real binaries; build them first so tests never race a build.
 cargo build --workspace --bins --locked
+disk_report
 cargo test --workspace --locked -- --test-threads="${APOLLO_TEST_THREADS:-2}"
+disk_report

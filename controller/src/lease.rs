@@ -162,6 +162,17 @@ pub fn decide(
     }
 }
 
+/// Pause before the next election attempt. The leader renews on the period (its deadline is what
+/// matters); a standby waits up to 20% longer at random, so standbys that started together do not
+/// hit the API server in lock-step, as client-go's elector does with its jitter factor.
+pub fn next_attempt_in(retry_period: Duration, leading: bool) -> Duration {
+    if leading {
+        retry_period
+    } else {
+        retry_period.mul_f64(1.0 + 0.2 * rand::random::<f64>())
+    }
+}
+
 /// Runs the election until `stop` is cancelled, then releases the Lease if held.
 pub struct Elector {
     api: Api<Lease>,
@@ -216,7 +227,7 @@ impl Elector {
             self.metrics.set_leader(self.leadership.is_leader());
             tokio::select! {
                 () = stop.cancelled() => break,
-                () = tokio::time::sleep(self.config.retry_period) => {}
+                () = tokio::time::sleep(next_attempt_in(self.config.retry_period, self.leadership.is_leader())) => {}
             }
         }
         let was_leader = self.leadership.is_leader();
@@ -383,6 +394,17 @@ mod tests {
             lease_duration_seconds: seconds,
             ..LeaseSpec::default()
         }
+    }
+
+    #[test]
+    fn standbys_retry_jittered_and_the_leader_on_the_period() {
+        let period = Duration::from_secs(2);
+        assert_eq!(next_attempt_in(period, true), period);
+        let waits: Vec<Duration> = (0..500).map(|_| next_attempt_in(period, false)).collect();
+        assert!(waits
+            .iter()
+            .all(|w| *w >= period && *w <= period.mul_f64(1.2)));
+        assert!(waits.iter().any(|w| *w != waits[0]), "no spread");
     }
 
     #[test]

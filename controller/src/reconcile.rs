@@ -106,10 +106,18 @@ impl Context {
     }
 }
 
-/// Delay before retry number `attempt` (1-based): `base * 2^(attempt-1)`, capped at `max`.
+/// Ceiling for retry number `attempt` (1-based): `base * 2^(attempt-1)`, capped at `max`.
 pub fn backoff_delay(attempt: u32, base: Duration, max: Duration) -> Duration {
     let factor = 2u32.saturating_pow(attempt.saturating_sub(1));
     base.saturating_mul(factor).min(max)
+}
+
+/// "Equal jitter": a uniform draw in `[ceiling/2, ceiling]`. Deployments that failed together
+/// (an API server outage fails all of them at once) retry spread over half the window instead of
+/// in one burst, and the delay still grows with every attempt.
+pub fn jittered(ceiling: Duration, rng: &mut impl rand::Rng) -> Duration {
+    let half = ceiling / 2;
+    half + ceiling.saturating_sub(half).mul_f64(rng.random::<f64>())
 }
 
 /// Reconcile entry point for `kube::runtime::Controller`.
@@ -153,7 +161,10 @@ pub fn error_policy(
         *n = n.saturating_add(1);
         *n
     };
-    let delay = backoff_delay(attempt, ctx.config.backoff_base, ctx.config.backoff_max);
+    let delay = jittered(
+        backoff_delay(attempt, ctx.config.backoff_base, ctx.config.backoff_max),
+        &mut rand::rng(),
+    );
     tracing::warn!(
         deployment = %deployment.name_any(),
         namespace = deployment.namespace().unwrap_or_default(),
@@ -501,6 +512,20 @@ fn is_status(error: &kube::Error, code: u16) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jitter_spreads_over_the_upper_half() {
+        let mut rng = rand::rng();
+        let ceiling = Duration::from_secs(8);
+        let draws: Vec<Duration> = (0..2000).map(|_| jittered(ceiling, &mut rng)).collect();
+        assert!(draws
+            .iter()
+            .all(|d| *d >= Duration::from_secs(4) && *d <= ceiling));
+        // Spread, not a constant: both quarters of the range are hit.
+        assert!(draws.iter().any(|d| *d < Duration::from_secs(5)));
+        assert!(draws.iter().any(|d| *d > Duration::from_secs(7)));
+        assert_eq!(jittered(Duration::ZERO, &mut rng), Duration::ZERO);
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {
