@@ -115,7 +115,8 @@ fn main() -> ExitCode {
 
 async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
-    let signals = shutdown_on_signal(cancel.clone()).context("installing signal handlers")?;
+    let signals =
+        apollo_runtime::cancel_on_signals(cancel.clone()).context("installing signal handlers")?;
     let agent = Agent::new(
         config,
         apollo_agent::http_client()?,
@@ -130,21 +131,6 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     signals.abort();
     tracing::info!("apollo-agent stopped");
     Ok(())
-}
-
-/// The one shutdown source: the first SIGTERM or SIGINT cancels the token.
-fn shutdown_on_signal(cancel: CancellationToken) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    Ok(tokio::spawn(async move {
-        let name = tokio::select! {
-            _ = terminate.recv() => "SIGTERM",
-            _ = interrupt.recv() => "SIGINT",
-        };
-        tracing::info!(signal = name, "shutting down");
-        cancel.cancel();
-    }))
 }
 
 #[cfg(test)]

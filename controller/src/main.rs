@@ -19,7 +19,8 @@ async fn main() -> anyhow::Result<()> {
     args.validate().map_err(anyhow::Error::msg)?;
 
     let shutdown = CancellationToken::new();
-    apollo_controller::run::cancel_on_signal(shutdown.clone());
+    apollo_runtime::cancel_on_signals(shutdown.clone())
+        .context("installing the SIGTERM/SIGINT handlers")?;
     apollo_controller::run(args, shutdown)
         .await
         .context("apollo-controller failed")

@@ -25,34 +25,6 @@ use crate::{admin, Args, Error};
 /// Name under which Events are reported.
 pub const CONTROLLER_NAME: &str = "apollo-controller";
 
-/// Cancel `token` on the first SIGINT or SIGTERM: the process's one shutdown signal source.
-pub fn cancel_on_signal(token: CancellationToken) {
-    tokio::spawn(async move {
-        let terminate = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut signal) => {
-                    signal.recv().await;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "cannot listen for SIGTERM");
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
-        tokio::select! {
-            result = tokio::signal::ctrl_c() => {
-                if let Err(error) = result {
-                    tracing::warn!(%error, "cannot listen for SIGINT");
-                    std::future::pending::<()>().await;
-                }
-            }
-            () = terminate => {}
-        }
-        tracing::info!("shutdown requested");
-        token.cancel();
-    });
-}
-
 /// Identity for the Lease: `$POD_NAME` or the hostname, plus a per-process suffix.
 pub fn default_identity() -> String {
     let host = std::env::var("POD_NAME")

@@ -7,25 +7,6 @@ use apollo_gateway::{Args, Settings};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-/// Cancels `shutdown` on the first SIGINT or SIGTERM.
-fn watch_signals(shutdown: CancellationToken) {
-    tokio::spawn(async move {
-        let mut terminate =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(signal) => signal,
-                Err(error) => {
-                    tracing::error!(%error, "cannot watch SIGTERM");
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
-        }
-        shutdown.cancel();
-    });
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
@@ -43,7 +24,10 @@ async fn main() -> ExitCode {
         }
     };
     let shutdown = CancellationToken::new();
-    watch_signals(shutdown.clone());
+    if let Err(error) = apollo_runtime::cancel_on_signals(shutdown.clone()) {
+        tracing::error!(%error, "cannot install the SIGTERM/SIGINT handlers");
+        return ExitCode::FAILURE;
+    }
     match apollo_gateway::run(settings, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -3,8 +3,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use apollo_crds::DeviceProcess;
+use apollo_runtime::ServeOptions;
 use kube::Api;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -172,7 +174,19 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     {
         let shutdown = shutdown.clone();
         servers.spawn(async move {
-            serve_device_api(device_listener, device_router(device_api), shutdown).await;
+            let router = device_router(device_api);
+            apollo_runtime::serve(
+                device_listener,
+                move |_peer| hyper_util::service::TowerToHyperService::new(router.clone()),
+                ServeOptions {
+                    // A router multiplexes the long polls of many agents over one connection.
+                    max_concurrent_streams: 100_000,
+                    // Long polls end early with 304 on shutdown, so this is rarely reached.
+                    drain: Duration::from_secs(10),
+                },
+                shutdown,
+            )
+            .await;
             Ok(())
         });
     }
@@ -228,54 +242,6 @@ async fn record_etags(
         let Some((device, etag)) = next else { return };
         if let Err(error) = store.record_desired_etag(&device, &etag).await {
             tracing::debug!(%device, %error, "recording the served ETag failed");
-        }
-    }
-}
-
-/// Most concurrent HTTP/2 streams per connection: a router multiplexes the long polls of many
-/// agents over one connection, so hyper's default (200) would queue them.
-const MAX_CONCURRENT_STREAMS: u32 = 100_000;
-
-/// Serves the device API over HTTP/1.1 and HTTP/2 cleartext (prior knowledge) until shutdown, then
-/// lets in-flight requests (long polls end early with 304) finish.
-async fn serve_device_api(
-    listener: TcpListener,
-    router: axum::Router,
-    shutdown: CancellationToken,
-) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http2()
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
-    let builder = Arc::new(builder);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    // Out of file descriptors and the like: pause instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {
-            tracing::warn!("connections still open 10 s after shutdown; closing them");
         }
     }
 }

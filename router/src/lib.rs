@@ -16,14 +16,15 @@ pub mod membership;
 pub mod metrics;
 pub mod proxy;
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use apollo_runtime::ServeOptions;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 pub use config::Args;
 pub use error::Error;
@@ -65,74 +66,42 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
 
     info!(listen = %local, admin = %admin_local, redis = %redact(&args.redis_url), "apollo-router listening");
 
-    let admin_task = tokio::spawn(serve(
+    let admin_task = tokio::spawn(apollo_runtime::serve(
         admin_listener,
-        shutdown.clone(),
-        std::time::Duration::from_secs(1),
-        move |req| {
+        move |_peer| {
             let admin = admin.clone();
-            async move { Ok::<_, std::convert::Infallible>(admin.handle(req)) }
+            hyper::service::service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(admin.handle(req)) }
+            })
         },
+        ServeOptions {
+            drain: Duration::from_secs(1),
+            ..ServeOptions::default()
+        },
+        shutdown.clone(),
     ));
-    serve(listener, shutdown.clone(), args.drain(), move |req| {
-        let proxy = proxy.clone();
-        async move { Ok::<_, std::convert::Infallible>(proxy.handle(req).await) }
-    })
+    apollo_runtime::serve(
+        listener,
+        move |peer| {
+            let proxy = proxy.clone();
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(PeerAddr(peer));
+                let proxy = proxy.clone();
+                async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+            })
+        },
+        ServeOptions {
+            // Agents' long polls are multiplexed per client connection when they speak HTTP/2.
+            max_concurrent_streams: 10_000,
+            drain: args.drain(),
+        },
+        shutdown.clone(),
+    )
     .await;
     let _ = admin_task.await;
     info!("apollo-router stopped");
     Ok(())
-}
-
-/// Accept loop shared by the proxy and admin listeners: HTTP/1.1 and h2c on one port, graceful
-/// drain on shutdown.
-async fn serve<F, Fut>(
-    listener: TcpListener,
-    shutdown: CancellationToken,
-    drain: std::time::Duration,
-    handler: F,
-) where
-    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<hyper::Response<proxy::Body>, std::convert::Infallible>>
-        + Send
-        + 'static,
-{
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = Arc::new({
-        let mut b = auto::Builder::new(TokioExecutor::new());
-        b.http2().max_concurrent_streams(10_000);
-        b
-    });
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let service = hyper::service::service_fn(move |mut req| {
-            req.extensions_mut().insert(PeerAddr(peer));
-            handler(req)
-        });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(drain) => warn!("drain period over; closing remaining connections"),
-    }
 }
 
 /// Address of the client that sent a request (inserted as a request extension).

@@ -13,7 +13,11 @@ async fn main() -> std::process::ExitCode {
         .unwrap_or(apollo_telemetry::LogFormat::Text);
     let _telemetry = apollo_telemetry::init("apollo-router", format);
     let shutdown = CancellationToken::new();
-    tokio::spawn(forward_signals(shutdown.clone()));
+    if let Err(error) = apollo_runtime::cancel_on_signals(shutdown.clone()) {
+        tracing::error!(%error, "cannot install the SIGTERM/SIGINT handlers");
+        eprintln!("apollo-router: cannot install the SIGTERM/SIGINT handlers: {error}");
+        return std::process::ExitCode::FAILURE;
+    }
     match apollo_router::run(args, shutdown).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -22,21 +26,4 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// One shutdown source: the first SIGTERM or SIGINT cancels the token.
-async fn forward_signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
-    shutdown.cancel();
 }

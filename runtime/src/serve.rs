@@ -1,0 +1,106 @@
+//! The HTTP accept loop.
+
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::service::Service;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// How [`serve`] runs its connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    /// Most concurrent HTTP/2 streams per connection. A router multiplexes the long polls of many
+    /// agents over one connection to a gateway, so hyper's default (200) would queue them.
+    pub max_concurrent_streams: u32,
+    /// After shutdown, how long open connections get to finish before they are dropped.
+    pub drain: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 10_000,
+            drain: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Pause after a failed `accept` (out of file descriptors and the like) instead of spinning.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// Serves HTTP/1.1 and HTTP/2 cleartext (prior knowledge) on `listener` until `shutdown`, then
+/// stops accepting, asks open connections to close (HTTP/2 GOAWAY, HTTP/1.1 close after the
+/// current response) and waits up to `options.drain` for them.
+///
+/// `make_service` builds the service of each connection from the peer's address, so a handler
+/// can know who it is talking to.
+pub async fn serve<M, S, B>(
+    listener: TcpListener,
+    make_service: M,
+    options: ServeOptions,
+    shutdown: CancellationToken,
+) where
+    M: Fn(SocketAddr) -> S,
+    S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http2()
+        .max_concurrent_streams(options.max_concurrent_streams);
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    // Owns every connection task, so connections still open after the drain period are closed
+    // when this returns instead of outliving the server.
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+        };
+        // Small request/response exchanges: do not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), make_service(peer))
+            .into_owned();
+        let conn = graceful.watch(conn);
+        connections.spawn(async move {
+            // Peers that reset or time out are routine; there is nobody to report them to.
+            let _ = conn.await;
+        });
+        // Reap the connections that have ended so the set holds only live ones.
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(options.drain) => {
+            tracing::warn!(
+                drain = ?options.drain,
+                open = connections.len(),
+                "connections still open after the drain period; closing them"
+            );
+        }
+    }
+    connections.shutdown().await;
+}
