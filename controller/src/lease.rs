@@ -1,30 +1,23 @@
 //! Leader election through a `coordination.k8s.io/v1` Lease.
 //!
-//! Protocol (the same one client-go's leader election follows):
-//! - Read the Lease. If it does not exist, create it naming ourselves; of racing creators the API
-//!   server lets exactly one succeed (the others get 409).
-//! - If we hold it, renew it (`renewTime`) every retry period.
-//! - If someone else holds it, take over only once its record has not changed for a whole lease
-//!   duration *as observed on our own monotonic clock* (so wall-clock skew between replicas does not
-//!   matter). Take-over and renewal are `replace` calls carrying the `resourceVersion` we read, so
-//!   of two replicas racing for the same record one wins and the other gets 409.
-//! - We consider ourselves leader only until `renew_deadline` after the start of our last
-//!   successful renewal. `renew_deadline < lease_duration`, so we stop acting before any other
-//!   replica may conclude the lease expired.
-//! - On shutdown the leader releases the Lease (clears the holder), so a successor starts at once.
+//! The Lease protocol (client-go's: create, renew, take over only after the record has been seen
+//! unchanged for a lease duration on our own clock, `resourceVersion`-guarded writes, release on
+//! shutdown) is [`apollo_runtime::lease::LeaseLock`]. This module adds leadership: we consider
+//! ourselves leader only until `renew_deadline` after the start of our last successful renewal.
+//! `renew_deadline < lease_duration`, so we stop acting before any other replica may conclude the
+//! lease expired.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use kube::api::{Api, PostParams};
+use apollo_runtime::lease::{Attempt, LeaseLock};
+use kube::api::Api;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{outcome_of, Metrics};
-use crate::{with_timeout, Error};
+use crate::Error;
 
 const LEASES: &str = "leases";
 
@@ -119,49 +112,6 @@ impl Leadership {
     }
 }
 
-/// What to do with the Lease as read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
-    /// No Lease exists: create it.
-    Create,
-    /// We hold it: renew.
-    Renew,
-    /// It is free or expired: take it over.
-    TakeOver,
-    /// Someone else holds a live lease: wait.
-    Wait,
-}
-
-/// Decide from the Lease record. `unchanged_for` is how long the record has been observed
-/// unchanged on our clock; the record's own `leaseDurationSeconds` is honoured when longer than
-/// ours.
-pub fn decide(
-    record: Option<&LeaseSpec>,
-    identity: &str,
-    unchanged_for: Duration,
-    lease_duration: Duration,
-) -> Decision {
-    let Some(spec) = record else {
-        return Decision::Create;
-    };
-    match spec.holder_identity.as_deref() {
-        Some(holder) if holder == identity => Decision::Renew,
-        None | Some("") => Decision::TakeOver,
-        Some(_) => {
-            let recorded = spec
-                .lease_duration_seconds
-                .and_then(|s| u64::try_from(s).ok())
-                .map(Duration::from_secs)
-                .unwrap_or_default();
-            if unchanged_for >= lease_duration.max(recorded) {
-                Decision::TakeOver
-            } else {
-                Decision::Wait
-            }
-        }
-    }
-}
-
 /// Pause before the next election attempt. The leader renews on the period (its deadline is what
 /// matters); a standby waits up to 20% longer at random, so standbys that started together do not
 /// hit the API server in lock-step, as client-go's elector does with its jitter factor.
@@ -175,12 +125,10 @@ pub fn next_attempt_in(retry_period: Duration, leading: bool) -> Duration {
 
 /// Runs the election until `stop` is cancelled, then releases the Lease if held.
 pub struct Elector {
-    api: Api<Lease>,
+    lock: LeaseLock,
     config: LeaseConfig,
     leadership: Leadership,
     metrics: Metrics,
-    /// resourceVersion of the record last read, and when it was first seen.
-    observed: Option<(String, Instant)>,
 }
 
 impl Elector {
@@ -191,12 +139,22 @@ impl Elector {
         leadership: Leadership,
         metrics: Metrics,
     ) -> Self {
+        let counted = metrics.clone();
+        let lock = LeaseLock::new(
+            Api::namespaced(client, &config.namespace),
+            config.name.clone(),
+            config.identity.clone(),
+            config.lease_duration,
+        )
+        .with_call_timeout(config.api_timeout)
+        .on_write(Arc::new(move |verb, result| {
+            counted.write(LEASES, verb, result.map_or_else(outcome_of, |()| "ok"));
+        }));
         Self {
-            api: Api::namespaced(client, &config.namespace),
+            lock,
             config,
             leadership,
             metrics,
-            observed: None,
         }
     }
 
@@ -204,15 +162,15 @@ impl Elector {
     pub async fn run(mut self, stop: CancellationToken) {
         loop {
             let attempt_started = Instant::now();
-            match self.try_acquire_or_renew().await {
-                Ok(true) => {
+            match self.lock.try_acquire_or_renew().await {
+                Ok(Attempt::Held(held)) => {
                     if !self.leadership.is_leader() {
-                        tracing::info!(identity = %self.config.identity, lease = %self.config.name, "became leader");
+                        tracing::info!(identity = %self.config.identity, lease = %self.config.name, ?held, "became leader");
                     }
                     self.leadership
                         .lead_until(attempt_started + self.config.renew_deadline);
                 }
-                Ok(false) => {
+                Ok(Attempt::HeldByOther) => {
                     if self.leadership.is_leader() {
                         tracing::warn!(identity = %self.config.identity, "lost the lease");
                     }
@@ -234,167 +192,18 @@ impl Elector {
         self.leadership.step_down();
         self.metrics.set_leader(false);
         if was_leader {
-            match self.release().await {
-                Ok(()) => tracing::info!(identity = %self.config.identity, "released the lease"),
+            // Clear the holder so a successor need not wait for expiry.
+            match self.lock.release().await {
+                Ok(_) => tracing::info!(identity = %self.config.identity, "released the lease"),
                 Err(error) => tracing::warn!(%error, "could not release the lease; it will expire"),
             }
         }
-    }
-
-    async fn try_acquire_or_renew(&mut self) -> Result<bool, Error> {
-        let timeout = self.config.api_timeout;
-        let current = with_timeout("get lease", timeout, self.api.get_opt(&self.config.name))
-            .await?
-            .map_err(Error::GetLease)?;
-        let now = Instant::now();
-        let unchanged_for = match &current {
-            Some(lease) => {
-                let rv = lease.metadata.resource_version.clone().unwrap_or_default();
-                match &self.observed {
-                    Some((seen, since)) if *seen == rv => now.duration_since(*since),
-                    _ => {
-                        self.observed = Some((rv, now));
-                        Duration::ZERO
-                    }
-                }
-            }
-            None => Duration::ZERO,
-        };
-        let decision = decide(
-            current.as_ref().and_then(|l| l.spec.as_ref()),
-            &self.config.identity,
-            unchanged_for,
-            self.config.lease_duration,
-        );
-        let wall_now = MicroTime(jiff::Timestamp::now());
-        let duration_seconds =
-            i32::try_from(self.config.lease_duration.as_secs_f64().ceil() as u64)
-                .unwrap_or(i32::MAX);
-        match (decision, current) {
-            (Decision::Wait, _) => Ok(false),
-            (Decision::Create, _) | (_, None) => {
-                let lease = Lease {
-                    metadata: ObjectMeta {
-                        name: Some(self.config.name.clone()),
-                        namespace: Some(self.config.namespace.clone()),
-                        ..ObjectMeta::default()
-                    },
-                    spec: Some(LeaseSpec {
-                        holder_identity: Some(self.config.identity.clone()),
-                        lease_duration_seconds: Some(duration_seconds),
-                        acquire_time: Some(wall_now.clone()),
-                        renew_time: Some(wall_now),
-                        lease_transitions: Some(0),
-                        ..LeaseSpec::default()
-                    }),
-                };
-                let result = with_timeout(
-                    "create lease",
-                    timeout,
-                    self.api.create(&PostParams::default(), &lease),
-                )
-                .await?;
-                self.record("create", result).map_err(Error::CreateLease)
-            }
-            (decision, Some(mut lease)) => {
-                let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-                if decision == Decision::TakeOver {
-                    tracing::info!(
-                        previous = spec.holder_identity.as_deref().unwrap_or(""),
-                        identity = %self.config.identity,
-                        "taking over the lease"
-                    );
-                    spec.holder_identity = Some(self.config.identity.clone());
-                    spec.acquire_time = Some(wall_now.clone());
-                    spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
-                }
-                spec.renew_time = Some(wall_now);
-                spec.lease_duration_seconds = Some(duration_seconds);
-                let result = with_timeout(
-                    "replace lease",
-                    timeout,
-                    self.api
-                        .replace(&self.config.name, &PostParams::default(), &lease),
-                )
-                .await?;
-                self.record("update", result).map_err(Error::ReplaceLease)
-            }
-        }
-    }
-
-    /// Turn a write result into "we hold it" (true), "someone else won" (false on 409) or an error,
-    /// remembering the record we wrote so our own renewal does not look like someone else's.
-    fn record(
-        &mut self,
-        verb: &'static str,
-        result: Result<Lease, kube::Error>,
-    ) -> Result<bool, kube::Error> {
-        match result {
-            Ok(lease) => {
-                self.metrics.write(LEASES, verb, "ok");
-                self.observed = lease
-                    .metadata
-                    .resource_version
-                    .map(|rv| (rv, Instant::now()));
-                Ok(true)
-            }
-            Err(error) => {
-                self.metrics.write(LEASES, verb, outcome_of(&error));
-                match &error {
-                    kube::Error::Api(status) if status.code == 409 => Ok(false),
-                    _ => Err(error),
-                }
-            }
-        }
-    }
-
-    /// Clear the holder so a successor need not wait for expiry. Done with the resourceVersion we
-    /// read, so a lease someone else already took is left alone.
-    async fn release(&mut self) -> Result<(), Error> {
-        let timeout = self.config.api_timeout;
-        let Some(mut lease) =
-            with_timeout("get lease", timeout, self.api.get_opt(&self.config.name))
-                .await?
-                .map_err(Error::GetLease)?
-        else {
-            return Ok(());
-        };
-        let Some(spec) = lease.spec.as_mut() else {
-            return Ok(());
-        };
-        if spec.holder_identity.as_deref() != Some(self.config.identity.as_str()) {
-            return Ok(());
-        }
-        spec.holder_identity = None;
-        spec.lease_duration_seconds = Some(1);
-        spec.renew_time = Some(MicroTime(jiff::Timestamp::now()));
-        let result = with_timeout(
-            "release lease",
-            timeout,
-            self.api
-                .replace(&self.config.name, &PostParams::default(), &lease),
-        )
-        .await?;
-        self.record("update", result)
-            .map(|_| ())
-            .map_err(Error::ReplaceLease)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const ME: &str = "controller-a";
-    const LEASE: Duration = Duration::from_secs(15);
-
-    fn held_by(holder: Option<&str>, seconds: Option<i32>) -> LeaseSpec {
-        LeaseSpec {
-            holder_identity: holder.map(str::to_owned),
-            lease_duration_seconds: seconds,
-            ..LeaseSpec::default()
-        }
-    }
 
     #[test]
     fn standbys_retry_jittered_and_the_leader_on_the_period() {
@@ -405,54 +214,6 @@ mod tests {
             .iter()
             .all(|w| *w >= period && *w <= period.mul_f64(1.2)));
         assert!(waits.iter().any(|w| *w != waits[0]), "no spread");
-    }
-
-    #[test]
-    fn missing_lease_is_created() {
-        assert_eq!(decide(None, ME, Duration::ZERO, LEASE), Decision::Create);
-    }
-
-    #[test]
-    fn own_lease_is_renewed_however_old() {
-        let spec = held_by(Some(ME), Some(15));
-        assert_eq!(
-            decide(Some(&spec), ME, Duration::from_secs(999), LEASE),
-            Decision::Renew
-        );
-    }
-
-    #[test]
-    fn released_lease_is_taken_at_once() {
-        for holder in [None, Some("")] {
-            let spec = held_by(holder, Some(1));
-            assert_eq!(
-                decide(Some(&spec), ME, Duration::ZERO, LEASE),
-                Decision::TakeOver
-            );
-        }
-    }
-
-    #[test]
-    fn live_lease_of_another_replica_is_respected_until_unchanged_for_a_full_duration() {
-        let spec = held_by(Some("controller-b"), Some(15));
-        assert_eq!(
-            decide(Some(&spec), ME, Duration::from_secs(14), LEASE),
-            Decision::Wait
-        );
-        assert_eq!(decide(Some(&spec), ME, LEASE, LEASE), Decision::TakeOver);
-    }
-
-    #[test]
-    fn the_longer_of_our_and_the_recorded_duration_applies() {
-        let spec = held_by(Some("controller-b"), Some(60));
-        assert_eq!(
-            decide(Some(&spec), ME, Duration::from_secs(30), LEASE),
-            Decision::Wait
-        );
-        assert_eq!(
-            decide(Some(&spec), ME, Duration::from_secs(60), LEASE),
-            Decision::TakeOver
-        );
     }
 
     #[tokio::test]

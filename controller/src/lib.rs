@@ -87,15 +87,6 @@ pub enum Error {
         /// Cause.
         source: kube::Error,
     },
-    /// Reading the leader Lease.
-    #[error("reading the leader lease: {0}")]
-    GetLease(#[source] kube::Error),
-    /// Creating the leader Lease.
-    #[error("creating the leader lease: {0}")]
-    CreateLease(#[source] kube::Error),
-    /// Renewing, taking over or releasing the leader Lease.
-    #[error("updating the leader lease: {0}")]
-    ReplaceLease(#[source] kube::Error),
     /// An API call did not finish in time.
     #[error("{step} timed out after {after:?}")]
     Timeout {

@@ -12,9 +12,13 @@
 //!
 //! The slots of the shards whose Lease this replica holds (and renewed within the Lease duration)
 //! are published as its [`OwnedSlots`]: the stale sweep and the resync run on exactly those.
-//! Lease writes use the resourceVersion as an optimistic lock, so of two replicas racing for a
-//! Lease exactly one wins. Transitions are decided atomically in Redis anyway, so the brief overlaps
-//! a scale change can cause never produce a duplicate Event.
+//! Each Lease is driven by [`LeaseLock`], client-go's protocol: writes use the resourceVersion as
+//! an optimistic lock, so of two replicas racing for a Lease exactly one wins, and a Lease held by
+//! another replica counts as expired only once it has been seen unchanged for a whole Lease
+//! duration on this replica's own clock, never by reading its `renewTime` against our wall clock
+//! (a replica whose clock runs ahead must not steal live shards). Transitions are decided
+//! atomically in Redis anyway, so the brief overlaps a scale change can cause never produce a
+//! duplicate Event.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,9 +28,9 @@ use apollo_protocol::membership::{
     View, HEARTBEAT_EVERY_MS, MEMBERS_KEY, READ_SCRIPT, REGISTER_SCRIPT,
 };
 use apollo_protocol::shard::jump_hash;
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::{Api, ObjectMeta, PostParams};
+use apollo_runtime::lease::{Attempt, LeaseError, LeaseLock};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::Api;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -49,7 +53,8 @@ pub struct ClusterConfig {
     pub redis_url: String,
     /// Namespace of the shard Leases.
     pub lease_namespace: String,
-    /// Lease duration; a dead replica's shard is taken over this long after its last renewal.
+    /// Lease duration; a dead replica's shard is taken over once its Lease has been seen unchanged
+    /// this long.
     pub lease_duration: Duration,
 }
 
@@ -144,6 +149,8 @@ pub async fn run(
         ..View::default()
     };
     let mut held: BTreeMap<u32, Held> = BTreeMap::new();
+    // One lock per shard we have dealt with: each remembers what it observed of its Lease.
+    let mut locks: BTreeMap<u32, LeaseLock> = BTreeMap::new();
     let mut expired_since: BTreeMap<u32, Instant> = BTreeMap::new();
     let mut published: Option<(Vec<u32>, u32)> = None;
     let mut ticker = tokio::time::interval(Duration::from_millis(HEARTBEAT_EVERY_MS));
@@ -179,17 +186,20 @@ pub async fn run(
         // 2. Leases.
         let held_now: Vec<u32> = held.keys().copied().collect();
         for (shard, action) in plan(config.ordinal, &view, &held_now) {
+            let lock = locks
+                .entry(shard)
+                .or_insert_with(|| shard_lock(&leases, &config, shard));
             let result = match action {
-                LeaseAction::Hold => hold(&leases, &config, shard, &mut held, true).await,
+                LeaseAction::Hold => hold(lock, &config, shard, &mut held).await,
                 LeaseAction::TakeOverIfExpired { preferred } => {
                     if held.contains_key(&shard) {
-                        hold(&leases, &config, shard, &mut held, true).await
+                        hold(lock, &config, shard, &mut held).await
                     } else {
                         let since = *expired_since.entry(shard).or_insert_with(Instant::now);
                         // Not the preferred taker: step in only if the shard stays orphaned.
                         let patient = preferred || since.elapsed() > 2 * config.lease_duration;
                         if patient {
-                            hold(&leases, &config, shard, &mut held, false).await
+                            hold(lock, &config, shard, &mut held).await
                         } else {
                             Ok(())
                         }
@@ -197,7 +207,7 @@ pub async fn run(
                 }
                 LeaseAction::Release => {
                     expired_since.remove(&shard);
-                    release(&leases, &config, shard, &mut held).await
+                    release(lock, shard, &mut held).await
                 }
                 LeaseAction::Ignore => {
                     expired_since.remove(&shard);
@@ -248,7 +258,12 @@ pub async fn run(
     }
     let shards: Vec<u32> = held.keys().copied().collect();
     for shard in shards {
-        let _ = release(&leases, &config, shard, &mut held).await;
+        let lock = locks
+            .entry(shard)
+            .or_insert_with(|| shard_lock(&leases, &config, shard));
+        if let Err(error) = release(lock, shard, &mut held).await {
+            warn!(shard, %error, "could not release the shard lease; it will expire");
+        }
     }
     ownership.send_replace(Arc::new(OwnedSlots::none()));
     info!("left the gateway cluster");
@@ -298,111 +313,44 @@ async fn refresh_membership(
     ))
 }
 
-fn now_micro() -> MicroTime {
-    MicroTime(jiff::Timestamp::now())
+/// The Lock of shard `shard`'s Lease, held as this replica.
+fn shard_lock(leases: &Api<Lease>, config: &ClusterConfig, shard: u32) -> LeaseLock {
+    LeaseLock::new(
+        leases.clone(),
+        lease_name(shard),
+        config.identity(),
+        config.lease_duration,
+    )
+    .with_call_timeout(CALL_TIMEOUT)
+    .with_labels(
+        [(
+            "app.kubernetes.io/name".to_owned(),
+            "apollo-gateway".to_owned(),
+        )]
+        .into(),
+    )
 }
 
-fn expired(lease: &Lease) -> bool {
-    let Some(spec) = lease.spec.as_ref() else {
-        return true;
-    };
-    if spec
-        .holder_identity
-        .as_deref()
-        .unwrap_or_default()
-        .is_empty()
-    {
-        return true;
-    }
-    let duration = i64::from(spec.lease_duration_seconds.unwrap_or(0));
-    match spec.renew_time.as_ref().or(spec.acquire_time.as_ref()) {
-        Some(t) => {
-            let age = jiff::Timestamp::now().duration_since(t.0);
-            age.as_secs() >= duration
-        }
-        None => true,
-    }
-}
-
-/// Acquires (when free, expired, or `own` and already ours) or renews the Lease of `shard`.
+/// Acquires (when ours, free, released or expired) or renews the Lease of `shard`. Renewal
+/// happens every third of the duration, which keeps Lease writes to a trickle.
 async fn hold(
-    leases: &Api<Lease>,
+    lock: &mut LeaseLock,
     config: &ClusterConfig,
     shard: u32,
     held: &mut BTreeMap<u32, Held>,
-    _own: bool,
-) -> Result<(), kube::Error> {
-    let me = config.identity();
-    let name = lease_name(shard);
-    let duration_secs = config.lease_duration.as_secs().max(1) as i32;
-    // Renewing every third of the duration keeps Lease writes to a trickle.
+) -> Result<(), LeaseError> {
     if let Some(h) = held.get(&shard) {
         if h.renewed_at.elapsed() < config.lease_duration / 3 {
             return Ok(());
         }
     }
     let started = Instant::now();
-    let current = tokio::time::timeout(CALL_TIMEOUT, leases.get_opt(&name))
-        .await
-        .map_err(|_| timeout_error())??;
-    let written = match current {
-        None => {
-            let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(name.clone()),
-                    labels: Some(
-                        [(
-                            "app.kubernetes.io/name".to_owned(),
-                            "apollo-gateway".to_owned(),
-                        )]
-                        .into(),
-                    ),
-                    ..ObjectMeta::default()
-                },
-                spec: Some(LeaseSpec {
-                    holder_identity: Some(me.clone()),
-                    lease_duration_seconds: Some(duration_secs),
-                    acquire_time: Some(now_micro()),
-                    renew_time: Some(now_micro()),
-                    lease_transitions: Some(0),
-                    ..LeaseSpec::default()
-                }),
-            };
-            tokio::time::timeout(CALL_TIMEOUT, leases.create(&PostParams::default(), &lease))
-                .await
-                .map_err(|_| timeout_error())?
-                .map(|_| true)
-        }
-        Some(mut lease) => {
-            let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-            let mine = spec.holder_identity.as_deref() == Some(me.as_str());
-            if !mine && !expired(&lease) {
-                held.remove(&shard);
-                return Ok(());
-            }
-            let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-            if !mine {
-                spec.holder_identity = Some(me.clone());
-                spec.acquire_time = Some(now_micro());
-                spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
-            }
-            spec.lease_duration_seconds = Some(duration_secs);
-            spec.renew_time = Some(now_micro());
-            // replace carries metadata.resourceVersion: a concurrent writer gets 409.
-            tokio::time::timeout(
-                CALL_TIMEOUT,
-                leases.replace(&name, &PostParams::default(), &lease),
-            )
-            .await
-            .map_err(|_| timeout_error())?
-            .map(|_| true)
-        }
-    };
-    match written {
-        Ok(_) => {
+    match lock.try_acquire_or_renew().await? {
+        Attempt::Held(how) => {
             if !held.contains_key(&shard) {
-                info!(shard, "acquired shard lease");
+                info!(shard, ?how, "acquired shard lease");
             }
+            // Nobody else may conclude it expired before a whole duration after this write.
             held.insert(
                 shard,
                 Held {
@@ -410,65 +358,30 @@ async fn hold(
                     renewed_at: started,
                 },
             );
-            Ok(())
         }
-        Err(kube::Error::Api(e)) if e.code == 409 => {
-            // Someone else wrote it first: not ours (they will hold or renew it).
+        Attempt::HeldByOther => {
             if held.remove(&shard).is_some() {
                 warn!(shard, "lost shard lease to another replica");
             }
-            Ok(())
         }
-        Err(e) => Err(e),
     }
+    Ok(())
 }
 
 /// Releases the Lease of `shard` if we hold it (clears the holder so another replica can take it
 /// at once).
 async fn release(
-    leases: &Api<Lease>,
-    config: &ClusterConfig,
+    lock: &mut LeaseLock,
     shard: u32,
     held: &mut BTreeMap<u32, Held>,
-) -> Result<(), kube::Error> {
+) -> Result<(), LeaseError> {
     if held.remove(&shard).is_none() {
         return Ok(());
     }
-    let name = lease_name(shard);
-    let Some(mut lease) = tokio::time::timeout(CALL_TIMEOUT, leases.get_opt(&name))
-        .await
-        .map_err(|_| timeout_error())??
-    else {
-        return Ok(());
-    };
-    let me = config.identity();
-    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-    if spec.holder_identity.as_deref() != Some(me.as_str()) {
-        return Ok(());
+    if lock.release().await? {
+        info!(shard, "released shard lease");
     }
-    spec.holder_identity = None;
-    spec.renew_time = None;
-    let result = tokio::time::timeout(
-        CALL_TIMEOUT,
-        leases.replace(&name, &PostParams::default(), &lease),
-    )
-    .await
-    .map_err(|_| timeout_error())?;
-    match result {
-        Ok(_) => {
-            info!(shard, "released shard lease");
-            Ok(())
-        }
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-fn timeout_error() -> kube::Error {
-    kube::Error::Service(Box::new(std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        "Kubernetes call timed out",
-    )))
+    Ok(())
 }
 
 #[cfg(test)]
