@@ -10,16 +10,21 @@ use apollo_crds::{
     LABEL_DEVICE_NAME,
 };
 use apollo_test_support::wait_until;
-use common::{labels, match_labels, template, Cluster, DEADLINE, NS};
+use common::{
+    labels, new_deployment, new_switch, template, tor_selector, Cluster, DEADLINE, NS, ROLE_TOR,
+};
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
 use serde_json::json;
 
+/// Metric label filters for the DeviceProcess creates a controller made.
+const CHILD_CREATES: &[&str] = &[r#"resource="deviceprocesses""#, r#"verb="create""#];
+
 fn tor_in_sfo() -> LabelSelector {
     LabelSelector {
-        match_labels: Some(labels(&[("role", "tor")])),
+        match_labels: Some(labels(&[ROLE_TOR])),
         match_expressions: Some(vec![LabelSelectorRequirement {
             key: "site".into(),
             operator: "In".into(),
@@ -52,8 +57,7 @@ fn names<K: ResourceExt>(objects: &[K]) -> Vec<String> {
 
 #[tokio::test]
 async fn two_matching_switches_and_one_other_yield_exactly_two_device_processes() {
-    let cluster = Cluster::start().await;
-    let _controller = cluster.controller("controller-a").await;
+    let (cluster, _controller) = Cluster::with_controller().await;
     cluster
         .switch("tor1-01", &[("role", "tor"), ("site", "sfo")])
         .await;
@@ -111,24 +115,15 @@ async fn two_matching_switches_and_one_other_yield_exactly_two_device_processes(
         cluster.sim.count("create", "deviceprocesses", None).await,
         2
     );
-    assert_eq!(
-        cluster.events_for("logger", "SuccessfulCreate").await.len(),
-        2
-    );
+    cluster.assert_events("logger", "SuccessfulCreate", 2).await;
 }
 
 #[tokio::test]
 async fn template_change_updates_each_child_once_and_leaves_unchanged_children_alone() {
-    let cluster = Cluster::start().await;
-    let _controller = cluster.controller("controller-a").await;
-    cluster.switch("tor1-01", &[("role", "tor")]).await;
-    cluster.switch("tor1-02", &[("role", "tor")]).await;
-    cluster
-        .deployment("logger", match_labels(&[("role", "tor")]), &["v1"])
-        .await;
-    cluster
-        .deployment("metrics", match_labels(&[("role", "tor")]), &["m1"])
-        .await;
+    let (cluster, _controller) = Cluster::with_controller().await;
+    cluster.tor_switches(&["tor1-01", "tor1-02"]).await;
+    cluster.deployment("logger", tor_selector(), &["v1"]).await;
+    cluster.deployment("metrics", tor_selector(), &["m1"]).await;
     cluster.converged("logger", 2).await;
     cluster.converged("metrics", 2).await;
     let untouched_before = cluster.children_of("metrics").await;
@@ -149,52 +144,34 @@ async fn template_change_updates_each_child_once_and_leaves_unchanged_children_a
     }
     assert_eq!(
         cluster
-            .sim
-            .count("patch", "deviceprocesses", Some(""))
-            .await
-            + cluster
-                .sim
-                .count("update", "deviceprocesses", Some(""))
-                .await,
+            .count_requests(&["patch", "update"], "deviceprocesses", Some(""))
+            .await,
         2,
         "one write per changed child, none for the other deployment's"
     );
-    assert_eq!(
-        cluster.sim.count("create", "deviceprocesses", None).await,
-        0
-    );
-    assert_eq!(
-        cluster.sim.count("delete", "deviceprocesses", None).await,
-        0
-    );
+    cluster
+        .assert_no_requests(
+            &["create", "delete"],
+            &["deviceprocesses"],
+            "a template change updates children in place",
+        )
+        .await;
 }
 
 #[tokio::test]
 async fn relabelled_or_deleted_switch_loses_its_child_and_a_new_one_gains_one() {
-    let cluster = Cluster::start().await;
-    let _controller = cluster.controller("controller-a").await;
-    cluster.switch("tor1-01", &[("role", "tor")]).await;
-    cluster.switch("tor1-02", &[("role", "tor")]).await;
-    cluster
-        .deployment("logger", match_labels(&[("role", "tor")]), &["v1"])
-        .await;
-    cluster.converged("logger", 2).await;
+    let (cluster, _controller) = Cluster::with_controller().await;
+    cluster.roll_out_logger(&["tor1-01", "tor1-02"]).await;
 
     relabel_switch(&cluster, "tor1-02", "role", "spine").await;
     cluster.converged("logger", 1).await;
-    assert_eq!(
-        names(&cluster.children_of("logger").await),
-        ["logger-tor1-01"]
-    );
-    assert_eq!(
-        cluster.events_for("logger", "SuccessfulDelete").await.len(),
-        1
-    );
+    assert_eq!(cluster.child_names("logger").await, ["logger-tor1-01"]);
+    cluster.assert_events("logger", "SuccessfulDelete", 1).await;
 
-    cluster.switch("tor1-03", &[("role", "tor")]).await;
+    cluster.tor_switches(&["tor1-03"]).await;
     cluster.converged("logger", 2).await;
     assert_eq!(
-        names(&cluster.children_of("logger").await),
+        cluster.child_names("logger").await,
         ["logger-tor1-01", "logger-tor1-03"]
     );
 
@@ -204,26 +181,14 @@ async fn relabelled_or_deleted_switch_loses_its_child_and_a_new_one_gains_one() 
         .await
         .expect("delete switch");
     cluster.converged("logger", 1).await;
-    assert_eq!(
-        names(&cluster.children_of("logger").await),
-        ["logger-tor1-03"]
-    );
-    assert_eq!(
-        cluster.events_for("logger", "SuccessfulDelete").await.len(),
-        2
-    );
+    assert_eq!(cluster.child_names("logger").await, ["logger-tor1-03"]);
+    cluster.assert_events("logger", "SuccessfulDelete", 2).await;
 }
 
 #[tokio::test]
 async fn deleting_the_deployment_garbage_collects_its_children() {
-    let cluster = Cluster::start().await;
-    let _controller = cluster.controller("controller-a").await;
-    cluster.switch("tor1-01", &[("role", "tor")]).await;
-    cluster.switch("tor1-02", &[("role", "tor")]).await;
-    cluster
-        .deployment("logger", match_labels(&[("role", "tor")]), &["v1"])
-        .await;
-    cluster.converged("logger", 2).await;
+    let (cluster, _controller) = Cluster::with_controller().await;
+    cluster.roll_out_logger(&["tor1-01", "tor1-02"]).await;
 
     cluster
         .deployments
@@ -238,11 +203,13 @@ async fn deleting_the_deployment_garbage_collects_its_children() {
             .is_ok_and(|l| l.items.is_empty())
     })
     .await;
-    assert_eq!(
-        cluster.sim.count("delete", "deviceprocesses", None).await,
-        0,
-        "the garbage collector removed them, not the controller"
-    );
+    cluster
+        .assert_no_requests(
+            &["delete"],
+            &["deviceprocesses"],
+            "the garbage collector removed them, not the controller",
+        )
+        .await;
 }
 
 #[tokio::test]
@@ -252,13 +219,8 @@ async fn steady_state_makes_no_writes_for_ten_seconds() {
     let controller = cluster
         .controller_with("controller-a", &[("--resync-period", "1s")])
         .await;
-    cluster.switch("tor1-01", &[("role", "tor")]).await;
-    cluster.switch("tor1-02", &[("role", "tor")]).await;
-    cluster
-        .deployment("logger", match_labels(&[("role", "tor")]), &["v1"])
-        .await;
     // The converged status is the rollout's last write: from here on nothing may be written.
-    cluster.converged("logger", 2).await;
+    cluster.roll_out_logger(&["tor1-01", "tor1-02"]).await;
     cluster.sim.reset_requests().await;
     let reconciles_before = controller
         .metric("apollo_controller_reconciles_total", &[r#"result="ok""#])
@@ -266,16 +228,17 @@ async fn steady_state_makes_no_writes_for_ten_seconds() {
     tokio::time::sleep(Duration::from_secs(10)).await; // the measured window itself
     let writes = cluster.writes_except_leases().await;
     assert!(writes.is_empty(), "writes in steady state: {writes:?}");
-    assert_eq!(
-        cluster.sim.count("list", "deviceprocesses", None).await
-            + cluster.sim.count("list", "networkswitches", None).await
-            + cluster
-                .sim
-                .count("list", "deviceprocessdeployments", None)
-                .await,
-        0,
-        "reads come from the watch caches"
-    );
+    cluster
+        .assert_no_requests(
+            &["list"],
+            &[
+                "deviceprocesses",
+                "networkswitches",
+                "deviceprocessdeployments",
+            ],
+            "reads come from the watch caches",
+        )
+        .await;
     let reconciles = controller
         .metric("apollo_controller_reconciles_total", &[r#"result="ok""#])
         .await
@@ -296,45 +259,27 @@ async fn only_the_lease_holder_writes_and_a_standby_takes_over_when_it_dies() {
     cluster.wait_for_holder("controller-a").await;
     let standby = cluster.controller("controller-b").await;
 
-    cluster.switch("tor1-01", &[("role", "tor")]).await;
-    cluster.switch("tor1-02", &[("role", "tor")]).await;
-    cluster
-        .deployment("logger", match_labels(&[("role", "tor")]), &["v1"])
-        .await;
-    cluster.converged("logger", 2).await;
+    cluster.roll_out_logger(&["tor1-01", "tor1-02"]).await;
     assert_eq!(
         cluster.lease_holder().await.as_deref(),
         Some("controller-a")
     );
     assert_eq!(standby.writes_except_leases().await, 0.0, "standby wrote");
-    assert_eq!(
-        leader
-            .metric(
-                "apollo_controller_kube_writes_total",
-                &[r#"resource="deviceprocesses""#, r#"verb="create""#]
-            )
-            .await,
-        2.0
-    );
+    assert_eq!(leader.kube_writes(CHILD_CREATES).await, 2.0);
     assert_eq!(
         cluster.sim.count("create", "deviceprocesses", None).await,
         2
     );
 
     leader.proc.kill();
-    cluster.switch("tor1-03", &[("role", "tor")]).await;
+    cluster.tor_switches(&["tor1-03"]).await;
     cluster.converged("logger", 3).await;
     assert_eq!(
         cluster.lease_holder().await.as_deref(),
         Some("controller-b")
     );
     assert_eq!(
-        standby
-            .metric(
-                "apollo_controller_kube_writes_total",
-                &[r#"resource="deviceprocesses""#, r#"verb="create""#]
-            )
-            .await,
+        standby.kube_writes(CHILD_CREATES).await,
         1.0,
         "the new leader created only the missing child"
     );
@@ -374,15 +319,9 @@ async fn sigterm_releases_the_lease_and_exits_cleanly() {
 
 #[tokio::test]
 async fn kubectl_get_dpd_shows_the_counts() {
-    let cluster = Cluster::start().await;
-    let _controller = cluster.controller("controller-a").await;
-    cluster.switch("tor1-01", &[("role", "tor")]).await;
-    cluster.switch("tor1-02", &[("role", "tor")]).await;
+    let (cluster, _controller) = Cluster::with_controller().await;
     cluster.switch("spine1", &[("role", "spine")]).await;
-    cluster
-        .deployment("logger", match_labels(&[("role", "tor")]), &["v1"])
-        .await;
-    cluster.converged("logger", 2).await;
+    cluster.roll_out_logger(&["tor1-01", "tor1-02"]).await;
 
     let output = cluster.sim.kubectl(["get", "dpd", "-n", NS]).await;
     assert!(
@@ -412,13 +351,8 @@ async fn kubectl_get_dpd_shows_the_counts() {
 
 #[tokio::test]
 async fn an_invalid_selector_is_reported_and_touches_no_child() {
-    let cluster = Cluster::start().await;
-    let _controller = cluster.controller("controller-a").await;
-    cluster.switch("tor1-01", &[("role", "tor")]).await;
-    cluster
-        .deployment("logger", match_labels(&[("role", "tor")]), &["v1"])
-        .await;
-    cluster.converged("logger", 1).await;
+    let (cluster, _controller) = Cluster::with_controller().await;
+    cluster.roll_out_logger(&["tor1-01"]).await;
 
     let patch = json!({"spec": {"selector": {"matchExpressions": [
         {"key": "role", "operator": "Equals", "values": ["tor"]}
@@ -428,46 +362,32 @@ async fn an_invalid_selector_is_reported_and_touches_no_child() {
         .patch("logger", &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .expect("patch selector");
-    let deployments = cluster.deployments.clone();
-    wait_until(DEADLINE, "SelectorValid=False is reported", || {
-        let deployments = deployments.clone();
-        async move {
-            deployments
-                .get("logger")
-                .await
-                .is_ok_and(|d: DeviceProcessDeployment| {
-                    d.status.is_some_and(|s| {
-                        s.observed_generation == d.metadata.generation
-                            && s.conditions.iter().any(|c| {
-                                c.type_ == "SelectorValid"
-                                    && c.status == "False"
-                                    && c.reason == "InvalidSelector"
-                            })
+    cluster
+        .wait_for_deployment("logger", "SelectorValid=False is reported", |d| {
+            d.status.as_ref().is_some_and(|s| {
+                s.observed_generation == d.metadata.generation
+                    && s.conditions.iter().any(|c| {
+                        c.type_ == "SelectorValid"
+                            && c.status == "False"
+                            && c.reason == "InvalidSelector"
                     })
-                })
-        }
-    })
-    .await;
-    assert_eq!(
-        names(&cluster.children_of("logger").await),
-        ["logger-tor1-01"]
-    );
-    assert_eq!(
-        cluster.sim.count("delete", "deviceprocesses", None).await,
-        0
-    );
+            })
+        })
+        .await;
+    assert_eq!(cluster.child_names("logger").await, ["logger-tor1-01"]);
+    cluster
+        .assert_no_requests(
+            &["delete"],
+            &["deviceprocesses"],
+            "an invalid selector deletes no child",
+        )
+        .await;
 }
 
 #[tokio::test]
 async fn agent_counts_follow_the_childrens_conditions_at_a_paced_rate() {
-    let cluster = Cluster::start().await;
-    let _controller = cluster.controller("controller-a").await;
-    cluster.switch("tor1-01", &[("role", "tor")]).await;
-    cluster.switch("tor1-02", &[("role", "tor")]).await;
-    cluster
-        .deployment("logger", match_labels(&[("role", "tor")]), &["v1"])
-        .await;
-    cluster.converged("logger", 2).await;
+    let (cluster, _controller) = Cluster::with_controller().await;
+    cluster.roll_out_logger(&["tor1-01", "tor1-02"]).await;
     cluster.sim.reset_requests().await;
 
     // What the gateway does when agents connect and observe their specs: four status changes.
@@ -497,21 +417,13 @@ async fn agent_counts_follow_the_childrens_conditions_at_a_paced_rate() {
                 .expect("patch child status");
         }
     }
-    let deployments = cluster.deployments.clone();
-    wait_until(DEADLINE, "Connected and Observed reach 2", || {
-        let deployments = deployments.clone();
-        async move {
-            deployments
-                .get("logger")
-                .await
-                .is_ok_and(|d: DeviceProcessDeployment| {
-                    d.status.is_some_and(|s| {
-                        s.number_agent_connected == 2 && s.number_spec_observed == 2
-                    })
-                })
-        }
-    })
-    .await;
+    cluster
+        .wait_for_deployment("logger", "Connected and Observed reach 2", |d| {
+            d.status
+                .as_ref()
+                .is_some_and(|s| s.number_agent_connected == 2 && s.number_spec_observed == 2)
+        })
+        .await;
     let status_writes = cluster
         .sim
         .count("patch", "deviceprocessdeployments", Some("status"))
@@ -539,32 +451,20 @@ async fn a_namespace_scoped_controller_leaves_other_namespaces_alone() {
     let other_switches: Api<NetworkSwitch> = Api::namespaced(cluster.client.clone(), "other");
     let other_deployments: Api<DeviceProcessDeployment> =
         Api::namespaced(cluster.client.clone(), "other");
-    let mut switch = NetworkSwitch::new("tor9-01", Default::default());
-    switch.metadata.labels = Some(labels(&[("role", "tor")]));
     other_switches
-        .create(&PostParams::default(), &switch)
+        .create(&PostParams::default(), &new_switch("tor9-01", &[ROLE_TOR]))
         .await
         .expect("create switch in other namespace");
     other_deployments
         .create(
             &PostParams::default(),
-            &DeviceProcessDeployment::new(
-                "logger",
-                apollo_crds::DeviceProcessDeploymentSpec {
-                    selector: match_labels(&[("role", "tor")]),
-                    template: template(&["v1"]),
-                },
-            ),
+            &new_deployment("logger", tor_selector(), &["v1"]),
         )
         .await
         .expect("create deployment in other namespace");
     // The in-scope deployment is created last: once it has converged, the other one has had
     // every chance to be (wrongly) reconciled.
-    cluster.switch("tor1-01", &[("role", "tor")]).await;
-    cluster
-        .deployment("logger", match_labels(&[("role", "tor")]), &["v1"])
-        .await;
-    cluster.converged("logger", 1).await;
+    cluster.roll_out_logger(&["tor1-01"]).await;
 
     let untouched = other_deployments.get("logger").await.expect("get");
     assert_eq!(untouched.status, None);
@@ -579,13 +479,8 @@ async fn a_namespace_scoped_controller_leaves_other_namespaces_alone() {
 
 #[tokio::test]
 async fn a_child_deleted_by_hand_is_recreated() {
-    let cluster = Cluster::start().await;
-    let _controller = cluster.controller("controller-a").await;
-    cluster.switch("tor1-01", &[("role", "tor")]).await;
-    cluster
-        .deployment("logger", match_labels(&[("role", "tor")]), &["v1"])
-        .await;
-    cluster.converged("logger", 1).await;
+    let (cluster, _controller) = Cluster::with_controller().await;
+    cluster.roll_out_logger(&["tor1-01"]).await;
     let original = cluster.children.get("logger-tor1-01").await.expect("child");
 
     cluster
@@ -607,27 +502,20 @@ async fn a_child_deleted_by_hand_is_recreated() {
         }
     })
     .await;
-    assert_eq!(
-        cluster.events_for("logger", "SuccessfulCreate").await.len(),
-        2
-    );
+    cluster.assert_events("logger", "SuccessfulCreate", 2).await;
 }
 
 #[tokio::test]
 async fn failed_writes_are_retried_with_backoff_until_converged() {
-    let cluster = Cluster::start().await;
-    let controller = cluster.controller("controller-a").await;
-    cluster.switch("tor1-01", &[("role", "tor")]).await;
-    cluster.switch("tor1-02", &[("role", "tor")]).await;
+    let (cluster, controller) = Cluster::with_controller().await;
+    cluster.tor_switches(&["tor1-01", "tor1-02"]).await;
     cluster
         .sim
         .set_faults(
             json!({"verb": "create", "resource": "deviceprocesses", "code": 500, "times": 2}),
         )
         .await;
-    cluster
-        .deployment("logger", match_labels(&[("role", "tor")]), &["v1"])
-        .await;
+    cluster.deployment("logger", tor_selector(), &["v1"]).await;
     cluster.converged("logger", 2).await;
     assert_eq!(
         cluster.sim.count("create", "deviceprocesses", None).await,
@@ -636,10 +524,7 @@ async fn failed_writes_are_retried_with_backoff_until_converged() {
     );
     assert_eq!(
         controller
-            .metric(
-                "apollo_controller_kube_writes_total",
-                &[r#"resource="deviceprocesses""#, r#"outcome="error""#]
-            )
+            .kube_writes(&[r#"resource="deviceprocesses""#, r#"outcome="error""#])
             .await,
         2.0
     );

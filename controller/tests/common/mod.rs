@@ -25,7 +25,10 @@ pub const NS: &str = "default";
 pub const LEASE: &str = "apollo-controller";
 /// Upper bound for anything the controller should do promptly.
 pub const DEADLINE: Duration = Duration::from_secs(20);
+/// The label that makes a NetworkSwitch a top-of-rack switch, which most tests select on.
+pub const ROLE_TOR: (&str, &str) = ("role", "tor");
 
+/// A label (or annotation) map from `pairs`.
 pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
         .iter()
@@ -73,6 +76,13 @@ impl Cluster {
             client,
             sim,
         }
+    }
+
+    /// kubesim plus one controller, `controller-a`, with the default flags: where most tests start.
+    pub async fn with_controller() -> (Self, Controller) {
+        let cluster = Self::start().await;
+        let controller = cluster.controller("controller-a").await;
+        (cluster, controller)
     }
 
     /// Start a controller with short lease timings; waits until its caches have synced.
@@ -134,32 +144,45 @@ impl Cluster {
         controller
     }
 
+    /// Create the NetworkSwitch `name` with `switch_labels` in the test namespace.
     pub async fn switch(&self, name: &str, switch_labels: &[(&str, &str)]) -> NetworkSwitch {
-        let mut switch = NetworkSwitch::new(name, NetworkSwitchSpec::default());
-        switch.metadata.labels = Some(labels(switch_labels));
         self.switches
-            .create(&PostParams::default(), &switch)
+            .create(&PostParams::default(), &new_switch(name, switch_labels))
             .await
             .expect("create switch")
     }
 
+    /// Create a NetworkSwitch labelled [`ROLE_TOR`] for each of `names`, in that order.
+    pub async fn tor_switches(&self, names: &[&str]) {
+        for name in names {
+            self.switch(name, &[ROLE_TOR]).await;
+        }
+    }
+
+    /// Create the DeviceProcessDeployment `name` in the test namespace; see [`new_deployment`].
     pub async fn deployment(
         &self,
         name: &str,
         selector: LabelSelector,
         args: &[&str],
     ) -> DeviceProcessDeployment {
-        let deployment = DeviceProcessDeployment::new(
-            name,
-            DeviceProcessDeploymentSpec {
-                selector,
-                template: template(args),
-            },
-        );
         self.deployments
-            .create(&PostParams::default(), &deployment)
+            .create(
+                &PostParams::default(),
+                &new_deployment(name, selector, args),
+            )
             .await
             .expect("create deployment")
+    }
+
+    /// The rollout most tests start from: a [`ROLE_TOR`] switch for each of `devices`, then the
+    /// deployment `logger` (selector [`tor_selector`], args `["v1"]`); waits until it has
+    /// converged on one child per device and returns it as it is then.
+    pub async fn roll_out_logger(&self, devices: &[&str]) -> DeviceProcessDeployment {
+        self.tor_switches(devices).await;
+        self.deployment("logger", tor_selector(), &["v1"]).await;
+        let desired = i32::try_from(devices.len()).expect("device count fits in i32");
+        self.converged("logger", desired).await
     }
 
     /// The children labelled as belonging to `deployment`, sorted by name.
@@ -174,29 +197,46 @@ impl Cluster {
         children
     }
 
-    /// Wait until the deployment's status reports `desired` children, all current and updated,
-    /// for its current generation; returns the deployment as it is then.
-    pub async fn converged(&self, name: &str, desired: i32) -> DeviceProcessDeployment {
-        let deployments = self.deployments.clone();
-        wait_for(
-            DEADLINE,
-            &format!("deployment {name} converges on {desired} children"),
-            || {
-                let deployments = deployments.clone();
-                async move {
-                    let d = deployments.get(name).await.ok()?;
-                    let status = d.status.as_ref()?;
-                    let done = status.observed_generation == d.metadata.generation
-                        && status.desired_number_scheduled == desired
-                        && status.current_number_scheduled == desired
-                        && status.updated_number_scheduled == desired;
-                    done.then_some(d)
-                }
-            },
-        )
+    /// The names of the children labelled as belonging to `deployment`, sorted.
+    pub async fn child_names(&self, deployment: &str) -> Vec<String> {
+        self.children_of(deployment)
+            .await
+            .iter()
+            .map(ResourceExt::name_any)
+            .collect()
+    }
+
+    /// Wait until the deployment `name` can be read and satisfies `done`; returns it as it is
+    /// then. `what` describes the wait in the timeout message.
+    pub async fn wait_for_deployment(
+        &self,
+        name: &str,
+        what: &str,
+        done: impl Fn(&DeviceProcessDeployment) -> bool,
+    ) -> DeviceProcessDeployment {
+        wait_for(DEADLINE, what, || async {
+            let d = self.deployments.get(name).await.ok()?;
+            done(&d).then_some(d)
+        })
         .await
     }
 
+    /// Wait until the deployment's status reports `desired` children, all current and updated,
+    /// for its current generation; returns the deployment as it is then.
+    pub async fn converged(&self, name: &str, desired: i32) -> DeviceProcessDeployment {
+        let what = format!("deployment {name} converges on {desired} children");
+        self.wait_for_deployment(name, &what, |d| {
+            d.status.as_ref().is_some_and(|status| {
+                status.observed_generation == d.metadata.generation
+                    && status.desired_number_scheduled == desired
+                    && status.current_number_scheduled == desired
+                    && status.updated_number_scheduled == desired
+            })
+        })
+        .await
+    }
+
+    /// The `holderIdentity` of the leader Lease, if it exists and is held.
     pub async fn lease_holder(&self) -> Option<String> {
         self.leases
             .get_opt(LEASE)
@@ -207,6 +247,7 @@ impl Cluster {
             .and_then(|s| s.holder_identity)
     }
 
+    /// Wait until `identity` holds the leader Lease.
     pub async fn wait_for_holder(&self, identity: &str) {
         wait_until(DEADLINE, &format!("{identity} holds the lease"), || async {
             self.lease_holder().await.as_deref() == Some(identity)
@@ -231,6 +272,53 @@ impl Cluster {
             .collect()
     }
 
+    /// Requests kubesim counted with any of `verbs` on `resource` (any API group);
+    /// `subresource` None matches any, `Some("")` only the main resource.
+    pub async fn count_requests(
+        &self,
+        verbs: &[&str],
+        resource: &str,
+        subresource: Option<&str>,
+    ) -> u64 {
+        self.sim
+            .requests()
+            .await
+            .iter()
+            .filter(|r| verbs.contains(&r.verb.as_str()) && r.resource == resource)
+            .filter(|r| subresource.is_none_or(|s| r.subresource == s))
+            .map(|r| r.count)
+            .sum()
+    }
+
+    /// Assert that kubesim counted no request with any of `verbs` on any of `resources` (any
+    /// subresource) since it started or its counters were last reset. `why` says what that
+    /// shows; the failure message lists every (verb, resource) that was requested, and how often.
+    pub async fn assert_no_requests(&self, verbs: &[&str], resources: &[&str], why: &str) {
+        let mut made: BTreeMap<(String, String), u64> = BTreeMap::new();
+        for r in self.sim.requests().await {
+            if verbs.contains(&r.verb.as_str())
+                && resources.contains(&r.resource.as_str())
+                && r.count > 0
+            {
+                *made.entry((r.verb, r.resource)).or_insert(0) += r.count;
+            }
+        }
+        assert!(
+            made.is_empty(),
+            "expected no {verbs:?} requests on {resources:?} ({why}), kubesim counted {made:?}"
+        );
+    }
+
+    /// Assert that exactly `expected` Events with `reason` are about the deployment `name`.
+    pub async fn assert_events(&self, name: &str, reason: &str, expected: usize) {
+        let events = self.events_for(name, reason).await;
+        assert_eq!(
+            events.len(),
+            expected,
+            "{reason} Events about deployment {name}: {events:#?}"
+        );
+    }
+
     /// Writes kubesim counted, by resource, excluding Lease renewals.
     pub async fn writes_except_leases(&self) -> BTreeMap<String, u64> {
         let mut writes = BTreeMap::new();
@@ -252,6 +340,31 @@ impl Cluster {
     }
 }
 
+/// A NetworkSwitch `name` with `switch_labels` and a default spec, not yet created.
+pub fn new_switch(name: &str, switch_labels: &[(&str, &str)]) -> NetworkSwitch {
+    let mut switch = NetworkSwitch::new(name, NetworkSwitchSpec::default());
+    switch.metadata.labels = Some(labels(switch_labels));
+    switch
+}
+
+/// A DeviceProcessDeployment `name` selecting `selector` with [`template`]`(args)`, not yet
+/// created.
+pub fn new_deployment(
+    name: &str,
+    selector: LabelSelector,
+    args: &[&str],
+) -> DeviceProcessDeployment {
+    DeviceProcessDeployment::new(
+        name,
+        DeviceProcessDeploymentSpec {
+            selector,
+            template: template(args),
+        },
+    )
+}
+
+/// The template the tests deploy: an `alpine` container running `/bin/sh -c` with `args`,
+/// labelled `app=logger` and annotated with an owner team.
 pub fn template(args: &[&str]) -> DeviceProcessTemplate {
     DeviceProcessTemplate {
         metadata: TemplateMetadata {
@@ -275,11 +388,17 @@ pub fn template(args: &[&str]) -> DeviceProcessTemplate {
     }
 }
 
+/// A selector that matches exactly the labels `pairs`.
 pub fn match_labels(pairs: &[(&str, &str)]) -> LabelSelector {
     LabelSelector {
         match_labels: Some(labels(pairs)),
         match_expressions: None,
     }
+}
+
+/// The selector most tests deploy with: every switch labelled [`ROLE_TOR`].
+pub fn tor_selector() -> LabelSelector {
+    match_labels(&[ROLE_TOR])
 }
 
 /// A running `apollo-controller` process and its admin address. Killed on drop.
@@ -311,17 +430,17 @@ impl Controller {
             .sum()
     }
 
+    /// Kubernetes writes this process made (`apollo_controller_kube_writes_total`) whose labels
+    /// contain all of `label_filters`, e.g. `resource="deviceprocesses"`.
+    pub async fn kube_writes(&self, label_filters: &[&str]) -> f64 {
+        self.metric("apollo_controller_kube_writes_total", label_filters)
+            .await
+    }
+
     /// Writes (Events included) this process made to anything but its Lease.
     pub async fn writes_except_leases(&self) -> f64 {
-        let all = self
-            .metric("apollo_controller_kube_writes_total", &[])
-            .await;
-        let leases = self
-            .metric(
-                "apollo_controller_kube_writes_total",
-                &[r#"resource="leases""#],
-            )
-            .await;
+        let all = self.kube_writes(&[]).await;
+        let leases = self.kube_writes(&[r#"resource="leases""#]).await;
         let events = self.metric("apollo_controller_events_total", &[]).await;
         all - leases + events
     }
