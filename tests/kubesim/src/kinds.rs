@@ -91,151 +91,101 @@ impl KindInfo {
     }
 }
 
-struct BuiltIn {
-    group: &'static str,
-    version: &'static str,
-    kind: &'static str,
-    plural: &'static str,
-    short_names: &'static [&'static str],
+/// The version every built-in kind is served at.
+const BUILT_IN_VERSION: &str = "v1";
+
+/// Scope, subresources and write rules of a built-in kind.
+#[derive(Clone, Copy)]
+struct Traits {
     namespaced: bool,
     status: bool,
     scale: bool,
     generation: bool,
 }
 
+/// A namespaced kind with no subresources whose writes leave `metadata.generation` alone.
+const PLAIN: Traits = Traits {
+    namespaced: true,
+    status: false,
+    scale: false,
+    generation: false,
+};
+/// [`PLAIN`] plus a status subresource.
+const WITH_STATUS: Traits = Traits {
+    status: true,
+    ..PLAIN
+};
+/// A workload: status and scale subresources, and spec writes bump `metadata.generation`.
+const WORKLOAD: Traits = Traits {
+    status: true,
+    scale: true,
+    generation: true,
+    ..PLAIN
+};
+/// A cluster-scoped [`WITH_STATUS`] kind.
+const CLUSTER_WITH_STATUS: Traits = Traits {
+    namespaced: false,
+    ..WITH_STATUS
+};
+/// [`CLUSTER_WITH_STATUS`] whose spec writes bump `metadata.generation`.
+const CLUSTER_WITH_STATUS_AND_GENERATION: Traits = Traits {
+    generation: true,
+    ..CLUSTER_WITH_STATUS
+};
+
+/// One row of [`BUILT_INS`].
+struct BuiltIn {
+    group: &'static str,
+    kind: &'static str,
+    plural: &'static str,
+    short_names: &'static [&'static str],
+    traits: Traits,
+}
+
+impl BuiltIn {
+    const fn new(
+        group: &'static str,
+        kind: &'static str,
+        plural: &'static str,
+        short_names: &'static [&'static str],
+        traits: Traits,
+    ) -> Self {
+        Self {
+            group,
+            kind,
+            plural,
+            short_names,
+            traits,
+        }
+    }
+}
+
+/// The built-in kinds, all served at [`BUILT_IN_VERSION`]: group, kind, plural, short names, traits.
 const BUILT_INS: &[BuiltIn] = &[
-    BuiltIn {
-        group: "",
-        version: "v1",
-        kind: "Namespace",
-        plural: "namespaces",
-        short_names: &["ns"],
-        namespaced: false,
-        status: true,
-        scale: false,
-        generation: false,
-    },
-    BuiltIn {
-        group: "",
-        version: "v1",
-        kind: "Event",
-        plural: "events",
-        short_names: &["ev"],
-        namespaced: true,
-        status: false,
-        scale: false,
-        generation: false,
-    },
-    BuiltIn {
-        group: "",
-        version: "v1",
-        kind: "ConfigMap",
-        plural: "configmaps",
-        short_names: &["cm"],
-        namespaced: true,
-        status: false,
-        scale: false,
-        generation: false,
-    },
-    BuiltIn {
-        group: "",
-        version: "v1",
-        kind: "Secret",
-        plural: "secrets",
-        short_names: &[],
-        namespaced: true,
-        status: false,
-        scale: false,
-        generation: false,
-    },
-    BuiltIn {
-        group: "",
-        version: "v1",
-        kind: "Service",
-        plural: "services",
-        short_names: &["svc"],
-        namespaced: true,
-        status: true,
-        scale: false,
-        generation: false,
-    },
-    BuiltIn {
-        group: "",
-        version: "v1",
-        kind: "ServiceAccount",
-        plural: "serviceaccounts",
-        short_names: &["sa"],
-        namespaced: true,
-        status: false,
-        scale: false,
-        generation: false,
-    },
-    BuiltIn {
-        group: "apps",
-        version: "v1",
-        kind: "StatefulSet",
-        plural: "statefulsets",
-        short_names: &["sts"],
-        namespaced: true,
-        status: true,
-        scale: true,
-        generation: true,
-    },
-    BuiltIn {
-        group: "apps",
-        version: "v1",
-        kind: "Deployment",
-        plural: "deployments",
-        short_names: &["deploy"],
-        namespaced: true,
-        status: true,
-        scale: true,
-        generation: true,
-    },
-    BuiltIn {
-        group: "coordination.k8s.io",
-        version: "v1",
-        kind: "Lease",
-        plural: "leases",
-        short_names: &[],
-        namespaced: true,
-        status: false,
-        scale: false,
-        generation: false,
-    },
-    BuiltIn {
-        group: "discovery.k8s.io",
-        version: "v1",
-        kind: "EndpointSlice",
-        plural: "endpointslices",
-        short_names: &[],
-        namespaced: true,
-        status: false,
-        scale: false,
-        generation: false,
-    },
-    BuiltIn {
-        group: "events.k8s.io",
-        version: "v1",
-        kind: "Event",
-        plural: "events",
-        short_names: &["ev"],
-        namespaced: true,
-        status: false,
-        scale: false,
-        generation: false,
-    },
-    BuiltIn {
-        group: "apiextensions.k8s.io",
-        version: "v1",
-        kind: "CustomResourceDefinition",
-        plural: "customresourcedefinitions",
-        short_names: &["crd", "crds"],
-        namespaced: false,
-        status: true,
-        scale: false,
-        generation: true,
-    },
+    BuiltIn::new("", "Namespace", "namespaces", &["ns"], CLUSTER_WITH_STATUS),
+    BuiltIn::new("", "Event", "events", &["ev"], PLAIN),
+    BuiltIn::new("", "ConfigMap", "configmaps", &["cm"], PLAIN),
+    BuiltIn::new("", "Secret", "secrets", &[], PLAIN),
+    BuiltIn::new("", "Service", "services", &["svc"], WITH_STATUS),
+    BuiltIn::new("", "ServiceAccount", "serviceaccounts", &["sa"], PLAIN),
+    BuiltIn::new("apps", "StatefulSet", "statefulsets", &["sts"], WORKLOAD),
+    BuiltIn::new("apps", "Deployment", "deployments", &["deploy"], WORKLOAD),
+    BuiltIn::new("coordination.k8s.io", "Lease", "leases", &[], PLAIN),
+    BuiltIn::new(
+        "discovery.k8s.io",
+        "EndpointSlice",
+        "endpointslices",
+        &[],
+        PLAIN,
+    ),
+    BuiltIn::new("events.k8s.io", "Event", "events", &["ev"], PLAIN),
+    BuiltIn::new(
+        "apiextensions.k8s.io",
+        "CustomResourceDefinition",
+        "customresourcedefinitions",
+        &["crd", "crds"],
+        CLUSTER_WITH_STATUS_AND_GENERATION,
+    ),
 ];
 
 /// Columns `kubectl get` shows for built-ins beyond Name and Age, where a JSONPath can express them.
@@ -298,7 +248,7 @@ pub fn built_in_kinds() -> Vec<KindInfo> {
             };
             KindInfo {
                 group: b.group.into(),
-                version: b.version.into(),
+                version: BUILT_IN_VERSION.into(),
                 kind: b.kind.into(),
                 plural: b.plural.into(),
                 singular: b.kind.to_ascii_lowercase(),
@@ -309,9 +259,9 @@ pub fn built_in_kinds() -> Vec<KindInfo> {
                 } else {
                     Vec::new()
                 },
-                namespaced: b.namespaced,
-                status_subresource: b.status,
-                scale: b.scale.then(|| ScaleSpec {
+                namespaced: b.traits.namespaced,
+                status_subresource: b.traits.status,
+                scale: b.traits.scale.then(|| ScaleSpec {
                     spec_replicas_path: ".spec.replicas".into(),
                     status_replicas_path: ".status.replicas".into(),
                     label_selector_path: Some(".spec.selector".into()),
@@ -319,7 +269,7 @@ pub fn built_in_kinds() -> Vec<KindInfo> {
                 }),
                 printer_columns: built_in_columns(b.group, b.plural),
                 built_in: true,
-                tracks_generation: b.generation,
+                tracks_generation: b.traits.generation,
                 allow_unconditional_update: true,
                 store,
                 view,

@@ -451,20 +451,7 @@ async fn resource_request(
             }
         }
         "list" => {
-            let labels = LabelSelector::parse(
-                query
-                    .get("labelSelector")
-                    .map(String::as_str)
-                    .unwrap_or_default(),
-            )?;
-            let fields = FieldSelector::parse(
-                query
-                    .get("fieldSelector")
-                    .map(String::as_str)
-                    .unwrap_or_default(),
-                &kind.group,
-                &kind.plural,
-            )?;
+            let (labels, fields) = selectors(&kind, query)?;
             let (items, rv) = sim.with_state(|s| s.list(&kind, namespace, &labels, &fields));
             let items: Vec<Value> = items.iter().map(|o| views::present(&kind, o)).collect();
             match as_table {
@@ -475,12 +462,7 @@ async fn resource_request(
                         .collect();
                     Ok(ok(&table::table(&kind, rows, rv, None)))
                 }
-                None => Ok(ok(&json!({
-                    "kind": kind.list_kind(),
-                    "apiVersion": kind.api_version(),
-                    "metadata": {"resourceVersion": rv.to_string()},
-                    "items": items,
-                }))),
+                None => Ok(ok(&list_body(&kind, rv, items))),
             }
         }
         "watch" => {
@@ -569,31 +551,37 @@ async fn resource_request(
         }
         "deletecollection" => {
             let options = delete_options(query, body)?;
-            let labels = LabelSelector::parse(
-                query
-                    .get("labelSelector")
-                    .map(String::as_str)
-                    .unwrap_or_default(),
-            )?;
-            let fields = FieldSelector::parse(
-                query
-                    .get("fieldSelector")
-                    .map(String::as_str)
-                    .unwrap_or_default(),
-                &kind.group,
-                &kind.plural,
-            )?;
+            let (labels, fields) = selectors(&kind, query)?;
             let (deleted, rv) = sim.with_state(|s| {
                 let deleted = s.delete_collection(&kind, namespace, &labels, &fields, &options);
                 (deleted, s.resource_version())
             });
             let items: Vec<Value> = deleted?.iter().map(|o| views::present(&kind, o)).collect();
-            Ok(ok(
-                &json!({"kind": kind.list_kind(), "apiVersion": kind.api_version(), "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
-            ))
+            Ok(ok(&list_body(&kind, rv, items)))
         }
         _ => Err(ApiError::method_not_allowed(verb.to_string())),
     }
+}
+
+/// Parses the `labelSelector` and `fieldSelector` query parameters (absent means "everything").
+fn selectors(
+    kind: &KindInfo,
+    query: &BTreeMap<String, String>,
+) -> Result<(LabelSelector, FieldSelector), ApiError> {
+    let param = |name: &str| query.get(name).map(String::as_str).unwrap_or_default();
+    let labels = LabelSelector::parse(param("labelSelector"))?;
+    let fields = FieldSelector::parse(param("fieldSelector"), &kind.group, &kind.plural)?;
+    Ok((labels, fields))
+}
+
+/// A `<Kind>List` body holding `items` at list resourceVersion `rv`.
+fn list_body(kind: &KindInfo, rv: u64, items: Vec<Value>) -> Value {
+    json!({
+        "kind": kind.list_kind(),
+        "apiVersion": kind.api_version(),
+        "metadata": {"resourceVersion": rv.to_string()},
+        "items": items,
+    })
 }
 
 fn respond_with_object(
@@ -671,22 +659,11 @@ impl WatchParams {
             .get("timeoutSeconds")
             .and_then(|t| t.parse().ok())
             .map_or(DEFAULT_WATCH_TIMEOUT, Duration::from_secs);
+        let (labels, fields) = selectors(kind, query)?;
         Ok(Self {
             namespace: namespace.map(str::to_string),
-            labels: LabelSelector::parse(
-                query
-                    .get("labelSelector")
-                    .map(String::as_str)
-                    .unwrap_or_default(),
-            )?,
-            fields: FieldSelector::parse(
-                query
-                    .get("fieldSelector")
-                    .map(String::as_str)
-                    .unwrap_or_default(),
-                &kind.group,
-                &kind.plural,
-            )?,
+            labels,
+            fields,
             resume_from,
             send_initial_events,
             bookmarks,

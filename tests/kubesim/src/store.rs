@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::watch;
 
 use crate::error::{ApiError, ErrorTarget};
-use crate::kinds::{built_in_kinds, crd_status, kinds_from_crd, KindInfo, StoreKey};
+use crate::kinds::{built_in_kinds, crd_status, kinds_from_crd, KindInfo, ScaleSpec, StoreKey};
 use crate::managed;
 use crate::patch;
 use crate::schema::{self, FieldValidation, SchemaError};
@@ -255,6 +255,45 @@ fn set_finalizers(object: &mut Value, list: &[String]) {
     }
 }
 
+/// Whether the object has a `deletionTimestamp`, i.e. is waiting for its finalizers.
+fn is_deleting(object: &Value) -> bool {
+    meta(object).get("deletionTimestamp").is_some()
+}
+
+/// Starts an object's graceful deletion: stamps `deletionTimestamp` now, with no grace period.
+fn mark_deleting(object: &mut Value) {
+    let metadata = meta_mut(object);
+    metadata.insert("deletionTimestamp".into(), Value::String(now_rfc3339()));
+    metadata.insert("deletionGracePeriodSeconds".into(), json!(0));
+}
+
+/// Makes `to`'s status that of `from`, removing it when `from` has none.
+fn copy_status(from: &Value, to: &mut Value) {
+    match from.get("status") {
+        Some(status) => to["status"] = status.clone(),
+        None => {
+            if let Some(fields) = to.as_object_mut() {
+                fields.remove("status");
+            }
+        }
+    }
+}
+
+/// Where CustomResourceDefinitions are stored.
+fn crd_store_key() -> StoreKey {
+    StoreKey {
+        group: "apiextensions.k8s.io".into(),
+        resource: "customresourcedefinitions".into(),
+    }
+}
+
+/// Where `/scale` reads and writes replicas for `kind`, or 404 if it has no scale subresource.
+fn scale_spec(kind: &KindInfo) -> Result<&ScaleSpec, ApiError> {
+    kind.scale
+        .as_ref()
+        .ok_or_else(|| ApiError::no_route(&format!("{}/scale", kind.plural)))
+}
+
 /// The object without bookkeeping that changes on every write; equal content means a no-op write.
 fn content(object: &Value) -> Value {
     let mut stripped = object.clone();
@@ -432,11 +471,7 @@ impl State {
     /// Rebuilds the served kinds from the built-ins and the stored CRDs.
     fn sync_kinds(&mut self) {
         let mut kinds: Vec<Arc<KindInfo>> = built_in_kinds().into_iter().map(Arc::new).collect();
-        let crd_key = StoreKey {
-            group: "apiextensions.k8s.io".into(),
-            resource: "customresourcedefinitions".into(),
-        };
-        if let Some(crds) = self.collections.get(&crd_key) {
+        if let Some(crds) = self.collections.get(&crd_store_key()) {
             for crd in crds.objects.values() {
                 kinds.extend(kinds_from_crd(crd).into_iter().map(Arc::new));
             }
@@ -583,7 +618,7 @@ impl State {
             self.removed_uids
                 .insert(meta_str(&object, "uid").to_string());
             self.gc_pending = true;
-        } else if meta(&object).get("deletionTimestamp").is_some() {
+        } else if is_deleting(&object) {
             self.gc_pending = true;
         }
         object
@@ -890,7 +925,7 @@ impl State {
             Subresource::Scale => self.scale_to_object(kind, &current, &body)?,
             _ => views::absorb(kind, body),
         };
-        self.finish_update(kind, current, candidate, subresource, options)
+        self.finish_update(kind, current, candidate, subresource, options, false)
     }
 
     /// PATCH in any of the four formats. Returns the object and whether apply created it.
@@ -968,7 +1003,7 @@ impl State {
         }
         let is_apply = matches!(patch_type, PatchType::Apply { .. });
         let updated =
-            self.finish_update_with(kind, current, candidate, subresource, options, is_apply)?;
+            self.finish_update(kind, current, candidate, subresource, options, is_apply)?;
         Ok((updated, false))
     }
 
@@ -1001,20 +1036,9 @@ impl State {
         )
     }
 
-    fn finish_update(
-        &mut self,
-        kind: &KindInfo,
-        current: Value,
-        candidate: Value,
-        subresource: Subresource,
-        options: &WriteOptions,
-    ) -> Result<Value, ApiError> {
-        self.finish_update_with(kind, current, candidate, subresource, options, false)
-    }
-
     /// The rules every update shares: which parts a subresource may change, immutable metadata,
     /// generation, finalizers on deleting objects, and the no-op short-circuit.
-    fn finish_update_with(
+    fn finish_update(
         &mut self,
         kind: &KindInfo,
         current: Value,
@@ -1027,14 +1051,7 @@ impl State {
         let mut next = match subresource {
             Subresource::Status => {
                 let mut next = current.clone();
-                match candidate.get("status") {
-                    Some(status) => next["status"] = status.clone(),
-                    None => {
-                        if let Some(fields) = next.as_object_mut() {
-                            fields.remove("status");
-                        }
-                    }
-                }
+                copy_status(&candidate, &mut next);
                 if is_apply {
                     next["metadata"]["managedFields"] =
                         candidate["metadata"]["managedFields"].clone();
@@ -1044,14 +1061,7 @@ impl State {
             Subresource::Main | Subresource::Scale => {
                 let mut next = candidate;
                 if kind.status_subresource {
-                    match current.get("status") {
-                        Some(status) => next["status"] = status.clone(),
-                        None => {
-                            if let Some(fields) = next.as_object_mut() {
-                                fields.remove("status");
-                            }
-                        }
-                    }
+                    copy_status(&current, &mut next);
                 }
                 next
             }
@@ -1089,7 +1099,7 @@ impl State {
         {
             metadata.remove("finalizers");
         }
-        if old_meta.get("deletionTimestamp").is_some() {
+        if is_deleting(&current) {
             let old_finalizers = finalizers(&current);
             if finalizers(&next)
                 .iter()
@@ -1139,7 +1149,7 @@ impl State {
         if options.dry_run {
             return Ok(next);
         }
-        if meta(&next).get("deletionTimestamp").is_some() && finalizers(&next).is_empty() {
+        if is_deleting(&next) && finalizers(&next).is_empty() {
             let removed = self.commit(&kind.store, EventType::Deleted, next, Some(current));
             self.after_removal(kind);
             return Ok(removed);
@@ -1162,13 +1172,9 @@ impl State {
 
     /// Deleting a CRD deletes its custom resources, as the apiserver's CRD finalizer does.
     fn remove_orphaned_custom_resources(&mut self) {
-        let crd_key = StoreKey {
-            group: "apiextensions.k8s.io".into(),
-            resource: "customresourcedefinitions".into(),
-        };
         let live: BTreeSet<StoreKey> = self
             .collections
-            .get(&crd_key)
+            .get(&crd_store_key())
             .map(|c| {
                 c.objects
                     .values()
@@ -1200,10 +1206,7 @@ impl State {
 
     /// The `autoscaling/v1 Scale` view of an object.
     pub fn scale_of(&self, kind: &KindInfo, object: &Value) -> Result<Value, ApiError> {
-        let scale = kind
-            .scale
-            .as_ref()
-            .ok_or_else(|| ApiError::no_route(&format!("{}/scale", kind.plural)))?;
+        let scale = scale_spec(kind)?;
         let metadata = meta(object);
         let selector = match &scale.label_selector_path {
             Some(path) if scale.selector_is_object => label_selector_string(get_path(object, path)),
@@ -1241,10 +1244,7 @@ impl State {
         current: &Value,
         scale_body: &Value,
     ) -> Result<Value, ApiError> {
-        let scale = kind
-            .scale
-            .as_ref()
-            .ok_or_else(|| ApiError::no_route(&format!("{}/scale", kind.plural)))?;
+        let scale = scale_spec(kind)?;
         let replicas = scale_body["spec"]["replicas"].as_i64().unwrap_or(0);
         if replicas < 0 {
             return Err(ApiError::invalid(
@@ -1282,9 +1282,7 @@ impl State {
             _ => None,
         };
         if let Some(finalizer) = policy_finalizer {
-            if meta(&current).get("deletionTimestamp").is_none()
-                && !list.iter().any(|f| f == finalizer)
-            {
+            if !is_deleting(&current) && !list.iter().any(|f| f == finalizer) {
                 list.push(finalizer.to_string());
             }
         }
@@ -1308,13 +1306,11 @@ impl State {
             self.after_removal(kind);
             return Ok(DeleteOutcome::Removed(removed));
         }
-        if meta(&current).get("deletionTimestamp").is_some() {
+        if is_deleting(&current) {
             return Ok(DeleteOutcome::Pending(current));
         }
         set_finalizers(&mut marked, &list);
-        let metadata = meta_mut(&mut marked);
-        metadata.insert("deletionTimestamp".into(), Value::String(now_rfc3339()));
-        metadata.insert("deletionGracePeriodSeconds".into(), json!(0));
+        mark_deleting(&mut marked);
         if is_namespace {
             marked["status"]["phase"] = json!("Terminating");
         }
@@ -1340,17 +1336,26 @@ impl State {
 
     /// Starts deleting an object on behalf of the garbage collector (background propagation).
     fn gc_delete(&mut self, store: &StoreKey, object: Value) {
-        if meta(&object).get("deletionTimestamp").is_some() {
+        if is_deleting(&object) {
             return;
         }
         if finalizers(&object).is_empty() {
             self.remove_now(store, object);
         } else {
             let mut marked = object.clone();
-            let metadata = meta_mut(&mut marked);
-            metadata.insert("deletionTimestamp".into(), Value::String(now_rfc3339()));
-            metadata.insert("deletionGracePeriodSeconds".into(), json!(0));
+            mark_deleting(&mut marked);
             self.commit(store, EventType::Modified, marked, Some(object));
+        }
+    }
+
+    /// Starts deleting the first of `objects` that is not being deleted yet; false if none is left.
+    fn gc_delete_first_live(&mut self, objects: &[&(StoreKey, Value)]) -> bool {
+        match objects.iter().find(|(_, o)| !is_deleting(o)) {
+            Some((store, object)) => {
+                self.gc_delete(store, object.clone());
+                true
+            }
+            None => false,
         }
     }
 
@@ -1361,7 +1366,7 @@ impl State {
             .filter(|f| f != finalizer)
             .collect();
         set_finalizers(&mut next, &list);
-        if list.is_empty() && meta(object).get("deletionTimestamp").is_some() {
+        if list.is_empty() && is_deleting(object) {
             self.commit(store, EventType::Deleted, next, Some(object.clone()));
         } else {
             self.commit(store, EventType::Modified, next, Some(object.clone()));
@@ -1400,15 +1405,18 @@ impl State {
                 })
                 .unwrap_or_default()
         };
+        let dependents_of = |uid: &str| -> Vec<&(StoreKey, Value)> {
+            objects
+                .iter()
+                .filter(|(_, o)| owner_uids(o).iter().any(|u| u == uid))
+                .collect()
+        };
         for (store, object) in &objects {
-            let deleting = meta(object).get("deletionTimestamp").is_some();
+            let deleting = is_deleting(object);
             let uid = meta_str(object, "uid");
             let list = finalizers(object);
             if deleting && list.iter().any(|f| f == FINALIZER_ORPHAN) {
-                for (dep_store, dependent) in objects
-                    .iter()
-                    .filter(|(_, o)| owner_uids(o).iter().any(|u| u == uid))
-                {
+                for (dep_store, dependent) in dependents_of(uid) {
                     let mut freed = dependent.clone();
                     if let Some(Value::Array(refs)) = freed["metadata"].get_mut("ownerReferences") {
                         refs.retain(|r| r["uid"].as_str() != Some(uid));
@@ -1427,15 +1435,8 @@ impl State {
                 return true;
             }
             if deleting && list.iter().any(|f| f == FINALIZER_FOREGROUND) {
-                let dependents: Vec<&(StoreKey, Value)> = objects
-                    .iter()
-                    .filter(|(_, o)| owner_uids(o).iter().any(|u| u == uid))
-                    .collect();
-                if let Some((dep_store, dependent)) = dependents
-                    .iter()
-                    .find(|(_, o)| meta(o).get("deletionTimestamp").is_none())
-                {
-                    self.gc_delete(dep_store, dependent.clone());
+                let dependents = dependents_of(uid);
+                if self.gc_delete_first_live(&dependents) {
                     return true;
                 }
                 let blocking = dependents.iter().any(|(_, o)| {
@@ -1465,11 +1466,7 @@ impl State {
                     .iter()
                     .filter(|(_, o)| meta_str(o, "namespace") == name)
                     .collect();
-                if let Some((content_store, content)) = contents
-                    .iter()
-                    .find(|(_, o)| meta(o).get("deletionTimestamp").is_none())
-                {
-                    self.gc_delete(content_store, content.clone());
+                if self.gc_delete_first_live(&contents) {
                     return true;
                 }
                 if contents.is_empty() && list.is_empty() {
@@ -1535,31 +1532,72 @@ mod tests {
         }
     }
 
+    /// Creates `body` in the `default` namespace as the test's field manager.
+    fn create(state: &mut State, kind: &KindInfo, body: Value) -> Result<Value, ApiError> {
+        state.create(kind, Some("default"), body, &options())
+    }
+
+    /// Creates an object with nothing but `name` in the `default` namespace.
+    fn create_named(state: &mut State, kind: &KindInfo, name: &str) -> Result<Value, ApiError> {
+        create(state, kind, json!({"metadata": {"name": name}}))
+    }
+
+    /// Merge-patches `default/<name>` as the test's field manager.
+    fn merge_patch(
+        state: &mut State,
+        kind: &KindInfo,
+        name: &str,
+        body: Value,
+    ) -> Result<Value, ApiError> {
+        merge_patch_at(state, kind, name, Subresource::Main, body)
+    }
+
+    /// Merge-patches `default/<name>` or one of its subresources as the test's field manager.
+    fn merge_patch_at(
+        state: &mut State,
+        kind: &KindInfo,
+        name: &str,
+        subresource: Subresource,
+        body: Value,
+    ) -> Result<Value, ApiError> {
+        let patch = PatchBody {
+            patch_type: PatchType::Merge,
+            body: &body,
+        };
+        let (patched, _created) =
+            state.patch(kind, Some("default"), name, subresource, patch, &options())?;
+        Ok(patched)
+    }
+
+    /// Replaces `default/<name>` with `body` as the test's field manager.
+    fn update(
+        state: &mut State,
+        kind: &KindInfo,
+        name: &str,
+        body: Value,
+    ) -> Result<Value, ApiError> {
+        state.update(
+            kind,
+            Some("default"),
+            name,
+            Subresource::Main,
+            body,
+            &options(),
+        )
+    }
+
     #[test]
     fn no_op_patch_keeps_resource_version_and_records_no_event() {
         let (mut state, foo) = state_with_crd();
-        let created = state
-            .create(
-                &foo,
-                Some("default"),
-                json!({"metadata": {"name": "a"}, "spec": {"x": 1}}),
-                &options(),
-            )
-            .expect("created");
+        let created = create(
+            &mut state,
+            &foo,
+            json!({"metadata": {"name": "a"}, "spec": {"x": 1}}),
+        )
+        .expect("created");
         let rv = state.resource_version();
-        let (patched, _) = state
-            .patch(
-                &foo,
-                Some("default"),
-                "a",
-                Subresource::Main,
-                PatchBody {
-                    patch_type: PatchType::Merge,
-                    body: &json!({"spec": {"x": 1}}),
-                },
-                &options(),
-            )
-            .expect("patched");
+        let patched =
+            merge_patch(&mut state, &foo, "a", json!({"spec": {"x": 1}})).expect("patched");
         assert_eq!(
             patched["metadata"]["resourceVersion"],
             created["metadata"]["resourceVersion"]
@@ -1574,131 +1612,70 @@ mod tests {
     #[test]
     fn status_and_spec_writes_keep_each_other_and_generation_tracks_spec_only() {
         let (mut state, foo) = state_with_crd();
-        let created = state
-            .create(
-                &foo,
-                Some("default"),
-                json!({"metadata": {"name": "a"}, "spec": {"x": 1}, "status": {"dropped": true}}),
-                &options(),
-            )
-            .expect("created");
+        let created = create(
+            &mut state,
+            &foo,
+            json!({"metadata": {"name": "a"}, "spec": {"x": 1}, "status": {"dropped": true}}),
+        )
+        .expect("created");
         assert!(
             created.get("status").is_none(),
             "create drops status when status is a subresource"
         );
-        let (with_status, _) = state
-            .patch(
-                &foo,
-                Some("default"),
-                "a",
-                Subresource::Status,
-                PatchBody {
-                    patch_type: PatchType::Merge,
-                    body: &json!({"status": {"ready": true}, "spec": {"x": 9}}),
-                },
-                &options(),
-            )
-            .expect("status patch");
+        let with_status = merge_patch_at(
+            &mut state,
+            &foo,
+            "a",
+            Subresource::Status,
+            json!({"status": {"ready": true}, "spec": {"x": 9}}),
+        )
+        .expect("status patch");
         assert_eq!(with_status["spec"]["x"], 1);
         assert_eq!(with_status["metadata"]["generation"], 1);
-        let (with_spec, _) = state
-            .patch(
-                &foo,
-                Some("default"),
-                "a",
-                Subresource::Main,
-                PatchBody {
-                    patch_type: PatchType::Merge,
-                    body: &json!({"spec": {"x": 2}, "status": {"ready": false}}),
-                },
-                &options(),
-            )
-            .expect("spec patch");
+        let with_spec = merge_patch(
+            &mut state,
+            &foo,
+            "a",
+            json!({"spec": {"x": 2}, "status": {"ready": false}}),
+        )
+        .expect("spec patch");
         assert_eq!(with_spec["status"]["ready"], true);
         assert_eq!(with_spec["metadata"]["generation"], 2);
-        let (labelled, _) = state
-            .patch(
-                &foo,
-                Some("default"),
-                "a",
-                Subresource::Main,
-                PatchBody {
-                    patch_type: PatchType::Merge,
-                    body: &json!({"metadata": {"labels": {"l": "v"}}}),
-                },
-                &options(),
-            )
-            .expect("label patch");
+        let labelled = merge_patch(
+            &mut state,
+            &foo,
+            "a",
+            json!({"metadata": {"labels": {"l": "v"}}}),
+        )
+        .expect("label patch");
         assert_eq!(labelled["metadata"]["generation"], 2);
     }
 
     #[test]
     fn stale_resource_version_conflicts() {
         let (mut state, foo) = state_with_crd();
-        let created = state
-            .create(
-                &foo,
-                Some("default"),
-                json!({"metadata": {"name": "a"}}),
-                &options(),
-            )
-            .expect("created");
+        let created = create_named(&mut state, &foo, "a").expect("created");
         let stale = created["metadata"]["resourceVersion"]
             .as_str()
             .expect("rv")
             .to_string();
-        state
-            .patch(
-                &foo,
-                Some("default"),
-                "a",
-                Subresource::Main,
-                PatchBody {
-                    patch_type: PatchType::Merge,
-                    body: &json!({"spec": {"x": 1}}),
-                },
-                &options(),
-            )
-            .expect("patched");
+        merge_patch(&mut state, &foo, "a", json!({"spec": {"x": 1}})).expect("patched");
         let mut replacement = created.clone();
         replacement["metadata"]["resourceVersion"] = json!(stale);
-        let error = state
-            .update(
-                &foo,
-                Some("default"),
-                "a",
-                Subresource::Main,
-                replacement,
-                &options(),
-            )
-            .expect_err("conflict");
+        let error = update(&mut state, &foo, "a", replacement).expect_err("conflict");
         assert_eq!((error.code, error.reason), (409, "Conflict"));
-        let error = state
-            .patch(
-                &foo,
-                Some("default"),
-                "a",
-                Subresource::Main,
-                PatchBody {
-                    patch_type: PatchType::Merge,
-                    body: &json!({"metadata": {"resourceVersion": stale}}),
-                },
-                &options(),
-            )
-            .expect_err("conflict");
+        let error = merge_patch(
+            &mut state,
+            &foo,
+            "a",
+            json!({"metadata": {"resourceVersion": stale}}),
+        )
+        .expect_err("conflict");
         assert_eq!(error.code, 409);
         let mut unconditional = created;
         meta_mut(&mut unconditional).remove("resourceVersion");
-        let error = state
-            .update(
-                &foo,
-                Some("default"),
-                "a",
-                Subresource::Main,
-                unconditional,
-                &options(),
-            )
-            .expect_err("custom resources need an rv");
+        let error =
+            update(&mut state, &foo, "a", unconditional).expect_err("custom resources need an rv");
         assert_eq!(error.code, 422);
     }
 
@@ -1708,14 +1685,7 @@ mod tests {
         let cm = state.resolve("", "v1", "configmaps").expect("configmaps");
         let start = state.resource_version();
         for name in ["a", "b", "c"] {
-            state
-                .create(
-                    &cm,
-                    Some("default"),
-                    json!({"metadata": {"name": name}}),
-                    &options(),
-                )
-                .expect("created");
+            create_named(&mut state, &cm, name).expect("created");
         }
         assert_eq!(
             state
@@ -1737,19 +1707,10 @@ mod tests {
     fn background_deletion_collects_dependents_and_orphan_keeps_them() {
         let mut state = State::new(100);
         let cm = state.resolve("", "v1", "configmaps").expect("configmaps");
-        let owner = state
-            .create(
-                &cm,
-                Some("default"),
-                json!({"metadata": {"name": "owner"}}),
-                &options(),
-            )
-            .expect("owner");
+        let owner = create_named(&mut state, &cm, "owner").expect("owner");
         let uid = owner["metadata"]["uid"].clone();
         let child = json!({"metadata": {"name": "child", "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": uid}]}});
-        state
-            .create(&cm, Some("default"), child.clone(), &options())
-            .expect("child");
+        create(&mut state, &cm, child.clone()).expect("child");
         state
             .delete(&cm, Some("default"), "owner", &DeleteOptions::default())
             .expect("deleted");
@@ -1761,19 +1722,10 @@ mod tests {
             404
         );
 
-        let owner = state
-            .create(
-                &cm,
-                Some("default"),
-                json!({"metadata": {"name": "owner"}}),
-                &options(),
-            )
-            .expect("owner");
+        let owner = create_named(&mut state, &cm, "owner").expect("owner");
         let mut child = child;
         child["metadata"]["ownerReferences"][0]["uid"] = owner["metadata"]["uid"].clone();
-        state
-            .create(&cm, Some("default"), child, &options())
-            .expect("child");
+        create(&mut state, &cm, child).expect("child");
         let orphan = DeleteOptions {
             propagation: Some("Orphan".into()),
             ..Default::default()
@@ -1798,14 +1750,8 @@ mod tests {
     fn generate_name_and_missing_namespace() {
         let mut state = State::new(100);
         let cm = state.resolve("", "v1", "configmaps").expect("configmaps");
-        let created = state
-            .create(
-                &cm,
-                Some("default"),
-                json!({"metadata": {"generateName": "x-"}}),
-                &options(),
-            )
-            .expect("created");
+        let created =
+            create(&mut state, &cm, json!({"metadata": {"generateName": "x-"}})).expect("created");
         let name = created["metadata"]["name"].as_str().expect("name");
         assert!(name.starts_with("x-") && name.len() == 7, "{name}");
         let error = state

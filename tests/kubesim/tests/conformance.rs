@@ -14,7 +14,6 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Event as CoreEvent, Namespace};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
-use kube::core::Status;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
@@ -22,13 +21,6 @@ use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::Barrier;
-
-fn api_error(error: kube::Error) -> Status {
-    match error {
-        kube::Error::Api(status) => *status,
-        other => panic!("expected an API error, got {other:?}"),
-    }
-}
 
 fn lease_body(holder: &str) -> serde_json::Value {
     json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "leader"},
@@ -194,12 +186,7 @@ async fn lease_election_with_two_contenders_has_exactly_one_winner() {
     assert_eq!(api_error(loser).reason, "AlreadyExists");
 
     // Round 2: the holder steps down; both read the same version and replace with it.
-    leases
-        .patch(
-            "leader",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"holderIdentity": ""}})),
-        )
+    merge_patch(&leases, "leader", json!({"spec": {"holderIdentity": ""}}))
         .await
         .expect("step down");
     let barrier = Arc::new(Barrier::new(2));
@@ -268,13 +255,9 @@ async fn lease_election_with_two_contenders_has_exactly_one_winner() {
 
 #[tokio::test]
 async fn kube_finalizer_helper_adds_cleans_up_and_removes_its_finalizer() {
-    let (_sim, client) = start().await;
-    install_crds(&client).await;
+    let (_sim, client) = start_with_crds().await;
     let processes: Api<DeviceProcess> = Api::default_namespaced(client.clone());
-    processes
-        .create(&PostParams::default(), &device_process("p", "tor1"))
-        .await
-        .expect("create");
+    create_process(&processes, "p", "tor1").await;
     const NAME: &str = "apollo.azure.com/cleanup";
 
     let reconcile = |object: DeviceProcess| {
@@ -304,14 +287,13 @@ async fn kube_finalizer_helper_adds_cleans_up_and_removes_its_finalizer() {
     let terminating = processes.get("p").await.expect("still present");
     assert!(terminating.metadata.deletion_timestamp.is_some());
     let late = api_error(
-        processes
-            .patch(
-                "p",
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"finalizers": [NAME, "late/one"]}})),
-            )
-            .await
-            .expect_err("no new finalizers while deleting"),
+        merge_patch(
+            &processes,
+            "p",
+            json!({"metadata": {"finalizers": [NAME, "late/one"]}}),
+        )
+        .await
+        .expect_err("no new finalizers while deleting"),
     );
     assert_eq!(late.code, 422);
     reconcile(terminating)
@@ -354,8 +336,7 @@ async fn json_patch_test_failures_are_422() {
 
 #[tokio::test]
 async fn strategic_merge_patch_on_built_ins_and_415_on_custom_resources() {
-    let (_sim, client) = start().await;
-    install_crds(&client).await;
+    let (_sim, client) = start_with_crds().await;
     let sets: Api<StatefulSet> = Api::default_namespaced(client.clone());
     let set: StatefulSet = serde_json::from_value(json!({
         "metadata": {"name": "web", "labels": {"keep": "1", "drop": "1"}},
@@ -399,10 +380,7 @@ async fn strategic_merge_patch_on_built_ins_and_415_on_custom_resources() {
         ]
     );
     let processes: Api<DeviceProcess> = Api::default_namespaced(client);
-    processes
-        .create(&PostParams::default(), &device_process("p", "tor1"))
-        .await
-        .expect("create");
+    create_process(&processes, "p", "tor1").await;
     let unsupported = api_error(
         processes
             .patch(
@@ -449,14 +427,7 @@ async fn cascading_deletion_background_foreground_and_orphan() {
     maps.delete("bg-owner", &DeleteParams::background())
         .await
         .expect("delete");
-    eventually("background collection", || async {
-        maps.get_opt("bg-child")
-            .await
-            .expect("get")
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    eventually_gone("background collection", &maps, "bg-child").await;
 
     let owner = maps
         .create(&pp, &plain_map("orphan-owner"))
@@ -468,14 +439,7 @@ async fn cascading_deletion_background_foreground_and_orphan() {
     maps.delete("orphan-owner", &DeleteParams::orphan())
         .await
         .expect("delete");
-    eventually("the owner to go", || async {
-        maps.get_opt("orphan-owner")
-            .await
-            .expect("get")
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    eventually_gone("the owner to go", &maps, "orphan-owner").await;
     let orphan = maps.get("orphan-child").await.expect("orphan kept");
     assert!(
         orphan.owner_references().is_empty(),
@@ -507,28 +471,16 @@ async fn cascading_deletion_background_foreground_and_orphan() {
         .await
         .expect("child held by its finalizer");
     assert!(child.metadata.deletion_timestamp.is_some());
-    maps.patch(
-        "fg-child",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
-    )
-    .await
-    .expect("release child");
-    eventually("the foreground owner to go", || async {
-        maps.get_opt("fg-owner")
-            .await
-            .expect("get")
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    merge_patch(&maps, "fg-child", json!({"metadata": {"finalizers": null}}))
+        .await
+        .expect("release child");
+    eventually_gone("the foreground owner to go", &maps, "fg-owner").await;
     assert!(maps.get_opt("fg-child").await.expect("get").is_none());
 }
 
 #[tokio::test]
 async fn namespace_and_crd_deletion_remove_their_contents() {
-    let (_sim, client) = start().await;
-    install_crds(&client).await;
+    let (_sim, client) = start_with_crds().await;
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let ns: Namespace =
         serde_json::from_value(json!({"metadata": {"name": "scratch"}})).expect("ns");
@@ -544,15 +496,7 @@ async fn namespace_and_crd_deletion_remove_their_contents() {
         .delete("scratch", &DeleteParams::default())
         .await
         .expect("delete ns");
-    eventually("the namespace to go", || async {
-        namespaces
-            .get_opt("scratch")
-            .await
-            .expect("get")
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    eventually_gone("the namespace to go", &namespaces, "scratch").await;
     assert!(maps
         .list(&ListParams::default())
         .await
@@ -561,10 +505,7 @@ async fn namespace_and_crd_deletion_remove_their_contents() {
         .is_empty());
 
     let processes: Api<DeviceProcess> = Api::default_namespaced(client.clone());
-    processes
-        .create(&PostParams::default(), &device_process("p", "tor1"))
-        .await
-        .expect("create");
+    create_process(&processes, "p", "tor1").await;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     crds.delete("deviceprocesses.azure.com", &DeleteParams::default())
         .await
@@ -729,25 +670,20 @@ async fn recorder_events_are_served_through_both_event_apis() {
 
 #[tokio::test]
 async fn custom_resources_are_pruned_defaulted_and_validated_against_their_schema() {
-    let (_sim, client) = start().await;
-    install_crds(&client).await;
+    let (_sim, client) = start_with_crds().await;
     let processes: Api<DeviceProcess> = Api::default_namespaced(client.clone());
     let raw: Api<kube::api::DynamicObject> = Api::default_namespaced_with(
         client.clone(),
         &kube::api::ApiResource::erase::<DeviceProcess>(&()),
     );
-    processes
-        .create(&PostParams::default(), &device_process("p", "tor1"))
-        .await
-        .expect("create");
-    let pruned = processes
-        .patch_status(
-            "p",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"phase": "Pending", "bogus": 1}})),
-        )
-        .await
-        .expect("unknown status fields are pruned");
+    create_process(&processes, "p", "tor1").await;
+    let pruned = merge_patch_status(
+        &processes,
+        "p",
+        json!({"status": {"phase": "Pending", "bogus": 1}}),
+    )
+    .await
+    .expect("unknown status fields are pruned");
     let stored = raw.get("p").await.expect("get");
     assert_eq!(stored.data["status"], json!({"phase": "Pending"}));
     assert_eq!(
@@ -778,14 +714,13 @@ async fn custom_resources_are_pruned_defaulted_and_validated_against_their_schem
     );
 
     let invalid = api_error(
-        processes
-            .patch(
-                "p",
-                &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"execution": {"backend": "teleport"}}})),
-            )
-            .await
-            .expect_err("enum violation"),
+        merge_patch(
+            &processes,
+            "p",
+            json!({"spec": {"execution": {"backend": "teleport"}}}),
+        )
+        .await
+        .expect_err("enum violation"),
     );
     assert_eq!((invalid.code, invalid.reason.as_str()), (422, "Invalid"));
     assert!(
@@ -796,10 +731,13 @@ async fn custom_resources_are_pruned_defaulted_and_validated_against_their_schem
         invalid.message
     );
     let missing = api_error(
-        processes
-            .patch_status("p", &PatchParams::default(), &Patch::Merge(json!({"status": {"conditions": [{"type": "AgentConnected", "status": "True"}]}})))
-            .await
-            .expect_err("required condition fields"),
+        merge_patch_status(
+            &processes,
+            "p",
+            json!({"status": {"conditions": [{"type": "AgentConnected", "status": "True"}]}}),
+        )
+        .await
+        .expect_err("required condition fields"),
     );
     assert_eq!(missing.code, 422);
     assert!(
@@ -818,8 +756,7 @@ async fn kube_controller_reconciles_owners_when_owned_children_change() {
     use apollo_crds::DeviceProcessDeployment;
     use kube::runtime::Controller;
 
-    let (_sim, client) = start().await;
-    install_crds(&client).await;
+    let (_sim, client) = start_with_crds().await;
     let deployments: Api<DeviceProcessDeployment> = Api::default_namespaced(client.clone());
     let processes: Api<DeviceProcess> = Api::default_namespaced(client.clone());
     let reconciles = Arc::new(AtomicUsize::new(0));
@@ -873,14 +810,13 @@ async fn kube_controller_reconciles_owners_when_owned_children_change() {
     })
     .await;
     let before = reconciles.load(Ordering::SeqCst);
-    processes
-        .patch_status(
-            "demo-tor1",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"phase": "Pending"}})),
-        )
-        .await
-        .expect("child status");
+    merge_patch_status(
+        &processes,
+        "demo-tor1",
+        json!({"status": {"phase": "Pending"}}),
+    )
+    .await
+    .expect("child status");
     eventually("a reconcile for the child's status", || async {
         (reconciles.load(Ordering::SeqCst) > before).then_some(())
     })

@@ -7,23 +7,15 @@ use std::time::Duration;
 
 use apollo_crds::DeviceProcess;
 use common::*;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{
     Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
 };
-use kube::core::Status;
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::ResourceExt;
 use serde_json::json;
-
-fn api_error(error: kube::Error) -> Status {
-    match error {
-        kube::Error::Api(status) => *status,
-        other => panic!("expected an API error, got {other:?}"),
-    }
-}
 
 fn config_map(name: &str, labels: serde_json::Value) -> ConfigMap {
     serde_json::from_value(
@@ -59,12 +51,7 @@ async fn crud_round_trip_with_real_status_errors() {
         .await
         .expect("replace");
     assert_ne!(replaced.resource_version(), created.resource_version());
-    let patched = maps
-        .patch(
-            "a",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"data": {"x": "y"}})),
-        )
+    let patched = merge_patch(&maps, "a", json!({"data": {"x": "y"}}))
         .await
         .expect("patch");
     assert_eq!(patched.data.expect("data").len(), 2);
@@ -98,21 +85,16 @@ async fn crud_round_trip_with_real_status_errors() {
 
 #[tokio::test]
 async fn stale_resource_versions_conflict_on_replace_and_merge_patch() {
-    let (_sim, client) = start().await;
-    install_crds(&client).await;
+    let (_sim, client) = start_with_crds().await;
     let processes: Api<DeviceProcess> = Api::default_namespaced(client);
-    let created = processes
-        .create(&PostParams::default(), &device_process("p", "tor1"))
-        .await
-        .expect("create");
-    processes
-        .patch(
-            "p",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"deviceRef": {"name": "tor2"}}})),
-        )
-        .await
-        .expect("patch");
+    let created = create_process(&processes, "p", "tor1").await;
+    merge_patch(
+        &processes,
+        "p",
+        json!({"spec": {"deviceRef": {"name": "tor2"}}}),
+    )
+    .await
+    .expect("patch");
     let conflict = api_error(
         processes
             .replace("p", &PostParams::default(), &created)
@@ -144,24 +126,17 @@ async fn stale_resource_versions_conflict_on_replace_and_merge_patch() {
 
 #[tokio::test]
 async fn status_subresource_and_generation_rules() {
-    let (_sim, client) = start().await;
-    install_crds(&client).await;
+    let (_sim, client) = start_with_crds().await;
     let processes: Api<DeviceProcess> = Api::default_namespaced(client);
-    let created = processes
-        .create(&PostParams::default(), &device_process("p", "tor1"))
-        .await
-        .expect("create");
+    let created = create_process(&processes, "p", "tor1").await;
     assert_eq!(created.metadata.generation, Some(1));
-    let with_status = processes
-        .patch_status(
-            "p",
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"status": {"phase": "Pending"}, "spec": {"deviceRef": {"name": "ignored"}}}),
-            ),
-        )
-        .await
-        .expect("status patch");
+    let with_status = merge_patch_status(
+        &processes,
+        "p",
+        json!({"status": {"phase": "Pending"}, "spec": {"deviceRef": {"name": "ignored"}}}),
+    )
+    .await
+    .expect("status patch");
     assert_eq!(
         with_status.status.as_ref().and_then(|s| s.phase.as_deref()),
         Some("Pending")
@@ -171,30 +146,26 @@ async fn status_subresource_and_generation_rules() {
         "status writes ignore spec"
     );
     assert_eq!(with_status.metadata.generation, Some(1));
-    let with_spec = processes
-        .patch(
-            "p",
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"spec": {"deviceRef": {"name": "tor2"}}, "status": {"phase": "Ignored"}}),
-            ),
-        )
-        .await
-        .expect("spec patch");
+    let with_spec = merge_patch(
+        &processes,
+        "p",
+        json!({"spec": {"deviceRef": {"name": "tor2"}}, "status": {"phase": "Ignored"}}),
+    )
+    .await
+    .expect("spec patch");
     assert_eq!(with_spec.metadata.generation, Some(2));
     assert_eq!(
         with_spec.status.and_then(|s| s.phase).as_deref(),
         Some("Pending"),
         "main writes keep status"
     );
-    let labelled = processes
-        .patch(
-            "p",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"labels": {"extra": "1"}}})),
-        )
-        .await
-        .expect("label patch");
+    let labelled = merge_patch(
+        &processes,
+        "p",
+        json!({"metadata": {"labels": {"extra": "1"}}}),
+    )
+    .await
+    .expect("label patch");
     assert_eq!(
         labelled.metadata.generation,
         Some(2),
@@ -204,19 +175,10 @@ async fn status_subresource_and_generation_rules() {
 
 #[tokio::test]
 async fn no_op_patch_keeps_resource_version_and_wakes_no_watcher() {
-    let (_sim, client) = start().await;
-    install_crds(&client).await;
+    let (_sim, client) = start_with_crds().await;
     let processes: Api<DeviceProcess> = Api::default_namespaced(client.clone());
-    let created = processes
-        .create(&PostParams::default(), &device_process("quiet", "tor1"))
-        .await
-        .expect("create");
-    processes
-        .patch_status(
-            "quiet",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"phase": "Pending"}})),
-        )
+    let created = create_process(&processes, "quiet", "tor1").await;
+    merge_patch_status(&processes, "quiet", json!({"status": {"phase": "Pending"}}))
         .await
         .expect("status");
     let before = processes.get("quiet").await.expect("get");
@@ -228,22 +190,17 @@ async fn no_op_patch_keeps_resource_version_and_wakes_no_watcher() {
         .boxed();
 
     reset_requests(&client).await;
-    let same_status = processes
-        .patch_status(
-            "quiet",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"phase": "Pending"}})),
-        )
-        .await
-        .expect("no-op status patch");
-    let same_spec = processes
-        .patch(
-            "quiet",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"deviceRef": {"name": "tor1"}}})),
-        )
-        .await
-        .expect("no-op spec patch");
+    let same_status =
+        merge_patch_status(&processes, "quiet", json!({"status": {"phase": "Pending"}}))
+            .await
+            .expect("no-op status patch");
+    let same_spec = merge_patch(
+        &processes,
+        "quiet",
+        json!({"spec": {"deviceRef": {"name": "tor1"}}}),
+    )
+    .await
+    .expect("no-op spec patch");
     assert_eq!(same_status.resource_version().as_deref(), Some(rv.as_str()));
     assert_eq!(same_spec.resource_version().as_deref(), Some(rv.as_str()));
     assert_eq!(same_spec.metadata.generation, created.metadata.generation);
@@ -253,14 +210,8 @@ async fn no_op_patch_keeps_resource_version_and_wakes_no_watcher() {
     );
 
     // A real change to another object must be the first thing the watcher sees.
-    processes
-        .create(&PostParams::default(), &device_process("loud", "tor2"))
-        .await
-        .expect("create");
-    let first = within(events.try_next())
-        .await
-        .expect("stream ok")
-        .expect("an event");
+    create_process(&processes, "loud", "tor2").await;
+    let first = next_event(&mut events).await;
     match first {
         WatchEvent::Added(object) => assert_eq!(object.name_any(), "loud"),
         other => panic!("the no-op patches woke the watcher: {other:?}"),
@@ -269,13 +220,9 @@ async fn no_op_patch_keeps_resource_version_and_wakes_no_watcher() {
 
 #[tokio::test]
 async fn reflector_relists_after_a_forced_410_and_stays_correct() {
-    let (_sim, client) = start().await;
-    install_crds(&client).await;
+    let (_sim, client) = start_with_crds().await;
     let processes: Api<DeviceProcess> = Api::default_namespaced(client.clone());
-    processes
-        .create(&PostParams::default(), &device_process("one", "tor1"))
-        .await
-        .expect("create");
+    create_process(&processes, "one", "tor1").await;
     reset_requests(&client).await;
 
     let (reader, writer) = reflector::store();
@@ -310,10 +257,7 @@ async fn reflector_relists_after_a_forced_410_and_stays_correct() {
     })
     .await;
 
-    processes
-        .create(&PostParams::default(), &device_process("two", "tor2"))
-        .await
-        .expect("create");
+    create_process(&processes, "two", "tor2").await;
     eventually("the store to see the new object", || async {
         (reader.state().len() == 2).then_some(())
     })
@@ -358,18 +302,11 @@ async fn watch_resumes_from_resource_versions_and_expires_outside_the_window() {
         .await
         .expect("watch")
         .boxed();
-    match within(resumed.try_next())
-        .await
-        .expect("ok")
-        .expect("event")
-    {
+    match next_event(&mut resumed).await {
         WatchEvent::Added(object) => assert_eq!(object.name_any(), "b"),
         other => panic!("expected ADDED b, got {other:?}"),
     }
-    let bookmark = within(resumed.try_next())
-        .await
-        .expect("ok")
-        .expect("event");
+    let bookmark = next_event(&mut resumed).await;
     assert!(
         matches!(bookmark, WatchEvent::Bookmark(_)),
         "got {bookmark:?}"
@@ -385,11 +322,7 @@ async fn watch_resumes_from_resource_versions_and_expires_outside_the_window() {
         .await
         .expect("200 stream")
         .boxed();
-    match within(expired.try_next())
-        .await
-        .expect("ok")
-        .expect("event")
-    {
+    match next_event(&mut expired).await {
         WatchEvent::Error(status) => {
             assert_eq!((status.code, status.reason.as_str()), (410, "Expired"))
         }
@@ -421,8 +354,8 @@ async fn label_selector_transitions_appear_as_added_and_deleted() {
     maps.patch("m", &PatchParams::default(), &set_tier("back"))
         .await
         .expect("patch");
-    let first = within(events.try_next()).await.expect("ok").expect("event");
-    let second = within(events.try_next()).await.expect("ok").expect("event");
+    let first = next_event(&mut events).await;
+    let second = next_event(&mut events).await;
     assert!(matches!(first, WatchEvent::Added(_)), "{first:?}");
     assert!(matches!(second, WatchEvent::Deleted(_)), "{second:?}");
 }

@@ -10,12 +10,14 @@ use std::process::Stdio;
 use apollo_crds::{DeviceProcess, NetworkSwitch};
 use common::*;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::Api;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::Resource;
+use kube::{Client, Resource};
+use kubesim::KubeSim;
 use serde_json::{json, Value};
+use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
+use tokio::process::{Child, Command};
 
 /// kubectl against one kubesim, with its own discovery cache (kubectl caches discovery per host).
 struct Kubectl {
@@ -43,6 +45,14 @@ impl Kubectl {
             .stdin(Stdio::null())
             .kill_on_drop(true);
         command
+    }
+
+    /// Starts kubectl with stdout piped, for commands that keep running (watches, waits).
+    fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn")
     }
 
     /// Runs kubectl to completion and returns stdout; panics with stderr if it fails.
@@ -128,16 +138,23 @@ async fn apply_everything(kubectl: &Kubectl, dir: &Path) {
     );
 }
 
+/// A kubesim with the CRDs and sample objects applied by kubectl, plus the directory the
+/// manifests were written to. Keep the `KubeSim` alive for the whole test.
+async fn start_with_everything_applied() -> (KubeSim, Client, Kubectl, TempDir) {
+    let (sim, client) = start().await;
+    let kubectl = Kubectl::new(sim.kubeconfig_path());
+    let dir = tempfile::tempdir().expect("tempdir");
+    apply_everything(&kubectl, dir.path()).await;
+    (sim, client, kubectl, dir)
+}
+
 fn columns(line: &str) -> Vec<&str> {
     line.split_whitespace().collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_crds_and_objects_then_get_with_printer_columns_and_json() {
-    let (sim, client) = start().await;
-    let kubectl = Kubectl::new(sim.kubeconfig_path());
-    let dir = tempfile::tempdir().expect("tempdir");
-    apply_everything(&kubectl, dir.path()).await;
+    let (_sim, client, kubectl, dir) = start_with_everything_applied().await;
     assert_eq!(
         request_count(&client, "create", "networkswitches", "").await,
         1
@@ -201,23 +218,12 @@ async fn apply_crds_and_objects_then_get_with_printer_columns_and_json() {
 
     // A DeviceProcess whose status carries conditions: the Connected column uses a JSONPath filter.
     let processes: Api<DeviceProcess> = Api::default_namespaced(client.clone());
-    processes
-        .create(
-            &PostParams::default(),
-            &device_process("demo-logger-tor1-01", "tor1-01"),
-        )
-        .await
-        .expect("create");
+    create_process(&processes, "demo-logger-tor1-01", "tor1-01").await;
     let status = json!({"status": {"phase": "Pending", "conditions": [
         {"type": "SpecObserved", "status": "False", "reason": "SpecChanged", "message": "m", "lastTransitionTime": "2024-05-01T10:00:00Z"},
         {"type": "AgentConnected", "status": "True", "reason": "AgentConnected", "message": "m", "lastTransitionTime": "2024-05-01T10:00:00Z"},
     ]}});
-    processes
-        .patch_status(
-            "demo-logger-tor1-01",
-            &PatchParams::default(),
-            &Patch::Merge(status),
-        )
+    merge_patch_status(&processes, "demo-logger-tor1-01", status)
         .await
         .expect("status");
     let table = kubectl.run(&["get", "dp"]).await;
@@ -263,21 +269,10 @@ async fn apply_crds_and_objects_then_get_with_printer_columns_and_json() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_watch_receives_a_change() {
-    let (sim, client) = start().await;
-    let kubectl = Kubectl::new(sim.kubeconfig_path());
-    let dir = tempfile::tempdir().expect("tempdir");
-    apply_everything(&kubectl, dir.path()).await;
+    let (_sim, client, kubectl, _dir) = start_with_everything_applied().await;
 
-    let mut single = kubectl
-        .command(&["get", "nsw", "tor1-01", "-w"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut collection = kubectl
-        .command(&["get", "nsw", "-w"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut single = kubectl.spawn(&["get", "nsw", "tor1-01", "-w"]);
+    let mut collection = kubectl.spawn(&["get", "nsw", "-w"]);
     let mut single_lines = BufReader::new(single.stdout.take().expect("stdout")).lines();
     let mut collection_lines = BufReader::new(collection.stdout.take().expect("stdout")).lines();
     for lines in [&mut single_lines, &mut collection_lines] {
@@ -296,12 +291,7 @@ async fn get_watch_receives_a_change() {
     .await;
 
     let switches: Api<NetworkSwitch> = Api::default_namespaced(client.clone());
-    switches
-        .patch(
-            "tor1-01",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"site": "lax"}})),
-        )
+    merge_patch(&switches, "tor1-01", json!({"spec": {"site": "lax"}}))
         .await
         .expect("patch");
     for lines in [&mut single_lines, &mut collection_lines] {
@@ -315,10 +305,7 @@ async fn get_watch_receives_a_change() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn describe_shows_events_published_by_the_kube_recorder() {
-    let (sim, client) = start().await;
-    let kubectl = Kubectl::new(sim.kubeconfig_path());
-    let dir = tempfile::tempdir().expect("tempdir");
-    apply_everything(&kubectl, dir.path()).await;
+    let (_sim, client, kubectl, _dir) = start_with_everything_applied().await;
     let quiet = kubectl.run(&["describe", "nsw", "tor1-01"]).await;
     assert!(
         quiet.contains("Events:") && quiet.contains("<none>"),
@@ -377,10 +364,7 @@ async fn describe_shows_events_published_by_the_kube_recorder() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn patch_scale_and_delete() {
-    let (sim, client) = start().await;
-    let kubectl = Kubectl::new(sim.kubeconfig_path());
-    let dir = tempfile::tempdir().expect("tempdir");
-    apply_everything(&kubectl, dir.path()).await;
+    let (_sim, client, kubectl, dir) = start_with_everything_applied().await;
 
     let patched = kubectl
         .run(&[
@@ -430,33 +414,27 @@ async fn patch_scale_and_delete() {
     );
 
     // A finalizer holds the object, so `kubectl delete` has to wait for the DELETED event.
-    switches
-        .patch(
-            "tor1-01",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"finalizers": ["apollo.azure.com/test"]}})),
-        )
-        .await
-        .expect("add finalizer");
-    let delete = kubectl
-        .command(&["delete", "nsw", "tor1-01"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    merge_patch(
+        &switches,
+        "tor1-01",
+        json!({"metadata": {"finalizers": ["apollo.azure.com/test"]}}),
+    )
+    .await
+    .expect("add finalizer");
+    let delete = kubectl.spawn(&["delete", "nsw", "tor1-01"]);
     eventually("kubectl to watch for the deletion", || async {
         (request_count(&client, "watch", "networkswitches", "").await >= 1).then_some(())
     })
     .await;
     let terminating = switches.get("tor1-01").await.expect("still there");
     assert!(terminating.metadata.deletion_timestamp.is_some());
-    switches
-        .patch(
-            "tor1-01",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
-        )
-        .await
-        .expect("remove finalizer");
+    merge_patch(
+        &switches,
+        "tor1-01",
+        json!({"metadata": {"finalizers": null}}),
+    )
+    .await
+    .expect("remove finalizer");
     let output = within(delete.wait_with_output())
         .await
         .expect("kubectl delete returns");

@@ -1,15 +1,19 @@
 //! Helpers shared by kubesim's integration tests.
 #![allow(dead_code)]
 
+use std::fmt::Debug;
 use std::future::Future;
 use std::time::Duration;
 
 use apollo_crds::{DeviceProcess, DeviceProcessDeployment, NetworkSwitch};
+use futures::{Stream, TryStreamExt};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams, WatchEvent};
+use kube::core::Status;
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, CustomResourceExt};
 use kubesim::{KubeSim, Options};
+use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 pub const DEADLINE: Duration = Duration::from_secs(10);
@@ -21,6 +25,13 @@ pub async fn start() -> (KubeSim, Client) {
 pub async fn start_with(options: Options) -> (KubeSim, Client) {
     let sim = KubeSim::start(options).await.expect("kubesim starts");
     let client = sim.client().expect("client");
+    (sim, client)
+}
+
+/// Starts a kubesim with Apollo's CRDs registered and Established.
+pub async fn start_with_crds() -> (KubeSim, Client) {
+    let (sim, client) = start().await;
+    install_crds(&client).await;
     (sim, client)
 }
 
@@ -123,4 +134,65 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Creates `device_process(name, device)` through `processes`, panicking if the create fails.
+pub async fn create_process(
+    processes: &Api<DeviceProcess>,
+    name: &str,
+    device: &str,
+) -> DeviceProcess {
+    processes
+        .create(&PostParams::default(), &device_process(name, device))
+        .await
+        .expect("create")
+}
+
+/// The apiserver `Status` inside an API error; panics on any other kind of error.
+pub fn api_error(error: kube::Error) -> Status {
+    match error {
+        kube::Error::Api(status) => *status,
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+/// Merge-patches object `name` with default patch parameters.
+pub async fn merge_patch<K>(api: &Api<K>, name: &str, patch: Value) -> kube::Result<K>
+where
+    K: Clone + DeserializeOwned + Debug,
+{
+    api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+}
+
+/// Merge-patches the status subresource of object `name` with default patch parameters.
+pub async fn merge_patch_status<K>(api: &Api<K>, name: &str, patch: Value) -> kube::Result<K>
+where
+    K: Clone + DeserializeOwned + Debug,
+{
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+}
+
+/// The next event of a watch stream, within the test deadline; panics on errors or stream end.
+pub async fn next_event<K, S>(events: &mut S) -> WatchEvent<K>
+where
+    S: Stream<Item = kube::Result<WatchEvent<K>>> + Unpin,
+{
+    within(events.try_next()).await.expect("ok").expect("event")
+}
+
+/// Polls until object `name` no longer exists, or panics at the deadline waiting for `what`.
+pub async fn eventually_gone<K>(what: &str, api: &Api<K>, name: &str)
+where
+    K: Clone + DeserializeOwned + Debug,
+{
+    eventually(what, || async {
+        api.get_opt(name)
+            .await
+            .expect("get")
+            .is_none()
+            .then_some(())
+    })
+    .await;
 }
