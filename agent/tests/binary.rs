@@ -55,27 +55,19 @@ async fn missing_device_name_exits_2_naming_the_variable() {
 
 #[tokio::test]
 async fn invalid_values_exit_2_naming_the_variable() {
-    exits_with_config_error(
-        agent()
-            .env("APOLLO_DEVICE_NAME", DEVICE)
-            .env("APOLLO_POLL_WAIT_SECONDS", "ninety"),
-        "APOLLO_POLL_WAIT_SECONDS",
-    )
-    .await;
-    exits_with_config_error(
-        agent()
-            .env("APOLLO_DEVICE_NAME", DEVICE)
-            .env("APOLLO_GATEWAY_URL", "gateway:8080"),
-        "APOLLO_GATEWAY_URL",
-    )
-    .await;
-    exits_with_config_error(
-        agent()
-            .env("APOLLO_DEVICE_NAME", DEVICE)
-            .env("APOLLO_DEVICE_TOKEN_FILE", "/nonexistent/apollo/token"),
-        "APOLLO_DEVICE_TOKEN_FILE",
-    )
-    .await;
+    for (variable, invalid) in [
+        ("APOLLO_POLL_WAIT_SECONDS", "ninety"),
+        ("APOLLO_GATEWAY_URL", "gateway:8080"),
+        ("APOLLO_DEVICE_TOKEN_FILE", "/nonexistent/apollo/token"),
+    ] {
+        exits_with_config_error(
+            agent()
+                .env("APOLLO_DEVICE_NAME", DEVICE)
+                .env(variable, invalid),
+            variable,
+        )
+        .await;
+    }
 }
 
 async fn stops_within_a_second(proc: &mut Proc, signal: Signal) {

@@ -12,7 +12,7 @@ use apollo_agent::{Agent, AgentConfig, AgentMetrics};
 use apollo_protocol::hash::value_hash;
 use apollo_protocol::token::device_token;
 use apollo_test_support::{
-    binary, free_port, wait_for, wait_until, KubeSimProc, Proc, RedisServer,
+    binary, free_port, send_ok, wait_for, wait_until, KubeSimProc, Proc, RedisServer,
 };
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -144,40 +144,25 @@ impl Stack {
                 "execution": {"backend": "container", "args": args},
             },
         });
-        let resp = self
-            .http
-            .post(self.url(""))
-            .json(&body)
-            .send()
-            .await
-            .expect("create");
-        assert!(
-            resp.status().is_success(),
-            "create {name}: {}",
-            resp.status()
-        );
+        let request = self.http.post(self.url("")).json(&body);
+        send_ok(request, &format!("create {name}")).await;
     }
 
     async fn set_args(&self, name: &str, args: &[&str]) {
-        let resp = self
+        let request = self
             .http
             .patch(self.url(name))
             .header("content-type", "application/merge-patch+json")
-            .body(json!({"spec": {"execution": {"args": args}}}).to_string())
-            .send()
-            .await
-            .expect("patch");
-        assert!(
-            resp.status().is_success(),
-            "patch {name}: {}",
-            resp.status()
-        );
+            .body(json!({"spec": {"execution": {"args": args}}}).to_string());
+        send_ok(request, &format!("patch {name}")).await;
     }
 
     async fn get(&self, name: &str) -> Value {
-        let resp = self.http.get(self.url(name)).send().await.expect("get");
-        assert!(resp.status().is_success(), "get {name}: {}", resp.status());
-        resp.json().await.expect("json")
+        send_ok(self.http.get(self.url(name)), &format!("get {name}"))
+            .await
+            .json()
+            .await
+            .expect("json")
     }
 
     /// Events about `name` with `reason`.

@@ -20,7 +20,7 @@ async fn not_modified_carries_the_etag_which_changes_exactly_with_generation_or_
     let stack = Stack::start().await;
     let dp = stack.create("agent-tor1", "tor1", "alpine:1").await;
     stack.create("agent-tor2", "tor2", "alpine:1").await;
-    let first = wait_for_items(&stack, "tor1", 1).await;
+    let first = stack.wait_for_items("tor1", 1).await;
 
     let response = stack.desired("tor1", None, None).await;
     assert_eq!(response.status(), 200);
@@ -92,22 +92,11 @@ async fn not_modified_carries_the_etag_which_changes_exactly_with_generation_or_
     );
 }
 
-/// Waits until `device`'s document lists `n` items; returns its ETag.
-async fn wait_for_items(stack: &Stack, device: &str, n: usize) -> String {
-    apollo_test_support::wait_for(DEADLINE, "desired document has the items", || async {
-        let response = stack.desired(device, None, None).await;
-        let etag = header(&response, "etag");
-        let body: serde_json::Value = response.json().await.ok()?;
-        (body["items"].as_array()?.len() == n).then_some(etag)
-    })
-    .await
-}
-
 #[tokio::test]
 async fn long_poll_returns_200_within_a_second_of_a_spec_change_and_304_at_the_end() {
     let stack = Stack::start().await;
     stack.create("agent-lp", "lp", "alpine:1").await;
-    let etag = wait_for_items(&stack, "lp", 1).await;
+    let etag = stack.wait_for_items("lp", 1).await;
 
     let start = Instant::now();
     let ended = stack.desired("lp", Some(&etag), Some(1)).await;
@@ -116,24 +105,9 @@ async fn long_poll_returns_200_within_a_second_of_a_spec_change_and_304_at_the_e
     assert_eq!(header(&ended, "etag"), etag);
     assert!(held >= Duration::from_millis(950), "held only {held:?}");
 
-    let poll = {
-        let http = stack.http.clone();
-        let url = format!("{}?waitSeconds=30", stack.desired_url("lp"));
-        let token = stack.token("lp");
-        let etag = etag.clone();
-        tokio::spawn(async move {
-            let response = http
-                .get(url)
-                .header("x-device-token", token)
-                .header("if-none-match", etag)
-                .send()
-                .await
-                .expect("long poll");
-            (Instant::now(), response)
-        })
-    };
+    let poll = stack.spawn_long_poll("lp", &etag, 30);
     wait_until(DEADLINE, "the long poll is held", || async {
-        stack.metric("apollo_gateway_long_poll_waiters").await >= 1.0
+        stack.metric("apollo_gateway_long_poll_waiters", &[]).await >= 1.0
     })
     .await;
     let changed = stack.change_spec("agent-lp", "alpine:2").await;
@@ -148,14 +122,17 @@ async fn long_poll_returns_200_within_a_second_of_a_spec_change_and_304_at_the_e
     assert_ne!(header(&response, "etag"), etag);
     let body: serde_json::Value = response.json().await.expect("json");
     assert_eq!(body["items"][0]["specHash"], hash_of(&changed));
-    assert_eq!(stack.metric("apollo_gateway_long_poll_waiters").await, 0.0);
+    assert_eq!(
+        stack.metric("apollo_gateway_long_poll_waiters", &[]).await,
+        0.0
+    );
 }
 
 #[tokio::test]
 async fn report_flips_status_within_a_second_with_connected_and_observed_events() {
     let stack = Stack::start().await;
     let dp = stack.create("agent-r", "r1", "alpine:1").await;
-    wait_for_items(&stack, "r1", 1).await;
+    stack.wait_for_items("r1", 1).await;
     let hash = hash_of(&dp);
 
     let sent = Instant::now();
@@ -215,23 +192,6 @@ async fn report_flips_status_within_a_second_with_connected_and_observed_events(
     }
 }
 
-/// Connects `device` with its observation of `name` and waits until the status shows it.
-async fn connect_and_converge(stack: &Stack, device: &str, names: &[&str]) {
-    let mut observations = Vec::new();
-    for name in names {
-        observations.push((*name, hash_of(&stack.get(name).await)));
-    }
-    let refs: Vec<(&str, &str)> = observations.iter().map(|(n, h)| (*n, h.as_str())).collect();
-    assert_eq!(stack.report(device, &refs).await.status(), 200);
-    for name in names {
-        stack
-            .wait_status(name, "connected and observed", |dp| {
-                is_condition(dp, AGENT_CONNECTED, TRUE) && is_condition(dp, SPEC_OBSERVED, TRUE)
-            })
-            .await;
-    }
-}
-
 #[tokio::test]
 async fn a_thousand_heartbeats_from_ten_devices_cause_no_kubernetes_writes_or_lists() {
     // A long stale window: nobody goes stale while the test runs.
@@ -248,8 +208,10 @@ async fn a_thousand_heartbeats_from_ten_devices_cause_no_kubernetes_writes_or_li
             .await;
     }
     for device in &devices {
-        wait_for_items(&stack, device, 1).await;
-        connect_and_converge(&stack, device, &[&format!("agent-{device}")]).await;
+        stack.wait_for_items(device, 1).await;
+        stack
+            .connect_and_converge(device, &[&format!("agent-{device}")])
+            .await;
     }
     for device in &devices {
         let name = format!("agent-{device}");
@@ -313,7 +275,13 @@ async fn a_thousand_heartbeats_from_ten_devices_cause_no_kubernetes_writes_or_li
         0
     );
     assert_eq!(stack.kubesim.count("get", "deviceprocesses", None).await, 0);
-    assert_eq!(stack.metric("apollo_gateway_http_requests_total{route=\"/v1/devices/{device}/desired\",code=\"304\"}").await, 100.0);
+    let desired_304 = [r#"route="/v1/devices/{device}/desired""#, r#"code="304""#];
+    assert_eq!(
+        stack
+            .metric("apollo_gateway_http_requests_total", &desired_304)
+            .await,
+        100.0
+    );
 }
 
 #[tokio::test]
@@ -321,8 +289,10 @@ async fn silent_agent_is_marked_stale_once_and_a_heartbeat_only_report_flips_it_
     let stack = Stack::start().await;
     stack.create("quiet-a", "quiet", "alpine:1").await;
     stack.create("quiet-b", "quiet", "alpine:1").await;
-    wait_for_items(&stack, "quiet", 2).await;
-    connect_and_converge(&stack, "quiet", &["quiet-a", "quiet-b"]).await;
+    stack.wait_for_items("quiet", 2).await;
+    stack
+        .connect_and_converge("quiet", &["quiet-a", "quiet-b"])
+        .await;
     stack.kubesim.reset_requests().await;
 
     // Silent for longer than 2 x 1 s.
@@ -384,8 +354,8 @@ async fn spoofed_observation_is_forbidden_and_nothing_is_recorded_or_patched() {
     let stack = Stack::start().await;
     let mine = stack.create("mine", "honest", "alpine:1").await;
     let theirs = stack.create("theirs", "victim", "alpine:1").await;
-    wait_for_items(&stack, "honest", 1).await;
-    wait_for_items(&stack, "victim", 1).await;
+    stack.wait_for_items("honest", 1).await;
+    stack.wait_for_items("victim", 1).await;
     // Initial statuses (never seen) settle first.
     for name in ["mine", "theirs"] {
         stack
@@ -585,7 +555,7 @@ async fn injected_conflicts_and_server_errors_still_converge_without_losing_obse
     })
     .await;
     let dp = stack.create("flaky", "flaky-dev", "alpine:1").await;
-    wait_for_items(&stack, "flaky-dev", 1).await;
+    stack.wait_for_items("flaky-dev", 1).await;
     stack
         .wait_status("flaky", "initial status", |dp| dp.status.is_some())
         .await;
@@ -643,7 +613,10 @@ async fn injected_conflicts_and_server_errors_still_converge_without_losing_obse
     );
     assert!(
         stack
-            .metric("apollo_gateway_kube_writes_total{kind=\"status_patch\"")
+            .metric(
+                "apollo_gateway_kube_writes_total",
+                &[r#"kind="status_patch""#]
+            )
             .await
             >= 1.0
     );

@@ -15,32 +15,15 @@ use kube::api::{Patch, PatchParams};
 use nix::sys::signal::Signal;
 use serde_json::json;
 
-async fn connected(stack: &Stack, device: &str, name: &str) {
-    let dp = stack.get(name).await;
-    wait_until(DEADLINE, "the gateway serves the DeviceProcess", || async {
-        let body: serde_json::Value = stack
-            .desired(device, None, None)
-            .await
-            .json()
-            .await
-            .unwrap_or_default();
-        body["items"]
-            .as_array()
-            .is_some_and(|items| !items.is_empty())
-    })
-    .await;
-    assert_eq!(
-        stack
-            .report(device, &[(name, &hash_of(&dp))])
-            .await
-            .status(),
-        200
-    );
-    stack
-        .wait_status(name, "connected and observed", |dp| {
-            is_condition(dp, AGENT_CONNECTED, TRUE) && is_condition(dp, SPEC_OBSERVED, TRUE)
-        })
-        .await;
+const RESYNCS: &str = "apollo_gateway_resyncs_total";
+
+/// Creates DeviceProcess `name` (`alpine:1`) for `device`, which the gateway then serves;
+/// reports `device` observing it and waits until the status is connected and observed and the
+/// connect Events are published.
+async fn create_connected(stack: &Stack, name: &str, device: &str) {
+    stack.create(name, device, "alpine:1").await;
+    stack.wait_for_items(device, 1).await;
+    stack.connect_and_converge(device, &[name]).await;
     // The Events follow the status patch; tests that count writes start after them.
     wait_until(DEADLINE, "connect Events published", || async {
         !stack.events(name, REASON_AGENT_CONNECTED).await.is_empty()
@@ -118,27 +101,14 @@ async fn kubernetes_unreachable_at_start_keeps_retrying_and_readyz_stays_false()
 async fn shutdown_ends_long_polls_early_with_304_and_exits_cleanly() {
     let mut stack = Stack::start().await;
     let etag = stack.etag_of("sleepy").await;
-    let poll = {
-        let http = stack.http.clone();
-        let url = format!("{}?waitSeconds=60", stack.desired_url("sleepy"));
-        let token = stack.token("sleepy");
-        let etag = etag.clone();
-        tokio::spawn(async move {
-            http.get(url)
-                .header("x-device-token", token)
-                .header("if-none-match", etag)
-                .send()
-                .await
-                .expect("long poll")
-        })
-    };
+    let poll = stack.spawn_long_poll("sleepy", &etag, 60);
     wait_until(DEADLINE, "the long poll is held", || async {
-        stack.metric("apollo_gateway_long_poll_waiters").await >= 1.0
+        stack.metric("apollo_gateway_long_poll_waiters", &[]).await >= 1.0
     })
     .await;
     let signalled = Instant::now();
     stack.gateway.signal(Signal::SIGTERM);
-    let response = poll.await.expect("join");
+    let (_, response) = poll.await.expect("join");
     assert!(
         signalled.elapsed() < Duration::from_secs(2),
         "{:?}",
@@ -164,22 +134,10 @@ async fn requests_above_the_concurrency_limit_are_shed_with_503_and_retry_after(
     let etag = stack.etag_of("busy").await;
     let mut polls = Vec::new();
     for _ in 0..2 {
-        let http = stack.http.clone();
-        let url = format!("{}?waitSeconds=5", stack.desired_url("busy"));
-        let token = stack.token("busy");
-        let etag = etag.clone();
-        polls.push(tokio::spawn(async move {
-            http.get(url)
-                .header("x-device-token", token)
-                .header("if-none-match", etag)
-                .send()
-                .await
-                .expect("long poll")
-                .status()
-        }));
+        polls.push(stack.spawn_long_poll("busy", &etag, 5));
     }
     wait_until(DEADLINE, "two long polls held", || async {
-        stack.metric("apollo_gateway_long_poll_waiters").await >= 2.0
+        stack.metric("apollo_gateway_long_poll_waiters", &[]).await >= 2.0
     })
     .await;
     let shed = stack.desired("busy", None, None).await;
@@ -189,7 +147,8 @@ async fn requests_above_the_concurrency_limit_are_shed_with_503_and_retry_after(
     let body: serde_json::Value = shed.json().await.expect("json");
     assert_eq!(body["error"]["code"], "overloaded");
     for poll in polls {
-        assert_eq!(poll.await.expect("join"), 304);
+        let (_, response) = poll.await.expect("join");
+        assert_eq!(response.status(), 304);
     }
     assert_eq!(stack.desired("busy", None, None).await.status(), 200);
 }
@@ -202,14 +161,11 @@ async fn resync_repairs_a_wrong_status_and_writes_nothing_when_it_is_right() {
         ..Options::default()
     })
     .await;
-    stack.create("drifty", "drift", "alpine:1").await;
-    connected(&stack, "drift", "drifty").await;
+    create_connected(&stack, "drifty", "drift").await;
     stack.kubesim.reset_requests().await;
-    let before = stack.metric("apollo_gateway_resyncs_total").await;
-    wait_until(DEADLINE, "three resync passes", || async {
-        stack.metric("apollo_gateway_resyncs_total").await >= before + 3.0
-    })
-    .await;
+    stack
+        .wait_metric_growth(RESYNCS, 3.0, DEADLINE, "three resync passes")
+        .await;
     assert_eq!(
         stack.kubesim.writes(None).await,
         0,
@@ -253,8 +209,7 @@ async fn a_redis_restart_alone_disconnects_nobody_and_emits_nothing() {
         ..Options::default()
     })
     .await;
-    stack.create("steady", "steady-dev", "alpine:1").await;
-    connected(&stack, "steady-dev", "steady").await;
+    create_connected(&stack, "steady", "steady-dev").await;
     wait_until(DEADLINE, "connect Event", || async {
         stack.events("steady", REASON_AGENT_CONNECTED).await.len() == 1
     })
@@ -284,13 +239,10 @@ async fn a_redis_restart_alone_disconnects_nobody_and_emits_nothing() {
     )
     .await;
     // Well past the 3 s stale window, with sweeps and resyncs running.
-    let resyncs = stack.metric("apollo_gateway_resyncs_total").await;
-    wait_until(
-        Duration::from_secs(15),
-        "resyncs after the restart",
-        || async { stack.metric("apollo_gateway_resyncs_total").await >= resyncs + 12.0 },
-    )
-    .await;
+    let restart_window = Duration::from_secs(15);
+    stack
+        .wait_metric_growth(RESYNCS, 12.0, restart_window, "resyncs after the restart")
+        .await;
     agent.abort();
     assert!(is_condition(
         &stack.get("steady").await,
@@ -320,8 +272,7 @@ async fn a_device_forgotten_by_a_restarted_redis_is_still_marked_stale_once() {
         ..Options::default()
     })
     .await;
-    stack.create("ghost", "ghost-dev", "alpine:1").await;
-    connected(&stack, "ghost-dev", "ghost").await;
+    create_connected(&stack, "ghost", "ghost-dev").await;
     // The agent goes silent at the same moment Redis loses everything.
     stack.redis.restart().await;
     stack
@@ -347,8 +298,7 @@ async fn the_in_memory_backend_serves_one_replica_and_refuses_several() {
         ..Options::default()
     })
     .await;
-    stack.create("solo", "solo-dev", "alpine:1").await;
-    connected(&stack, "solo-dev", "solo").await;
+    create_connected(&stack, "solo", "solo-dev").await;
     assert!(!stack.recorded("solo-dev"), "nothing went to Redis");
 
     let mut refused = apollo_test_support::Proc::builder(gateway_binary())
@@ -372,8 +322,7 @@ async fn a_spec_change_observed_within_the_debounce_window_costs_one_status_patc
         ..Options::default()
     })
     .await;
-    stack.create("wave", "wave-dev", "alpine:1").await;
-    connected(&stack, "wave-dev", "wave").await;
+    create_connected(&stack, "wave", "wave-dev").await;
     stack.kubesim.reset_requests().await;
 
     let etag = stack.etag_of("wave-dev").await;
@@ -411,8 +360,7 @@ async fn a_spec_change_observed_within_the_debounce_window_costs_one_status_patc
 #[tokio::test]
 async fn a_gateway_whose_cache_is_not_warm_answers_304_from_the_etag_in_redis() {
     let stack = Stack::start().await;
-    stack.create("warm", "warm-dev", "alpine:1").await;
-    connected(&stack, "warm-dev", "warm").await;
+    create_connected(&stack, "warm", "warm-dev").await;
     let etag = stack.etag_of("warm-dev").await;
     let tag = apollo_protocol::shard::slot_tag(apollo_protocol::shard::slot("warm-dev"));
     let key = format!("apollo:{tag}:device:warm-dev");
@@ -528,8 +476,7 @@ async fn kubectl_shows_the_projected_status_and_the_events() {
         ..Options::default()
     })
     .await;
-    stack.create("visible", "tor9-01", "alpine:1").await;
-    connected(&stack, "tor9-01", "visible").await;
+    create_connected(&stack, "visible", "tor9-01").await;
     let get = stack
         .kubesim
         .kubectl(["get", "deviceprocesses", "-n", NS])

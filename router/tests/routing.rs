@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use apollo_protocol::membership::{MEMBERS_KEY, REGISTER_SCRIPT};
 use apollo_protocol::shard::shard_for_device;
-use apollo_test_support::{free_port, wait_until, Proc, RedisServer};
+use apollo_test_support::{free_port, metrics, wait_until, Proc, RedisServer};
 use axum::extract::{Query, Request};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -148,18 +148,24 @@ fn http() -> reqwest::Client {
         .expect("client")
 }
 
+/// Value of the response header `name`, if present and readable as text.
+fn header<'r>(resp: &'r reqwest::Response, name: &str) -> Option<&'r str> {
+    resp.headers().get(name)?.to_str().ok()
+}
+
+/// The `error.code` of a JSON error body (`{"error": {"code": ...}}`).
+async fn error_code(resp: reqwest::Response) -> serde_json::Value {
+    let body: serde_json::Value = resp.json().await.expect("json error body");
+    body["error"]["code"].clone()
+}
+
 async fn served_by(client: &reqwest::Client, router: &Router, device: &str) -> Option<u32> {
     let resp = client
         .get(format!("{}/v1/devices/{device}/desired", router.url))
         .send()
         .await
         .ok()?;
-    resp.headers()
-        .get("x-apollo-gateway")?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
+    header(&resp, "x-apollo-gateway")?.parse().ok()
 }
 
 async fn wait_ready(client: &reqwest::Client, router: &Router, alive: usize) {
@@ -168,23 +174,47 @@ async fn wait_ready(client: &reqwest::Client, router: &Router, alive: usize) {
         Duration::from_secs(10),
         "router sees the replicas alive",
         || async {
-            let Ok(resp) = client.get(&metrics_url).send().await else {
+            let Ok(text) = metrics::fetch(client, &metrics_url).await else {
                 return false;
             };
-            let text = resp.text().await.unwrap_or_default();
-            text.contains(&format!("apollo_router_alive_replicas {alive}\n"))
+            metrics::value(&text, "apollo_router_alive_replicas", &[]) == Some(alive as f64)
         },
     )
     .await;
 }
 
-#[tokio::test]
-async fn routes_each_device_to_its_shard_and_passes_headers_both_ways() {
+/// A redis-server, stand-in replicas registered in it and one router that sees them all alive.
+struct Fixture {
+    redis: RedisServer,
+    replicas: Vec<Replica>,
+    router: Router,
+    client: reqwest::Client,
+}
+
+/// Starts a [`Fixture`] with `replicas` replicas (ordinals `0..replicas`) and waits until the
+/// router counts them all alive.
+async fn fixture(replicas: u32) -> Fixture {
     let redis = RedisServer::start().await;
-    let replicas: Vec<Replica> = start_replicas(0..3, &redis.url()).await;
+    let replicas = start_replicas(0..replicas, &redis.url()).await;
     let router = start_router(&redis.url()).await;
     let client = http();
-    wait_ready(&client, &router, 3).await;
+    wait_ready(&client, &router, replicas.len()).await;
+    Fixture {
+        redis,
+        replicas,
+        router,
+        client,
+    }
+}
+
+#[tokio::test]
+async fn routes_each_device_to_its_shard_and_passes_headers_both_ways() {
+    let Fixture {
+        redis: _redis,
+        replicas,
+        router,
+        client,
+    } = fixture(3).await;
 
     let mut per_replica = [0u32; 3];
     for i in 0..60 {
@@ -214,10 +244,7 @@ async fn routes_each_device_to_its_shard_and_passes_headers_both_ways() {
         .await
         .expect("report");
     assert_eq!(resp.status(), 200);
-    assert_eq!(
-        resp.headers().get("etag").map(|v| v.as_bytes()),
-        Some(&b"\"e1\""[..])
-    );
+    assert_eq!(header(&resp, "etag"), Some("\"e1\""));
     let seen: serde_json::Value = resp.json().await.expect("json");
     assert_eq!(seen["version"], "HTTP/2.0", "upstream speaks h2c");
     assert_eq!(seen["method"], "POST");
@@ -237,11 +264,12 @@ async fn routes_each_device_to_its_shard_and_passes_headers_both_ways() {
 
 #[tokio::test]
 async fn long_polls_pass_through_without_a_router_timeout() {
-    let redis = RedisServer::start().await;
-    let _replicas: Vec<Replica> = start_replicas(0..2, &redis.url()).await;
-    let router = start_router(&redis.url()).await;
-    let client = http();
-    wait_ready(&client, &router, 2).await;
+    let Fixture {
+        redis: _redis,
+        replicas: _replicas,
+        router,
+        client,
+    } = fixture(2).await;
     let started = Instant::now();
     let resp = client
         .get(format!(
@@ -253,10 +281,7 @@ async fn long_polls_pass_through_without_a_router_timeout() {
         .await
         .unwrap_or_else(|e| panic!("long poll: {e:?}\n{}", router.proc.logs()));
     assert_eq!(resp.status(), 304);
-    assert_eq!(
-        resp.headers().get("etag").map(|v| v.as_bytes()),
-        Some(&b"\"e1\""[..])
-    );
+    assert_eq!(header(&resp, "etag"), Some("\"e1\""));
     assert!(started.elapsed() >= Duration::from_secs(3));
 }
 
@@ -299,26 +324,23 @@ async fn a_crashed_replica_s_devices_go_to_one_deterministic_fallback() {
     }
     // Once the heartbeat is stale the view says so, and N stays 3 (no reshuffle).
     wait_ready(&client, &a, 2).await;
-    let metrics = client
-        .get(format!("{}/metrics", a.admin))
-        .send()
+    let text = metrics::fetch(&client, &format!("{}/metrics", a.admin))
         .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    assert!(metrics.contains("apollo_router_replicas 3\n"), "{metrics}");
-    let fallbacks = metric_value(&metrics, "apollo_router_fallbacks_total");
+        .expect("metrics");
+    let replicas = metrics::value(&text, "apollo_router_replicas", &[]);
+    assert_eq!(replicas, Some(3.0), "{text}");
+    let fallbacks = metrics::value(&text, "apollo_router_fallbacks_total", &[]).unwrap_or(0.0);
     assert!(fallbacks >= devices.len() as f64, "{fallbacks}");
 }
 
 #[tokio::test]
 async fn membership_changes_are_followed_within_a_second() {
-    let redis = RedisServer::start().await;
-    let mut replicas: Vec<Replica> = start_replicas(0..3, &redis.url()).await;
-    let router = start_router(&redis.url()).await;
-    let client = http();
-    wait_ready(&client, &router, 3).await;
+    let Fixture {
+        redis,
+        mut replicas,
+        router,
+        client,
+    } = fixture(3).await;
     let movers: Vec<String> = (0..200)
         .map(|i| format!("dev-{i:03}"))
         .filter(|d| shard_for_device(d, 4) == 3)
@@ -354,12 +376,8 @@ async fn no_replica_alive_is_503_with_retry_after() {
         .await
         .expect("request");
     assert_eq!(resp.status(), 503);
-    assert_eq!(
-        resp.headers().get("retry-after").map(|v| v.as_bytes()),
-        Some(&b"1"[..])
-    );
-    let body: serde_json::Value = resp.json().await.expect("json error");
-    assert_eq!(body["error"]["code"], "no_gateway");
+    assert_eq!(header(&resp, "retry-after"), Some("1"));
+    assert_eq!(error_code(resp).await, "no_gateway");
     let ready = client
         .get(format!("{}/readyz", router.admin))
         .send()
@@ -370,19 +388,19 @@ async fn no_replica_alive_is_503_with_retry_after() {
 
 #[tokio::test]
 async fn bad_input_is_refused_clearly() {
-    let redis = RedisServer::start().await;
-    let _replica = Replica::start(0, &redis.url()).await;
-    let router = start_router(&redis.url()).await;
-    let client = http();
-    wait_ready(&client, &router, 1).await;
+    let Fixture {
+        redis: _redis,
+        replicas: _replicas,
+        router,
+        client,
+    } = fixture(1).await;
     let resp = client
         .get(format!("{}/v1/other", router.url))
         .send()
         .await
         .expect("req");
     assert_eq!(resp.status(), 404);
-    let body: serde_json::Value = resp.json().await.expect("json");
-    assert_eq!(body["error"]["code"], "not_found");
+    assert_eq!(error_code(resp).await, "not_found");
     let resp = client
         .post(format!("{}/v1/devices/tor1-01/report", router.url))
         .body(vec![b'x'; apollo_protocol::MAX_REPORT_BYTES + 1])
@@ -390,17 +408,17 @@ async fn bad_input_is_refused_clearly() {
         .await
         .expect("req");
     assert_eq!(resp.status(), 413);
-    let body: serde_json::Value = resp.json().await.expect("json");
-    assert_eq!(body["error"]["code"], "payload_too_large");
+    assert_eq!(error_code(resp).await, "payload_too_large");
 }
 
 #[tokio::test]
 async fn redis_restart_keeps_routing_and_port_in_use_fails_fast() {
-    let mut redis = RedisServer::start().await;
-    let _replicas: Vec<Replica> = start_replicas(0..2, &redis.url()).await;
-    let mut router = start_router(&redis.url()).await;
-    let client = http();
-    wait_ready(&client, &router, 2).await;
+    let Fixture {
+        mut redis,
+        replicas: _replicas,
+        mut router,
+        client,
+    } = fixture(2).await;
     redis.stop();
     for i in 0..10 {
         let d = format!("dev-{i}");
@@ -430,12 +448,4 @@ async fn redis_restart_keeps_routing_and_port_in_use_fails_fast() {
     assert!(!status.success());
     assert!(second.logs().contains(&taken), "{}", second.logs());
     assert!(router.proc.is_running());
-}
-
-fn metric_value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }

@@ -105,16 +105,33 @@ pub fn hash(c: char) -> String {
     format!("sha256:{}", c.to_string().repeat(64))
 }
 
+/// Document items `(name, hash(c))` from `(name, c)` pairs.
+fn items_of(items: &[(&str, char)]) -> Vec<(String, String)> {
+    items
+        .iter()
+        .map(|(n, h)| ((*n).to_owned(), hash(*h)))
+        .collect()
+}
+
+/// Value of request header `name`, if present and readable as text.
+fn header_of(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Sets the `ETag` header of `response` to `etag`.
+fn set_etag(response: &mut Response, etag: &str) {
+    if let Ok(v) = HeaderValue::from_str(etag) {
+        response.headers_mut().insert(header::ETAG, v);
+    }
+}
+
 impl FakeGateway {
     /// Starts serving on an ephemeral 127.0.0.1 port.
     pub async fn start(behaviour: Behaviour, items: &[(&str, char)]) -> Self {
         let gateway = Self {
             inner: Arc::new(Mutex::new(Inner {
                 behaviour,
-                items: items
-                    .iter()
-                    .map(|(n, h)| ((*n).to_owned(), hash(*h)))
-                    .collect(),
+                items: items_of(items),
                 generation: 1,
                 seen: Vec::new(),
             })),
@@ -148,10 +165,7 @@ impl FakeGateway {
     pub fn set_items(&self, items: &[(&str, char)]) {
         {
             let mut inner = self.lock();
-            inner.items = items
-                .iter()
-                .map(|(n, h)| ((*n).to_owned(), hash(*h)))
-                .collect();
+            inner.items = items_of(items);
             inner.generation += 1;
         }
         self.version.send_modify(|v| *v += 1);
@@ -211,12 +225,7 @@ impl FakeGateway {
         wait_seconds: Option<u64>,
         body: Option<serde_json::Value>,
     ) -> (usize, Option<Response>) {
-        let header = |name: &str| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
+        let header = |name: &str| header_of(headers, name).map(str::to_owned);
         let mut inner = self.lock();
         let now = Instant::now();
         let failing = inner.behaviour.fail_until.is_some_and(|until| now < until)
@@ -256,7 +265,17 @@ impl FakeGateway {
         self.lock().seen[index].status = status;
     }
 
-    fn ack(&self) -> Response {
+    /// Records a `kind` request (report or connect) and acknowledges it, unless the behaviour
+    /// says to fail it.
+    fn record_and_ack(
+        &self,
+        kind: &'static str,
+        headers: &HeaderMap,
+        body: serde_json::Value,
+    ) -> Response {
+        if let (_, Some(failure)) = self.record(kind, headers, None, Some(body)) {
+            return failure;
+        }
         let interval = self.lock().behaviour.heartbeat_interval_seconds;
         axum::Json(ReportAck {
             ack: true,
@@ -285,9 +304,7 @@ async fn desired(
     let mut version = gw.version.subscribe();
     let (mut doc, mut etag) = gw.document();
     let matches = |etag: &str| {
-        headers
-            .get(header::IF_NONE_MATCH)
-            .and_then(|v| v.to_str().ok())
+        header_of(&headers, header::IF_NONE_MATCH)
             .is_some_and(|v| apollo_protocol::hash::if_none_match_matches(v, etag))
     };
     let behaviour = gw.lock().behaviour.clone();
@@ -302,17 +319,13 @@ async fn desired(
         gw.set_status(index, 304);
         let mut response = StatusCode::NOT_MODIFIED.into_response();
         if behaviour.etag_on_304 {
-            if let Ok(v) = HeaderValue::from_str(&etag) {
-                response.headers_mut().insert(header::ETAG, v);
-            }
+            set_etag(&mut response, &etag);
         }
         return response;
     }
     gw.set_status(index, 200);
     let mut response = axum::Json(doc).into_response();
-    if let Ok(v) = HeaderValue::from_str(&etag) {
-        response.headers_mut().insert(header::ETAG, v);
-    }
+    set_etag(&mut response, &etag);
     response
 }
 
@@ -321,10 +334,7 @@ async fn report(
     headers: HeaderMap,
     axum::Json(body): axum::Json<serde_json::Value>,
 ) -> Response {
-    match gw.record("report", &headers, None, Some(body)) {
-        (_, Some(failure)) => failure,
-        (_, None) => gw.ack(),
-    }
+    gw.record_and_ack("report", &headers, body)
 }
 
 async fn connect(
@@ -332,10 +342,7 @@ async fn connect(
     headers: HeaderMap,
     axum::Json(body): axum::Json<serde_json::Value>,
 ) -> Response {
-    match gw.record("connect", &headers, None, Some(body)) {
-        (_, Some(failure)) => failure,
-        (_, None) => gw.ack(),
-    }
+    gw.record_and_ack("connect", &headers, body)
 }
 
 /// An agent configured for fast tests against `url`.

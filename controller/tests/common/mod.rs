@@ -11,7 +11,9 @@ use apollo_crds::{
     DeviceProcessTemplate, Execution, NetworkSwitch, NetworkSwitchSpec, TemplateMetadata,
     WorkloadSpec, LABEL_DEPLOYMENT,
 };
-use apollo_test_support::{free_addr, wait_for, wait_until, KubeSimProc, Proc};
+use apollo_test_support::{
+    events_about, free_addr, metrics, wait_for, wait_until, KubeSimProc, Proc,
+};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -257,19 +259,7 @@ impl Cluster {
 
     /// events.k8s.io/v1 Events about the deployment `name` with `reason`.
     pub async fn events_for(&self, name: &str, reason: &str) -> Vec<Event> {
-        self.events
-            .list(&ListParams::default())
-            .await
-            .expect("list events")
-            .items
-            .into_iter()
-            .filter(|e| {
-                e.reason.as_deref() == Some(reason)
-                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
-                    && e.regarding.as_ref().and_then(|r| r.kind.as_deref())
-                        == Some("DeviceProcessDeployment")
-            })
-            .collect()
+        events_about(&self.events, name, Some("DeviceProcessDeployment"), reason).await
     }
 
     /// Requests kubesim counted with any of `verbs` on `resource` (any API group);
@@ -409,25 +399,11 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// Sum of every sample of `metric` whose labels contain all of `label_filters`.
+    /// Sum of every sample of `metric` whose labels contain all of `label_filters` (label pairs
+    /// such as `result="ok"`), 0 when there is none.
     pub async fn metric(&self, metric: &str, label_filters: &[&str]) -> f64 {
-        let text = self
-            .http
-            .get(format!("http://{}/metrics", self.admin))
-            .send()
-            .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("metrics body");
-        text.lines()
-            .filter(|line| !line.starts_with('#'))
-            .filter(|line| {
-                line.split(['{', ' ']).next() == Some(metric)
-                    && label_filters.iter().all(|f| line.contains(f))
-            })
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        let url = format!("http://{}/metrics", self.admin);
+        metrics::scrape(&self.http, &url, metric, label_filters).await
     }
 
     /// Kubernetes writes this process made (`apollo_controller_kube_writes_total`) whose labels

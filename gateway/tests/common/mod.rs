@@ -3,17 +3,21 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use apollo_crds::conditions::{AGENT_CONNECTED, SPEC_OBSERVED, TRUE};
 use apollo_crds::{DeviceProcess, DeviceProcessSpec};
 use apollo_protocol::token::device_token;
-use apollo_test_support::{free_addr, wait_until, KubeSimProc, Proc, RedisServer};
+use apollo_test_support::{
+    events_about, free_addr, metrics, wait_for, wait_until, KubeSimProc, Proc, RedisServer,
+};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, CustomResourceExt};
 use serde_json::json;
+use tokio::task::JoinHandle;
 
 pub const NS: &str = "default";
 pub const SECRET: &str = "test-secret";
@@ -146,7 +150,7 @@ impl Stack {
         }
     }
 
-    /// Status code of `/readyz`.
+    /// Status code of `/readyz`, 0 when the admin endpoint does not answer.
     pub async fn readyz(&self) -> u16 {
         self.http
             .get(format!("{}/readyz", self.admin_url))
@@ -158,11 +162,7 @@ impl Stack {
 
     pub async fn wait_ready(&self) {
         wait_until(DEADLINE, "gateway /readyz answers 200", || async {
-            self.http
-                .get(format!("{}/readyz", self.admin_url))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
+            self.readyz().await == 200
         })
         .await;
     }
@@ -208,12 +208,40 @@ impl Stack {
         format!("{}/v1/devices/{device}/desired", self.device_url)
     }
 
+    /// `GET desired` of `device` with its token, conditional on `etag`, held up to `wait` seconds.
     pub async fn desired(
         &self,
         device: &str,
         etag: Option<&str>,
         wait: Option<u64>,
     ) -> reqwest::Response {
+        self.desired_request(device, etag, wait)
+            .send()
+            .await
+            .expect("GET desired")
+    }
+
+    /// Starts a long poll of `device` (`GET desired` matching `etag`, held up to `wait_seconds`)
+    /// in a task; the task returns when the answer came and the answer.
+    pub fn spawn_long_poll(
+        &self,
+        device: &str,
+        etag: &str,
+        wait_seconds: u64,
+    ) -> JoinHandle<(Instant, reqwest::Response)> {
+        let request = self.desired_request(device, Some(etag), Some(wait_seconds));
+        tokio::spawn(async move {
+            let response = request.send().await.expect("long poll");
+            (Instant::now(), response)
+        })
+    }
+
+    fn desired_request(
+        &self,
+        device: &str,
+        etag: Option<&str>,
+        wait: Option<u64>,
+    ) -> reqwest::RequestBuilder {
         let mut url = self.desired_url(device);
         if let Some(wait) = wait {
             url.push_str(&format!("?waitSeconds={wait}"));
@@ -225,7 +253,7 @@ impl Stack {
         if let Some(etag) = etag {
             request = request.header("if-none-match", etag);
         }
-        request.send().await.expect("GET desired")
+        request
     }
 
     pub async fn etag_of(&self, device: &str) -> String {
@@ -286,17 +314,13 @@ impl Stack {
 
     /// Events about DeviceProcess `name` with `reason`.
     pub async fn events(&self, name: &str, reason: &str) -> Vec<Event> {
-        let api: Api<Event> = Api::namespaced(self.client.clone(), NS);
-        api.list(&ListParams::default())
-            .await
-            .expect("list events")
-            .items
-            .into_iter()
-            .filter(|e| {
-                e.reason.as_deref() == Some(reason)
-                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
-            })
-            .collect()
+        events_about(
+            &Api::namespaced(self.client.clone(), NS),
+            name,
+            None,
+            reason,
+        )
+        .await
     }
 
     /// Status patches of DeviceProcesses counted by kubesim since the last reset.
@@ -306,31 +330,55 @@ impl Stack {
             .await
     }
 
-    /// Value of a metric sample (first line starting with `prefix`), 0 when absent.
-    pub async fn metric(&self, prefix: &str) -> f64 {
-        let text = self
-            .http
-            .get(format!("{}/metrics", self.admin_url))
-            .send()
-            .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("metrics body");
-        text.lines()
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
+    /// Sum of the samples of `metric` carrying every label pair of `label_filters` (e.g.
+    /// `code="304"`), 0 when there is none.
+    pub async fn metric(&self, metric: &str, label_filters: &[&str]) -> f64 {
+        let url = format!("{}/metrics", self.admin_url);
+        metrics::scrape(&self.http, &url, metric, label_filters).await
+    }
+
+    /// Waits up to `deadline` until the counter `metric` has grown by `n` from its value now.
+    pub async fn wait_metric_growth(&self, metric: &str, n: f64, deadline: Duration, what: &str) {
+        let start = self.metric(metric, &[]).await;
+        wait_until(deadline, what, || async {
+            self.metric(metric, &[]).await >= start + n
+        })
+        .await;
     }
 
     /// Waits until the sweep has run `n` more times (proof that time passed with sweeps active).
     pub async fn wait_sweeps(&self, n: f64) {
-        let start = self.metric("apollo_gateway_stale_sweeps_total").await;
-        wait_until(DEADLINE, "more stale sweeps", || async {
-            self.metric("apollo_gateway_stale_sweeps_total").await >= start + n
+        let sweeps = "apollo_gateway_stale_sweeps_total";
+        self.wait_metric_growth(sweeps, n, DEADLINE, "more stale sweeps")
+            .await;
+    }
+
+    /// Waits until `device`'s document lists `n` items; returns its ETag.
+    pub async fn wait_for_items(&self, device: &str, n: usize) -> String {
+        wait_for(DEADLINE, "desired document has the items", || async {
+            let response = self.desired(device, None, None).await;
+            let etag = header(&response, "etag");
+            let body: serde_json::Value = response.json().await.ok()?;
+            (body["items"].as_array()?.len() == n).then_some(etag)
         })
-        .await;
+        .await
+    }
+
+    /// Reports `device`'s observation of the current spec of each of `names` and waits until
+    /// every status shows it connected and observed.
+    pub async fn connect_and_converge(&self, device: &str, names: &[&str]) {
+        let mut observations = Vec::new();
+        for name in names {
+            observations.push((*name, hash_of(&self.get(name).await)));
+        }
+        let refs: Vec<(&str, &str)> = observations.iter().map(|(n, h)| (*n, h.as_str())).collect();
+        assert_eq!(self.report(device, &refs).await.status(), 200);
+        for name in names {
+            self.wait_status(name, "connected and observed", |dp| {
+                is_condition(dp, AGENT_CONNECTED, TRUE) && is_condition(dp, SPEC_OBSERVED, TRUE)
+            })
+            .await;
+        }
     }
 
     /// Waits until `name`'s status satisfies `check`.
@@ -340,7 +388,7 @@ impl Stack {
         what: &str,
         check: impl Fn(&DeviceProcess) -> bool,
     ) -> DeviceProcess {
-        apollo_test_support::wait_for(DEADLINE, what, || async {
+        wait_for(DEADLINE, what, || async {
             let dp = self.get(name).await;
             check(&dp).then_some(dp)
         })

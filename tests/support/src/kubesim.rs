@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+use crate::http::send_ok;
 use crate::process::{binary, Proc};
 
 /// One row of kubesim's request counters (`GET /kubesim/requests`).
@@ -118,18 +119,10 @@ impl KubeSimProc {
 
     /// Every request counter.
     pub async fn requests(&self) -> Vec<RequestCount> {
-        let resp = self
-            .http
-            .get(format!("{}/kubesim/requests", self.base_url))
-            .send()
+        let request = self.http.get(self.api_url("requests"));
+        send_ok(request, "GET /kubesim/requests")
             .await
-            .expect("GET /kubesim/requests");
-        assert!(
-            resp.status().is_success(),
-            "GET /kubesim/requests: {}",
-            resp.status()
-        );
-        resp.json::<RequestCounts>()
+            .json::<RequestCounts>()
             .await
             .expect("parse /kubesim/requests")
             .requests
@@ -161,49 +154,25 @@ impl KubeSimProc {
 
     /// Resets every request counter.
     pub async fn reset_requests(&self) {
-        let resp = self
-            .http
-            .delete(format!("{}/kubesim/requests", self.base_url))
-            .send()
-            .await
-            .expect("DELETE /kubesim/requests");
-        assert!(
-            resp.status().is_success(),
-            "DELETE /kubesim/requests: {}",
-            resp.status()
-        );
+        let request = self.http.delete(self.api_url("requests"));
+        send_ok(request, "DELETE /kubesim/requests").await;
     }
 
     /// Installs faults (`POST /kubesim/faults`; format documented in the kubesim crate).
     pub async fn set_faults(&self, faults: serde_json::Value) {
-        let resp = self
-            .http
-            .post(format!("{}/kubesim/faults", self.base_url))
-            .json(&faults)
-            .send()
-            .await
-            .expect("POST /kubesim/faults");
-        assert!(
-            resp.status().is_success(),
-            "POST /kubesim/faults: {} {}",
-            resp.status(),
-            resp.text().await.unwrap_or_default()
-        );
+        let request = self.http.post(self.api_url("faults")).json(&faults);
+        send_ok(request, "POST /kubesim/faults").await;
     }
 
     /// Clears every fault.
     pub async fn clear_faults(&self) {
-        let resp = self
-            .http
-            .delete(format!("{}/kubesim/faults", self.base_url))
-            .send()
-            .await
-            .expect("DELETE /kubesim/faults");
-        assert!(
-            resp.status().is_success(),
-            "DELETE /kubesim/faults: {}",
-            resp.status()
-        );
+        let request = self.http.delete(self.api_url("faults"));
+        send_ok(request, "DELETE /kubesim/faults").await;
+    }
+
+    /// URL of kubesim's own API endpoint `/kubesim/<what>`.
+    fn api_url(&self, what: &str) -> String {
+        format!("{}/kubesim/{what}", self.base_url)
     }
 
     /// Runs the real kubectl against this kubesim (private discovery cache).

@@ -8,15 +8,23 @@
 //! - [`KubeSimProc`]: the `kubesim` binary over real HTTP, with its request counts and faults.
 //! - [`kubectl`]: the real `/usr/bin/kubectl` against a kubeconfig, with a private cache dir.
 //! - [`wait_until`] / [`wait_for`]: poll a condition until it holds or a deadline passes.
+//! - [`events_about`]: the Kubernetes Events with a reason about one object.
+//! - [`metrics`]: look up samples in what an admin `/metrics` endpoint answers.
+//! - [`send_ok`]: send an HTTP request that must succeed, with a readable panic when it does not.
 //!
 //! Nothing here sleeps to "let things settle": every wait has a condition and a deadline.
 #![forbid(unsafe_code)]
 
+mod events;
+mod http;
 mod kubesim;
+pub mod metrics;
 mod process;
 mod redis;
 mod wait;
 
+pub use events::events_about;
+pub use http::send_ok;
 pub use kubesim::{kubectl, KubeSimProc, RequestCount};
 pub use process::{binary, Proc, ProcBuilder};
 pub use redis::RedisServer;
