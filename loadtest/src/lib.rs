@@ -244,6 +244,16 @@ fn converged(dps: &[DeviceProcess], want_hash: Option<&str>) -> usize {
         .count()
 }
 
+/// Generous bound on a wave of status writes for `devices` DeviceProcesses: each gets one status
+/// patch and one Event, and each gateway replica writes at most 50 per second by default
+/// (`--kube-writes-per-second`), so the wave takes `2 * devices / (50 * gateways)` seconds at
+/// best. Twice that, plus two minutes for start-up and the agents' ramp.
+fn write_budget_time(devices: usize, gateways: u32) -> Duration {
+    let writes = 2.0 * devices as f64;
+    let per_second = 50.0 * f64::from(gateways.max(1));
+    Duration::from_secs(120) + Duration::from_secs_f64(2.0 * writes / per_second)
+}
+
 async fn wait_converged(
     api: &Api<DeviceProcess>,
     n: usize,
@@ -413,7 +423,8 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
         metrics.clone(),
         cancel.clone(),
     )?;
-    let deadline = Duration::from_secs(args.ramp_seconds + 120);
+    let deadline =
+        Duration::from_secs(args.ramp_seconds) + write_budget_time(devices.len(), args.gateways);
     let converge = wait_converged(&dps, devices.len(), deadline, &dep_name, false).await?;
     eprintln!(
         "loadtest: converged in {converge:.1}s; measuring steady state for {}s ...",
@@ -443,7 +454,7 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
         let secs = wait_converged(
             &dps,
             devices.len(),
-            Duration::from_secs(300),
+            write_budget_time(devices.len(), args.gateways),
             &dep_name,
             true,
         )
@@ -519,6 +530,16 @@ pub fn render(r: &Results) -> String {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn write_budget_time_grows_with_the_fleet_and_shrinks_with_replicas() {
+        let base = Duration::from_secs(120);
+        // 10000 devices on 3 replicas: 20000 writes at 150/s is 133 s at best; allow twice that.
+        let t = write_budget_time(10_000, 3);
+        assert!(t > base + Duration::from_secs(266) && t < base + Duration::from_secs(267));
+        assert!(write_budget_time(10_000, 6) < t);
+        assert!(write_budget_time(0, 0) == base);
+    }
 
     #[test]
     fn cli_is_consistent() {
