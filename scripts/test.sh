@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib/ensure-deps.sh
 ensure_redis_server
 ensure_openssl
+ensure_libfaketime
 ensure_kubectl_present
 
 # A clean clone builds everything once: incremental caches would only cost disk (several GB).

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::ownership::OwnedSlots;
+use crate::state;
 
 /// Prefix of the shard Leases' names.
 pub const SHARD_LEASE_PREFIX: &str = "apollo-gateway-shard-";
@@ -297,20 +298,49 @@ async fn refresh_membership(
     .await
     .map_err(|_| "register timed out".to_owned())?
     .map_err(|e| e.to_string())?;
+    let sent_ms = state::wall_clock_ms();
     let fields: Vec<String> =
         tokio::time::timeout(CALL_TIMEOUT, read.key(MEMBERS_KEY).invoke_async(c))
             .await
             .map_err(|_| "membership read timed out".to_owned())?
             .map_err(|e| e.to_string())?;
+    let received_ms = state::wall_clock_ms();
     let Some((now, rest)) = fields.split_first() else {
         return Err("empty membership reply".into());
     };
     let now_ms = now.parse::<u64>().map_err(|e| e.to_string())?;
+    follow_shared_clock(
+        sent_ms,
+        i64::try_from(now_ms).unwrap_or(i64::MAX),
+        received_ms,
+    );
     Ok(View::from_registrations(
         rest.chunks_exact(2)
             .map(|kv| (kv[0].as_str(), kv[1].as_str())),
         now_ms,
     ))
+}
+
+/// How far this machine's clock may stray from Redis' before it is worth a warning.
+const CLOCK_SKEW_WARNING_MS: i64 = 1_000;
+
+/// Moves [`state::now_ms`] onto Redis' clock, from one reading of it (see
+/// [`state::offset_from_reading`]); warns when this machine's clock is off by more than a second,
+/// and again when that changes by another second.
+fn follow_shared_clock(sent_ms: i64, redis_ms: i64, received_ms: i64) {
+    let Some(offset) = state::offset_from_reading(sent_ms, redis_ms, received_ms) else {
+        return;
+    };
+    let previous = state::shared_clock_offset_ms();
+    state::set_shared_clock_offset_ms(offset);
+    let noteworthy =
+        offset.abs() > CLOCK_SKEW_WARNING_MS && (offset - previous).abs() > CLOCK_SKEW_WARNING_MS;
+    if noteworthy {
+        warn!(
+            offset_ms = offset,
+            "this machine's clock differs from Redis'; lastSeen and stale sweeps use Redis' clock"
+        );
+    }
 }
 
 /// The Lock of shard `shard`'s Lease, held as this replica.

@@ -32,3 +32,10 @@ ensure_kubectl_present() {
     echo "warning: kubectl not found; tests that drive the real kubectl will fail" >&2
   fi
 }
+
+ensure_libfaketime() {
+  # An end-to-end test runs one gateway with its wall clock skewed through LD_PRELOAD libfaketime.
+  if ! ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1; then
+    apt_install libfaketime
+  fi
+}

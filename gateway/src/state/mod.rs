@@ -11,6 +11,7 @@ mod redis;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Instant;
 
 pub use self::memory::MemoryStore;
@@ -241,7 +242,60 @@ impl StateStore for Store {
     }
 }
 
-/// Milliseconds since the Unix epoch, now.
+/// How far the cluster's shared clock (Redis' `TIME`) is ahead of this machine's wall clock, in
+/// milliseconds. Measured on every membership heartbeat (see [`crate::cluster`]); 0 without Redis.
+static SHARED_CLOCK_OFFSET_MS: AtomicI64 = AtomicI64::new(0);
+
+/// Milliseconds since the Unix epoch, now, on the clock every replica shares.
+///
+/// lastSeen is written by whichever replica took a report and compared against a cutoff by
+/// whichever replica sweeps the shard; after a fail-over or a scale change those differ. Were
+/// each to use its own wall clock, a replica whose clock runs ahead by more than the stale window
+/// would mark every device another replica recorded disconnected. So times are taken on Redis'
+/// clock: this machine's wall clock corrected by the measured offset.
 pub fn now_ms() -> i64 {
+    wall_clock_ms() + SHARED_CLOCK_OFFSET_MS.load(Ordering::Relaxed)
+}
+
+/// This machine's wall clock, milliseconds since the Unix epoch.
+pub fn wall_clock_ms() -> i64 {
     jiff::Timestamp::now().as_millisecond()
+}
+
+/// Sets the offset of the shared clock (see [`now_ms`]).
+pub fn set_shared_clock_offset_ms(offset_ms: i64) {
+    SHARED_CLOCK_OFFSET_MS.store(offset_ms, Ordering::Relaxed);
+}
+
+/// The offset of the shared clock last set.
+pub fn shared_clock_offset_ms() -> i64 {
+    SHARED_CLOCK_OFFSET_MS.load(Ordering::Relaxed)
+}
+
+/// The offset one clock reading implies: the shared clock read `shared_ms` somewhere between our
+/// readings `sent_ms` and `received_ms`; the midpoint is the best estimate, good to half the round
+/// trip. `None` when the round trip is too long for the reading to be worth taking.
+pub fn offset_from_reading(sent_ms: i64, shared_ms: i64, received_ms: i64) -> Option<i64> {
+    /// Readings with a longer round trip are ignored (the error is up to half of it).
+    const MAX_ROUND_TRIP_MS: i64 = 200;
+    let round_trip = received_ms - sent_ms;
+    (0..=MAX_ROUND_TRIP_MS)
+        .contains(&round_trip)
+        .then(|| shared_ms - (sent_ms + round_trip / 2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reading_gives_the_offset_at_the_midpoint_of_the_round_trip() {
+        // Sent at 1000, answered at 1010 by a clock reading 31005: it is 30 s ahead.
+        assert_eq!(offset_from_reading(1_000, 31_005, 1_010), Some(30_000));
+        // A clock behind ours.
+        assert_eq!(offset_from_reading(50_000, 20_001, 50_002), Some(-30_000));
+        // Too slow a round trip, or a clock that went backwards meanwhile: no reading.
+        assert_eq!(offset_from_reading(1_000, 5_000, 1_500), None);
+        assert_eq!(offset_from_reading(1_000, 5_000, 990), None);
+    }
 }

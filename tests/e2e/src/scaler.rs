@@ -35,6 +35,8 @@ pub struct GatewayLauncher {
     pub base_ports: Option<(u16, u16)>,
     /// Extra environment of every gateway.
     pub env: Vec<(String, String)>,
+    /// Extra environment of particular ordinals (e.g. a skewed clock for one replica).
+    pub ordinal_env: BTreeMap<u32, Vec<(String, String)>>,
 }
 
 struct Running {
@@ -111,6 +113,7 @@ impl Gateways {
             .args(&l.extra_args)
             .envs(crate::stack::otel_env())
             .envs(l.env.clone())
+            .envs(l.ordinal_env.get(&ordinal).cloned().unwrap_or_default())
             .spawn();
         self.lock().insert(
             ordinal,

@@ -89,6 +89,8 @@ pub struct StackConfig {
     /// Environment for the servers (controller, gateways, router) on top of this process's
     /// `OTEL_*` variables, e.g. an OTLP endpoint in tests.
     pub server_env: Vec<(String, String)>,
+    /// Extra environment of the gateway with a given ordinal, whenever it is (re)started.
+    pub gateway_ordinal_env: BTreeMap<u32, Vec<(String, String)>>,
 }
 
 impl StackConfig {
@@ -111,6 +113,7 @@ impl StackConfig {
             // Short enough that the demo's "200 once, then 304s" shows within seconds.
             agent_poll_wait_seconds: 5,
             server_env: Vec::new(),
+            gateway_ordinal_env: BTreeMap::new(),
         }
     }
 }
@@ -277,6 +280,7 @@ impl Stack {
             log_dir: logs.clone(),
             base_ports: cfg.ports.gateway_base,
             env: cfg.server_env.clone(),
+            ordinal_env: cfg.gateway_ordinal_env.clone(),
         }));
         samples::install_gateway_statefulset(&client, &cfg.namespace, cfg.gateways).await?;
         let scaler = tokio::spawn(scaler::run(

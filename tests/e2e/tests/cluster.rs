@@ -8,6 +8,8 @@ use apollo_e2e::fleet::{self, Agents};
 use apollo_e2e::{Ports, Stack, StackConfig};
 use apollo_protocol::shard::shard_for_device;
 use apollo_test_support::{binary, wait_for, wait_until};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
 
 const NS: &str = "default";
 /// Shard leases expire quickly in tests so takeovers happen within seconds.
@@ -268,8 +270,43 @@ async fn scaling_moves_a_fair_share_and_costs_no_writes_for_reporting_devices() 
 #[tokio::test]
 async fn a_killed_replica_s_devices_fail_over_and_its_sweep_is_taken_over() {
     let (_dir, stack) = start(3).await;
+    kill_replica_1_and_check_the_take_over(&stack, "kill").await;
+    stack.shutdown().await;
+}
+
+/// The replica that takes over a dead replica's shard sweeps lastSeen values other replicas
+/// wrote: with each replica on its own wall clock, one running 30 s ahead would find every device
+/// another replica recorded older than the stale window and mark them all disconnected. Replica
+/// 0 runs 30 s ahead here, and it is the one that takes over shard 1.
+#[tokio::test]
+async fn a_replica_whose_clock_runs_ahead_takes_over_a_shard_without_false_disconnects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(&dir, 3);
+    cfg.gateway_ordinal_env
+        .insert(0, apollo_test_support::skewed_clock_env("+30s"));
+    let stack = Stack::start(cfg).await.expect("start the stack");
+    kill_replica_1_and_check_the_take_over(&stack, "skew").await;
+    let lease: Api<Lease> = Api::namespaced(stack.client(), NS);
+    let holder = lease
+        .get("apollo-gateway-shard-1")
+        .await
+        .expect("shard lease")
+        .spec
+        .and_then(|s| s.holder_identity);
+    assert_eq!(
+        holder.as_deref(),
+        Some("apollo-gateway-0"),
+        "the skewed replica is the one that swept shard 1"
+    );
+    stack.shutdown().await;
+}
+
+/// Kills replica 1 of 3 while agents report: its devices are served by fallbacks within 3 s; an
+/// agent of its shard that stops meanwhile is marked stale exactly once by whoever takes the
+/// shard over, and no other device gets a Warning.
+async fn kill_replica_1_and_check_the_take_over(stack: &Stack, fleet_name: &str) {
     let client = stack.client();
-    let (devices, mut agents) = healthy_fleet(&stack, "kill", 60).await;
+    let (devices, mut agents) = healthy_fleet(stack, fleet_name, 60).await;
     let victims: Vec<&String> = devices
         .iter()
         .filter(|d| shard_for_device(d, 3) == 1)
@@ -282,7 +319,7 @@ async fn a_killed_replica_s_devices_fail_over_and_its_sweep_is_taken_over() {
     let http = http();
     for d in &victims {
         let o = wait_for(Duration::from_secs(3), "served by a fallback", || async {
-            fleet::served_by(&http, &stack, d).await
+            fleet::served_by(&http, stack, d).await
         })
         .await;
         assert_ne!(o, 1);
@@ -291,12 +328,12 @@ async fn a_killed_replica_s_devices_fail_over_and_its_sweep_is_taken_over() {
 
     // An agent of the dead replica's shard stops during the outage: someone else must notice.
     agents.stop(&quiet).await;
-    let dp_name = format!("kill-{quiet}");
+    let dp_name = format!("{fleet_name}-{quiet}");
     wait_until(
         Duration::from_secs(30),
         "the quiet device is marked disconnected",
         || async {
-            fleet::processes(&client, NS, "kill")
+            fleet::processes(&client, NS, fleet_name)
                 .await
                 .is_ok_and(|dps| dps.get(&quiet).is_some_and(fleet::disconnected))
         },
@@ -319,14 +356,19 @@ async fn a_killed_replica_s_devices_fail_over_and_its_sweep_is_taken_over() {
                 .unwrap_or(0)
     };
     assert_eq!(warnings(&dp_name), 1);
-    let dps = fleet::processes(&client, NS, "kill").await.expect("dps");
+    let dps = fleet::processes(&client, NS, fleet_name)
+        .await
+        .expect("dps");
     for (d, dp) in &dps {
         if *d != quiet {
             assert!(fleet::healthy(dp), "{d} is not healthy");
-            assert_eq!(warnings(&format!("kill-{d}")), 0, "{d} got a Warning");
+            assert_eq!(
+                warnings(&format!("{fleet_name}-{d}")),
+                0,
+                "{d} got a Warning"
+            );
         }
     }
-    stack.shutdown().await;
 }
 
 #[tokio::test]

@@ -11,10 +11,12 @@
 //! - [`events_about`]: the Kubernetes Events with a reason about one object.
 //! - [`metrics`]: look up samples in what an admin `/metrics` endpoint answers.
 //! - [`send_ok`]: send an HTTP request that must succeed, with a readable panic when it does not.
+//! - [`skewed_clock_env`]: start a process whose wall clock is off (libfaketime).
 //!
 //! Nothing here sleeps to "let things settle": every wait has a condition and a deadline.
 #![forbid(unsafe_code)]
 
+mod clock;
 mod events;
 mod http;
 mod kubesim;
@@ -23,6 +25,7 @@ mod process;
 mod redis;
 mod wait;
 
+pub use clock::skewed_clock_env;
 pub use events::events_about;
 pub use http::send_ok;
 pub use kubesim::{kubectl, KubeSimProc, RequestCount};
