@@ -10,9 +10,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+bin_dir="${CARGO_TARGET_DIR:-target}/release"
+
 case "${1:-up}" in
   agent|status)
-    if [ -x target/release/apollo-dev ]; then exec target/release/apollo-dev "$@"; fi
+    if [ -x "$bin_dir/apollo-dev" ]; then exec "$bin_dir/apollo-dev" "$@"; fi
     exec cargo run -q --release -p apollo-e2e --bin apollo-dev -- "$@" ;;
 esac
 
@@ -24,4 +26,4 @@ cargo build --release --locked --bins \
   -p kubesim -p apollo-gateway -p apollo-router -p apollo-controller -p apollo-agent -p apollo-e2e
 
 [ "${1:-}" = "up" ] && shift
-exec target/release/apollo-dev up "$@"
+exec "$bin_dir/apollo-dev" up "$@"
