@@ -21,6 +21,7 @@
 //! duplicate Event.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,7 @@ use apollo_protocol::shard::jump_hash;
 use apollo_runtime::lease::{Attempt, LeaseError, LeaseLock};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -132,6 +134,7 @@ pub async fn run(
     client: kube::Client,
     initial_replicas: u32,
     ownership: watch::Sender<Arc<OwnedSlots>>,
+    clock_offset: Gauge<f64, AtomicU64>,
     shutdown: CancellationToken,
 ) {
     let leases: Api<Lease> = Api::namespaced(client, &config.lease_namespace);
@@ -168,7 +171,8 @@ pub async fn run(
             _ = ticker.tick() => {}
         }
         // 1. Membership.
-        match refresh_membership(&redis, &mut conn, &register, &read, &config).await {
+        match refresh_membership(&redis, &mut conn, &register, &read, &config, &clock_offset).await
+        {
             Ok(new_view) => {
                 if new_view.replicas != view.replicas || new_view.alive != view.alive {
                     info!(
@@ -276,6 +280,7 @@ async fn refresh_membership(
     register: &redis::Script,
     read: &redis::Script,
     config: &ClusterConfig,
+    clock_offset: &Gauge<f64, AtomicU64>,
 ) -> Result<View, String> {
     if conn.is_none() {
         let c = tokio::time::timeout(CALL_TIMEOUT, client.get_multiplexed_async_connection())
@@ -309,11 +314,13 @@ async fn refresh_membership(
         return Err("empty membership reply".into());
     };
     let now_ms = now.parse::<u64>().map_err(|e| e.to_string())?;
-    follow_shared_clock(
+    if let Some(offset) = follow_shared_clock(
         sent_ms,
         i64::try_from(now_ms).unwrap_or(i64::MAX),
         received_ms,
-    );
+    ) {
+        clock_offset.set(offset as f64 / 1000.0);
+    }
     Ok(View::from_registrations(
         rest.chunks_exact(2)
             .map(|kv| (kv[0].as_str(), kv[1].as_str())),
@@ -325,12 +332,10 @@ async fn refresh_membership(
 const CLOCK_SKEW_WARNING_MS: i64 = 1_000;
 
 /// Moves [`state::now_ms`] onto Redis' clock, from one reading of it (see
-/// [`state::offset_from_reading`]); warns when this machine's clock is off by more than a second,
-/// and again when that changes by another second.
-fn follow_shared_clock(sent_ms: i64, redis_ms: i64, received_ms: i64) {
-    let Some(offset) = state::offset_from_reading(sent_ms, redis_ms, received_ms) else {
-        return;
-    };
+/// [`state::offset_from_reading`]), and returns the offset taken; warns when this machine's clock
+/// is off by more than a second, and again when that changes by another second.
+fn follow_shared_clock(sent_ms: i64, redis_ms: i64, received_ms: i64) -> Option<i64> {
+    let offset = state::offset_from_reading(sent_ms, redis_ms, received_ms)?;
     let previous = state::shared_clock_offset_ms();
     state::set_shared_clock_offset_ms(offset);
     let noteworthy =
@@ -341,6 +346,7 @@ fn follow_shared_clock(sent_ms: i64, redis_ms: i64, received_ms: i64) {
             "this machine's clock differs from Redis'; lastSeen and stale sweeps use Redis' clock"
         );
     }
+    Some(offset)
 }
 
 /// The Lock of shard `shard`'s Lease, held as this replica.

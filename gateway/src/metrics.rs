@@ -1,5 +1,7 @@
 //! Prometheus metrics of the gateway. The registry is passed in; nothing is global.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -87,6 +89,8 @@ pub struct Metrics {
     pub sweeps: Counter,
     /// Completed resync passes.
     pub resyncs: Counter,
+    /// How far Redis' clock (the cluster's shared clock) is ahead of this machine's, in seconds.
+    pub clock_offset_seconds: Gauge<f64, AtomicU64>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -112,6 +116,7 @@ impl Metrics {
             documents_built: Counter::default(),
             sweeps: Counter::default(),
             resyncs: Counter::default(),
+            clock_offset_seconds: Gauge::default(),
         };
         registry.register(
             "http_requests",
@@ -184,6 +189,12 @@ impl Metrics {
             "resyncs",
             "Completed resync passes over the owned slots",
             metrics.resyncs.clone(),
+        );
+        registry.register_with_unit(
+            "clock_offset",
+            "How far Redis' clock, on which lastSeen and stale sweeps run, is ahead of this machine's wall clock",
+            Unit::Seconds,
+            metrics.clock_offset_seconds.clone(),
         );
         metrics
     }

@@ -112,6 +112,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             client.clone(),
             settings.replicas,
             ownership_sender,
+            metrics.clock_offset_seconds.clone(),
             shutdown.clone(),
         ));
     } else {

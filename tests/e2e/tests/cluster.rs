@@ -298,6 +298,16 @@ async fn a_replica_whose_clock_runs_ahead_takes_over_a_shard_without_false_disco
         Some("apollo-gateway-0"),
         "the skewed replica is the one that swept shard 1"
     );
+    // And it knows how far off it is.
+    let admin = stack.gateways().admin_addr(0).expect("gateway 0 runs");
+    let offset = apollo_test_support::metrics::scrape(
+        &http(),
+        &format!("http://{admin}/metrics"),
+        "apollo_gateway_clock_offset_seconds",
+        &[],
+    )
+    .await;
+    assert!((-31.0..=-29.0).contains(&offset), "clock offset {offset} s");
     stack.shutdown().await;
 }
 
