@@ -499,8 +499,8 @@ pub fn only_agent_counts_changed(
 mod tests {
     use super::*;
     use apollo_crds::{
-        Artifact, Backend, DeviceProcessDeploymentSpec, DeviceProcessStatus, DeviceProcessTemplate,
-        Execution, NetworkSwitchSpec, TemplateMetadata, WorkloadSpec,
+        DeviceProcessDeploymentSpec, DeviceProcessStatus, DeviceProcessTemplate, NetworkSwitchSpec,
+        TemplateMetadata,
     };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
     use serde_json::json;
@@ -529,20 +529,7 @@ mod tests {
                         labels: string_map(&[("app", "logger")]),
                         annotations: string_map(&[("team", "netops")]),
                     },
-                    spec: WorkloadSpec {
-                        artifact: Artifact {
-                            type_: "oci".into(),
-                            url: "alpine:3.19".into(),
-                            digest: None,
-                        },
-                        execution: Execution {
-                            backend: Backend::Container,
-                            command: vec!["/bin/sh".into()],
-                            args: args.iter().map(|a| (*a).to_owned()).collect(),
-                            env: vec![],
-                            working_dir: None,
-                        },
-                    },
+                    spec: crate::fixtures::workload("alpine:3.19", &["/bin/sh"], args),
                 },
             },
         );

@@ -193,25 +193,16 @@ impl Expectations {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use apollo_crds::{Artifact, Backend, DeviceProcessSpec, DeviceRef, Execution};
+    use apollo_crds::{DeviceProcessSpec, DeviceRef};
 
     fn child(name: &str, rv: &str, args: &[&str]) -> DeviceProcess {
+        let workload = crate::fixtures::workload("u", &[], args);
         let mut c = DeviceProcess::new(
             name,
             DeviceProcessSpec {
                 device_ref: DeviceRef { name: "d".into() },
-                artifact: Artifact {
-                    type_: "oci".into(),
-                    url: "u".into(),
-                    digest: None,
-                },
-                execution: Execution {
-                    backend: Backend::Container,
-                    command: vec![],
-                    args: args.iter().map(|a| (*a).to_owned()).collect(),
-                    env: vec![],
-                    working_dir: None,
-                },
+                artifact: workload.artifact,
+                execution: workload.execution,
             },
         );
         c.metadata.namespace = Some("ns".into());

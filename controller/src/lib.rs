@@ -12,6 +12,8 @@ pub mod admin;
 pub mod args;
 pub mod desired;
 pub mod expectations;
+#[cfg(test)]
+mod fixtures;
 pub mod lease;
 pub mod metrics;
 pub mod reconcile;

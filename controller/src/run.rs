@@ -298,26 +298,13 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
 mod tests {
     use super::*;
     use apollo_crds::{
-        Artifact, Backend, DeviceProcessDeploymentSpec, DeviceProcessSpec, DeviceProcessTemplate,
-        DeviceRef, Execution, NetworkSwitchSpec, TemplateMetadata, WorkloadSpec,
+        DeviceProcessDeploymentSpec, DeviceProcessSpec, DeviceProcessTemplate, DeviceRef,
+        NetworkSwitchSpec, TemplateMetadata, WorkloadSpec,
     };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 
     fn workload() -> WorkloadSpec {
-        WorkloadSpec {
-            artifact: Artifact {
-                type_: "oci".into(),
-                url: "u".into(),
-                digest: None,
-            },
-            execution: Execution {
-                backend: Backend::Container,
-                command: vec![],
-                args: vec![],
-                env: vec![],
-                working_dir: None,
-            },
-        }
+        crate::fixtures::workload("u", &[], &[])
     }
 
     fn deployment(name: &str, namespace: &str, role: &str) -> DeviceProcessDeployment {

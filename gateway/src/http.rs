@@ -450,15 +450,26 @@ async fn read_body(body: Body) -> Result<Bytes, ApiError> {
     }
 }
 
+/// What every device write checks first, in this order: a well-formed device name, a token for
+/// that device (before any of the body is read), then the body within the size limit.
+async fn authorized_body(
+    api: &DeviceApi,
+    device: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Bytes, ApiError> {
+    check_device(device)?;
+    api.auth.check(device, headers)?;
+    read_body(body).await
+}
+
 async fn report(
     State(api): State<Arc<DeviceApi>>,
     Path(device): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    check_device(&device)?;
-    api.auth.check(&device, &headers)?;
-    let bytes = read_body(body).await?;
+    let bytes = authorized_body(&api, &device, &headers, body).await?;
     let report = parse_report(&bytes).map_err(ApiError::invalid)?;
     report.validate().map_err(ApiError::invalid)?;
     record(&api, &device, &report).await
@@ -470,9 +481,7 @@ async fn connect(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    check_device(&device)?;
-    api.auth.check(&device, &headers)?;
-    let bytes = read_body(body).await?;
+    let bytes = authorized_body(&api, &device, &headers, body).await?;
     let request = parse_connect(&bytes).map_err(ApiError::invalid)?;
     request.validate().map_err(ApiError::invalid)?;
     let report = Report {
