@@ -181,37 +181,11 @@ impl KubeSimProc {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        kubectl(
+        crate::kube::kubectl(
             &self.kubeconfig,
             &self.dir.path().join("kubectl-cache"),
             args,
         )
         .await
     }
-}
-
-/// Runs `/usr/bin/kubectl` (or `kubectl` on PATH) with `--kubeconfig` and `--cache-dir` set.
-pub async fn kubectl<I, S>(kubeconfig: &Path, cache_dir: &Path, args: I) -> Output
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
-    let program = if Path::new("/usr/bin/kubectl").is_file() {
-        PathBuf::from("/usr/bin/kubectl")
-    } else {
-        PathBuf::from("kubectl")
-    };
-    let fut = tokio::process::Command::new(program)
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .arg("--cache-dir")
-        .arg(cache_dir)
-        .args(args)
-        .env_remove("KUBECONFIG")
-        .kill_on_drop(true)
-        .output();
-    tokio::time::timeout(Duration::from_secs(60), fut)
-        .await
-        .expect("kubectl did not finish within 60s")
-        .expect("run kubectl")
 }

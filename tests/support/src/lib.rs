@@ -5,8 +5,12 @@
 //!   log tail printed when the test is failing.
 //! - [`binary`]: path of a workspace binary built by cargo.
 //! - [`RedisServer`]: a real `redis-server` on an ephemeral port, no persistence.
-//! - [`KubeSimProc`]: the `kubesim` binary over real HTTP, with its request counts and faults.
-//! - [`kubectl`]: the real `/usr/bin/kubectl` against a kubeconfig, with a private cache dir.
+//! - [`ControlPlane`]: the real etcd + kube-apiserver + kube-controller-manager
+//!   (`scripts/control-plane.sh`), shared by the tests of a binary or private to one test.
+//! - [`TestNamespace`]: a namespace of one's own with Apollo's CRDs, the RBAC of `deploy/rbac/`,
+//!   ServiceAccount kubeconfigs per [`Component`] and request counts from the audit log.
+//! - [`FaultProxy`]: errors, delays and cut connections between a component and the apiserver.
+//! - [`kubectl`]: the real kubectl against a kubeconfig, with a private cache dir.
 //! - [`wait_until`] / [`wait_for`]: poll a condition until it holds or a deadline passes.
 //! - [`events_about`]: the Kubernetes Events with a reason about one object.
 //! - [`metrics`]: look up samples in what an admin `/metrics` endpoint answers.
@@ -19,6 +23,7 @@
 mod clock;
 mod events;
 mod http;
+pub mod kube;
 mod kubesim;
 pub mod metrics;
 mod process;
@@ -28,7 +33,11 @@ mod wait;
 pub use clock::skewed_clock_env;
 pub use events::events_about;
 pub use http::send_ok;
-pub use kubesim::{kubectl, KubeSimProc, RequestCount};
+pub use kube::{
+    kubectl, kubectl_program, ApiRequest, Component, ControlPlane, ControlPlaneOptions, Fault,
+    FaultProxy, TestNamespace,
+};
+pub use kubesim::{KubeSimProc, RequestCount};
 pub use process::{binary, Proc, ProcBuilder};
 pub use redis::RedisServer;
 pub use wait::{wait_for, wait_until};

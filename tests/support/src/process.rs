@@ -1,6 +1,7 @@
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -31,6 +32,39 @@ pub fn binary(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+const SETPRIV: &str = "/usr/bin/setpriv";
+
+type SpawnRequest = (Command, std::sync::mpsc::Sender<std::io::Result<Child>>);
+
+/// Spawns `cmd` from one thread that lives as long as this process. The parent-death signal
+/// fires when the *thread* that forked a child ends, and test threads (or a runtime's blocking
+/// threads) end long before the process: a control plane shared by every test of a binary must
+/// not die with the test that happened to start it.
+fn spawn_tied_to_this_process(cmd: Command) -> std::io::Result<Child> {
+    static SPAWNER: OnceLock<Mutex<std::sync::mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("apollo-test-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("start the process-spawning thread");
+        Mutex::new(tx)
+    });
+    let (reply, answer) = std::sync::mpsc::channel();
+    spawner
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((cmd, reply))
+        .expect("the spawning thread lives as long as the process");
+    answer
+        .recv()
+        .expect("the spawning thread answers every request")
 }
 
 /// Builder for [`Proc`].
@@ -124,8 +158,12 @@ impl ProcBuilder {
             .open(&log_path)
             .unwrap_or_else(|e| panic!("open log file {}: {e}", log_path.display()));
         let log_err = log.try_clone().expect("clone the log file handle");
-        let mut cmd = Command::new(&self.program);
-        cmd.args(&self.args)
+        // `setpriv --pdeathsig KILL` execs the program in place (same pid) with a parent-death
+        // signal: whatever happens to the test process, even SIGKILL, its children go with it.
+        let mut cmd = Command::new(SETPRIV);
+        cmd.args(["--pdeathsig", "KILL", "--"])
+            .arg(&self.program)
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err));
@@ -143,8 +181,7 @@ impl ProcBuilder {
         if let Some(dir) = &self.current_dir {
             cmd.current_dir(dir);
         }
-        let child = cmd
-            .spawn()
+        let child = spawn_tied_to_this_process(cmd)
             .unwrap_or_else(|e| panic!("spawn {}: {e}", self.program.display()));
         Proc {
             name: self.name,
