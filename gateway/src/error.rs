@@ -115,6 +115,12 @@ impl Error {
         self.kube_status() == Some(404)
     }
 
+    /// Whether Kubernetes refused the request as malformed or invalid (400, 422): sending the
+    /// same request again cannot succeed.
+    pub fn is_invalid(&self) -> bool {
+        matches!(self.kube_status(), Some(400 | 422))
+    }
+
     fn kube_status(&self) -> Option<u16> {
         match self {
             Error::KubeCall { source, .. } => match source.as_ref() {

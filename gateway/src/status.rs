@@ -459,7 +459,8 @@ impl StatusWriter {
                 }
                 Err(error) => {
                     self.count_kube("event", spec.reason, outcome_label(&error));
-                    if attempt == EVENT_ATTEMPTS {
+                    // A refused Event (422) is refused again: retrying only spends write budget.
+                    if attempt == EVENT_ATTEMPTS || error.is_invalid() {
                         tracing::warn!(object = %key, reason = spec.reason, %error, "Event not published");
                         return;
                     }
@@ -474,6 +475,7 @@ fn outcome_label(error: &Error) -> &'static str {
     match error {
         e if e.is_conflict() => "conflict",
         e if e.is_not_found() => "not_found",
+        e if e.is_invalid() => "invalid",
         Error::KubeTimeout { .. } => "timeout",
         _ => "error",
     }
@@ -502,18 +504,39 @@ pub fn now_rfc3339() -> String {
 
 static EVENT_SEQUENCE: AtomicU32 = AtomicU32::new(0);
 
+/// Longest object name Kubernetes accepts for an Event (a DNS subdomain).
+const MAX_EVENT_NAME_LEN: usize = 253;
+
+/// `<object name>.<suffix>`, the object name shortened when needed so the whole stays a valid
+/// DNS subdomain of at most 253 characters (events.k8s.io/v1 validates Event names; an object
+/// named with 253 characters would otherwise get no Event at all).
+fn event_name(object: &str, suffix: &str) -> String {
+    let room = MAX_EVENT_NAME_LEN.saturating_sub(suffix.len() + 1);
+    let mut end = 0;
+    for (i, c) in object.char_indices() {
+        if i + c.len_utf8() > room {
+            break;
+        }
+        end = i + c.len_utf8();
+    }
+    // A DNS subdomain's labels start and end with an alphanumeric character.
+    let prefix = object[..end].trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    let prefix = if prefix.is_empty() {
+        "deviceprocess"
+    } else {
+        prefix
+    };
+    format!("{prefix}.{suffix}")
+}
+
 /// An events.k8s.io/v1 Event about `process`.
 pub fn build_event(process: &CachedProcess, spec: &EventSpec, instance: &str) -> Event {
     let now = k8s_openapi::jiff::Timestamp::now();
     let sequence = EVENT_SEQUENCE.fetch_add(1, Ordering::Relaxed);
+    let suffix = format!("{:x}{:04x}", now.as_nanosecond(), sequence & 0xffff);
     Event {
         metadata: ObjectMeta {
-            name: Some(format!(
-                "{}.{:x}{:04x}",
-                process.key.name,
-                now.as_nanosecond(),
-                sequence & 0xffff
-            )),
+            name: Some(event_name(&process.key.name, &suffix)),
             namespace: Some(process.key.namespace.clone()),
             ..ObjectMeta::default()
         },
@@ -582,5 +605,24 @@ mod tests {
         assert_eq!(regarding.kind.as_deref(), Some("DeviceProcess"));
         assert_eq!(regarding.api_version.as_deref(), Some("azure.com/v1alpha1"));
         assert_eq!(regarding.uid.as_deref(), Some("u-1"));
+    }
+
+    #[test]
+    fn event_names_stay_valid_dns_subdomains_for_the_longest_object_names() {
+        assert_eq!(
+            event_name("p", "18edb3b8482ec9a80000"),
+            "p.18edb3b8482ec9a80000"
+        );
+        let longest = format!("{}.{}", "a".repeat(126), "b".repeat(126));
+        let name = event_name(&longest, "18edb3b8482ec9a80000");
+        assert_eq!(name.len(), 253, "{name}");
+        assert!(name.starts_with(&longest[..200]));
+        assert!(name.ends_with(".18edb3b8482ec9a80000"));
+        // Cut right after a '.' or '-': the label must not end with one.
+        let dotted = format!("{}.-{}", "a".repeat(230), "b".repeat(20));
+        let name = event_name(&dotted, "18edb3b8482ec9a80000");
+        assert!(name.len() <= 253, "{name}");
+        assert!(!name.contains(".-") && !name.contains(".."), "{name}");
+        assert!(name.starts_with(&"a".repeat(230)));
     }
 }

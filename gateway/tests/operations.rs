@@ -9,7 +9,7 @@ use apollo_crds::conditions::{
     Condition, AGENT_CONNECTED, FALSE, REASON_AGENT_CONNECTED, REASON_AGENT_DISCONNECTED,
     REASON_SPEC_OBSERVED, SPEC_OBSERVED, TRUE,
 };
-use apollo_test_support::wait_until;
+use apollo_test_support::{wait_until, Component, Fault, FaultProxy, TestNamespace};
 use common::*;
 use kube::api::{Patch, PatchParams};
 use nix::sys::signal::Signal;
@@ -69,9 +69,10 @@ async fn readyz_follows_redis_and_the_kubernetes_watch() {
 
 #[tokio::test]
 async fn kubernetes_unreachable_at_start_keeps_retrying_and_readyz_stays_false() {
-    // Every list of DeviceProcesses fails until the faults are cleared.
+    // Every list of DeviceProcesses fails until the faults are cleared (500, not 503: kube's
+    // client retries 503s by itself, so the watch would not see them).
     let mut stack = Stack::spawn_with(Options {
-        faults: vec![json!({"verb": "list", "resource": "deviceprocesses", "code": 503})],
+        faults: vec![Fault::status("list", "deviceprocesses", 500)],
         ..Options::default()
     })
     .await;
@@ -79,16 +80,28 @@ async fn kubernetes_unreachable_at_start_keeps_retrying_and_readyz_stays_false()
         stack.readyz().await != 0
     })
     .await;
+    // Each failed list is logged once by the watch, which then retries it with backoff.
     wait_until(DEADLINE, "the watch retried its list", || async {
-        stack.kubesim.count("list", "deviceprocesses", None).await >= 2
+        stack
+            .gateway
+            .logs()
+            .matches("DeviceProcess watch failed")
+            .count()
+            >= 2
     })
     .await;
     assert_eq!(stack.readyz().await, 503);
     assert!(stack.gateway.is_running());
+    assert_eq!(
+        stack.ns.count("list", "deviceprocesses", None).await,
+        0,
+        "no list reached the apiserver: {:?}",
+        stack.ns.requests().await
+    );
     let early = stack.desired("early", None, None).await;
     assert_eq!(early.status(), 503, "no document before the cache synced");
     assert_eq!(header(&early, "retry-after"), "1");
-    stack.kubesim.clear_faults().await;
+    stack.proxy().clear_faults();
     wait_until(
         Duration::from_secs(30),
         "ready once Kubernetes answers",
@@ -162,12 +175,12 @@ async fn resync_repairs_a_wrong_status_and_writes_nothing_when_it_is_right() {
     })
     .await;
     create_connected(&stack, "drifty", "drift").await;
-    stack.kubesim.reset_requests().await;
+    stack.ns.reset_requests().await;
     stack
         .wait_metric_growth(RESYNCS, 3.0, DEADLINE, "three resync passes")
         .await;
     assert_eq!(
-        stack.kubesim.writes(None).await,
+        stack.ns.writes(None).await,
         0,
         "resync wrote a correct status"
     );
@@ -230,7 +243,7 @@ async fn a_redis_restart_alone_disconnects_nobody_and_emits_nothing() {
             }
         })
     };
-    stack.kubesim.reset_requests().await;
+    stack.ns.reset_requests().await;
     stack.redis.restart().await;
     wait_until(
         DEADLINE,
@@ -258,10 +271,10 @@ async fn a_redis_restart_alone_disconnects_nobody_and_emits_nothing() {
         1
     );
     assert_eq!(
-        stack.kubesim.writes(None).await,
+        stack.ns.writes(None).await,
         0,
         "{:?}",
-        stack.kubesim.requests().await
+        stack.ns.requests().await
     );
 }
 
@@ -323,7 +336,7 @@ async fn a_spec_change_observed_within_the_debounce_window_costs_one_status_patc
     })
     .await;
     create_connected(&stack, "wave", "wave-dev").await;
-    stack.kubesim.reset_requests().await;
+    stack.ns.reset_requests().await;
 
     let etag = stack.etag_of("wave-dev").await;
     let changed = stack.change_spec("wave", "alpine:2").await;
@@ -353,7 +366,7 @@ async fn a_spec_change_observed_within_the_debounce_window_costs_one_status_patc
         stack.status_patches().await,
         1,
         "{:?}",
-        stack.kubesim.requests().await
+        stack.ns.requests().await
     );
 }
 
@@ -373,10 +386,10 @@ async fn a_gateway_whose_cache_is_not_warm_answers_304_from_the_etag_in_redis() 
     .await;
 
     // A second replica whose DeviceProcess list keeps failing.
-    stack
-        .kubesim
-        .set_faults(json!({"verb": "list", "resource": "deviceprocesses", "code": 503}))
-        .await;
+    let control_plane = apollo_test_support::ControlPlane::shared().await;
+    let proxy = FaultProxy::start(control_plane).await;
+    proxy.set_faults(vec![Fault::status("list", "deviceprocesses", 500)]);
+    let kubeconfig = stack.ns.kubeconfig_via(Component::Gateway, &proxy).await;
     let device = apollo_test_support::free_addr();
     let admin = apollo_test_support::free_addr();
     let secret = tempfile::NamedTempFile::new().expect("secret");
@@ -396,9 +409,11 @@ async fn a_gateway_whose_cache_is_not_warm_answers_304_from_the_etag_in_redis() 
             "--replicas",
             "2",
         ])
+        .args(["--namespace", stack.namespace()])
+        .args(["--lease-namespace", stack.namespace()])
         .arg("--auth-secret-file")
         .arg(secret.path())
-        .env("KUBECONFIG", stack.kubesim.kubeconfig())
+        .env("KUBECONFIG", &kubeconfig)
         .spawn();
     let url = format!("http://{device}/v1/devices/warm-dev/desired");
     let token = stack.token("warm-dev");
@@ -446,8 +461,10 @@ async fn the_device_api_speaks_http2_with_prior_knowledge() {
 
 #[tokio::test]
 async fn namespace_scope_limits_what_the_gateway_serves() {
+    let control_plane = apollo_test_support::ControlPlane::shared().await;
+    let elsewhere = TestNamespace::create(control_plane, "elsewhere").await;
     let stack = Stack::start_with(Options {
-        extra: vec!["--namespace".into(), "elsewhere".into()],
+        watch_namespace: Some(elsewhere.name().to_owned()),
         ..Options::default()
     })
     .await;
@@ -461,11 +478,19 @@ async fn namespace_scope_limits_what_the_gateway_serves() {
         .await
         .expect("json");
     assert_eq!(body["items"], json!([]));
-    assert_eq!(
-        stack.kubesim.count("list", "deviceprocesses", None).await,
-        1,
-        "{:?}",
-        stack.kubesim.requests().await
+    let requests = stack.ns.requests().await;
+    let lists: Vec<_> = requests
+        .iter()
+        .filter(|r| r.verb == "list" && r.resource == "deviceprocesses")
+        .collect();
+    assert_eq!(lists.len(), 1, "{requests:#?}");
+    assert_eq!(lists[0].namespace, elsewhere.name(), "{requests:#?}");
+    assert!(
+        requests
+            .iter()
+            .filter(|r| r.resource == "deviceprocesses")
+            .all(|r| r.namespace == elsewhere.name()),
+        "{requests:#?}"
     );
 }
 
@@ -477,10 +502,7 @@ async fn kubectl_shows_the_projected_status_and_the_events() {
     })
     .await;
     create_connected(&stack, "visible", "tor9-01").await;
-    let get = stack
-        .kubesim
-        .kubectl(["get", "deviceprocesses", "-n", NS])
-        .await;
+    let get = stack.ns.kubectl(["get", "deviceprocesses"]).await;
     let table = String::from_utf8_lossy(&get.stdout);
     assert!(
         get.status.success(),
@@ -499,8 +521,8 @@ async fn kubectl_shows_the_projected_status_and_the_events() {
     );
 
     let describe = stack
-        .kubesim
-        .kubectl(["describe", "deviceprocess", "visible", "-n", NS])
+        .ns
+        .kubectl(["describe", "deviceprocess", "visible"])
         .await;
     let text = String::from_utf8_lossy(&describe.stdout);
     assert!(

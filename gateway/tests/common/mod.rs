@@ -1,5 +1,7 @@
-//! A gateway stack for integration tests: kubesim and redis-server as real processes, Apollo's
-//! CRDs registered, and the real `apollo-gateway` binary in front of them.
+//! A gateway stack for integration tests: the real Kubernetes control plane (shared by the tests
+//! of a binary; each test works in a namespace of its own with Apollo's CRDs and the RBAC of
+//! `deploy/rbac/`), a real redis-server, and the real `apollo-gateway` binary running under the
+//! gateway's own ServiceAccount, directly or through a fault proxy.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -9,17 +11,15 @@ use apollo_crds::conditions::{AGENT_CONNECTED, SPEC_OBSERVED, TRUE};
 use apollo_crds::{DeviceProcess, DeviceProcessSpec};
 use apollo_protocol::token::device_token;
 use apollo_test_support::{
-    events_about, free_addr, metrics, wait_for, wait_until, KubeSimProc, Proc, RedisServer,
+    events_about, free_addr, metrics, wait_for, wait_until, Component, ControlPlane, Fault,
+    FaultProxy, Proc, RedisServer, TestNamespace,
 };
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Patch, PatchParams, PostParams};
-use kube::runtime::wait::{await_condition, conditions};
-use kube::{Api, CustomResourceExt};
+use kube::Api;
 use serde_json::json;
 use tokio::task::JoinHandle;
 
-pub const NS: &str = "default";
 pub const SECRET: &str = "test-secret";
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -32,8 +32,12 @@ pub struct Options {
     pub resync_seconds: &'static str,
     pub use_redis: bool,
     pub auth_secret: bool,
-    /// kubesim faults installed before the gateway starts.
-    pub faults: Vec<serde_json::Value>,
+    /// Run the gateway through a [`FaultProxy`] (implied by `faults`).
+    pub proxy: bool,
+    /// Faults the proxy serves from before the gateway starts.
+    pub faults: Vec<Fault>,
+    /// `--namespace` of the gateway (default: the test's own namespace).
+    pub watch_namespace: Option<String>,
     pub extra: Vec<String>,
 }
 
@@ -47,14 +51,19 @@ impl Default for Options {
             resync_seconds: "3600",
             use_redis: true,
             auth_secret: true,
+            proxy: false,
             faults: Vec::new(),
+            watch_namespace: None,
             extra: Vec::new(),
         }
     }
 }
 
 pub struct Stack {
-    pub kubesim: KubeSimProc,
+    /// The test's namespace: admin client, the gateway's identity, audit-log request counts.
+    pub ns: TestNamespace,
+    /// Between the gateway and the apiserver, when the options asked for it.
+    pub proxy: Option<FaultProxy>,
     pub redis: RedisServer,
     pub gateway: Proc,
     pub device_url: String,
@@ -86,13 +95,22 @@ impl Stack {
 
     /// Starts everything without waiting for the gateway to be ready.
     pub async fn spawn_with(options: Options) -> Self {
-        let kubesim = KubeSimProc::start().await;
+        let control_plane = ControlPlane::shared().await;
+        let ns = TestNamespace::create(control_plane, "gw").await;
         let redis = RedisServer::start().await;
-        let client = kubesim.client().await;
-        install_crd(&client).await;
-        for fault in options.faults {
-            kubesim.set_faults(fault).await;
-        }
+        let client = ns.client();
+        let proxy = if options.proxy || !options.faults.is_empty() {
+            let proxy = FaultProxy::start(control_plane).await;
+            proxy.set_faults(options.faults);
+            Some(proxy)
+        } else {
+            None
+        };
+        // The gateway runs as its own ServiceAccount, with exactly the RBAC of deploy/rbac/.
+        let kubeconfig = match &proxy {
+            Some(proxy) => ns.kubeconfig_via(Component::Gateway, proxy).await,
+            None => ns.kubeconfig_for(Component::Gateway).await,
+        };
         let secret_dir = tempfile::tempdir().expect("tempdir");
         let secret_file = secret_dir.path().join("secret");
         std::fs::write(&secret_file, format!("{SECRET}\n")).expect("write secret");
@@ -118,6 +136,17 @@ impl Stack {
             // These tests exercise the sweep itself; the start-up grace has its own e2e test.
             "--sweep-grace-seconds".into(),
             "0".into(),
+            // Tests run concurrently on one control plane: each gateway sees its own namespace.
+            "--namespace".into(),
+            options
+                .watch_namespace
+                .unwrap_or_else(|| ns.name().to_owned()),
+            "--lease-namespace".into(),
+            ns.name().into(),
+            // One replica holds its shard for the whole test: no Lease renewal (a write every
+            // third of the duration) lands in a test's count of Kubernetes writes.
+            "--shard-lease-seconds".into(),
+            "600".into(),
         ];
         if options.auth_secret {
             args.push("--auth-secret-file".into());
@@ -131,11 +160,13 @@ impl Stack {
         let gateway = Proc::builder(gateway_binary())
             .name(format!("gateway-{}", device.port()))
             .args(&args)
-            .env("KUBECONFIG", kubesim.kubeconfig())
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("POD_NAMESPACE")
             .env("RUST_LOG", "info,apollo_gateway=debug")
             .spawn();
         Self {
-            kubesim,
+            ns,
+            proxy,
             redis,
             gateway,
             device_url: format!("http://{device}"),
@@ -171,8 +202,20 @@ impl Stack {
         device_token(SECRET.as_bytes(), device)
     }
 
+    /// The test's namespace.
+    pub fn namespace(&self) -> &str {
+        self.ns.name()
+    }
+
+    /// The fault proxy (the options asked for one).
+    pub fn proxy(&self) -> &FaultProxy {
+        self.proxy
+            .as_ref()
+            .expect("the stack runs the gateway through a fault proxy")
+    }
+
     pub fn processes(&self) -> Api<DeviceProcess> {
-        Api::namespaced(self.client.clone(), NS)
+        self.ns.api()
     }
 
     pub async fn create(&self, name: &str, device: &str, url: &str) -> DeviceProcess {
@@ -268,7 +311,7 @@ impl Stack {
             "timestamp": "2026-11-22T03:00:00Z",
             "heartbeat": true,
             "observations": observations.iter().map(|(name, hash)| json!({
-                "namespace": NS, "name": name, "observedSpecHash": hash
+                "namespace": self.namespace(), "name": name, "observedSpecHash": hash
             })).collect::<Vec<_>>(),
         });
         self.post(
@@ -314,18 +357,13 @@ impl Stack {
 
     /// Events about DeviceProcess `name` with `reason`.
     pub async fn events(&self, name: &str, reason: &str) -> Vec<Event> {
-        events_about(
-            &Api::namespaced(self.client.clone(), NS),
-            name,
-            None,
-            reason,
-        )
-        .await
+        events_about(&self.ns.api(), name, None, reason).await
     }
 
-    /// Status patches of DeviceProcesses counted by kubesim since the last reset.
+    /// Status patches of DeviceProcesses the apiserver served to the gateway since the last
+    /// reset (audit log; a request the fault proxy answered never reached it).
     pub async fn status_patches(&self) -> u64 {
-        self.kubesim
+        self.ns
             .count("patch", "deviceprocesses", Some("status"))
             .await
     }
@@ -414,20 +452,4 @@ pub fn condition(dp: &DeviceProcess, type_: &str) -> Option<(String, String)> {
 
 pub fn is_condition(dp: &DeviceProcess, type_: &str, status: &str) -> bool {
     condition(dp, type_).is_some_and(|(s, _)| s == status)
-}
-
-pub async fn install_crd(client: &kube::Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = DeviceProcess::crd();
-    let name = crd.metadata.name.clone().expect("crd name");
-    crds.create(&PostParams::default(), &crd)
-        .await
-        .expect("create CRD");
-    tokio::time::timeout(
-        DEADLINE,
-        await_condition(crds, &name, conditions::is_crd_established()),
-    )
-    .await
-    .expect("CRD established in time")
-    .expect("await CRD");
 }
