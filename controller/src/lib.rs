@@ -3,6 +3,7 @@
 //! - [`desired`]: the pure decisions (child names, desired set, diff, status).
 //! - [`selector`]: Kubernetes label selector matching.
 //! - [`reconcile`]: apply the decisions through the API, reading only from watch caches.
+//! - [`events`]: Events on deployments, named so the apiserver accepts them for any object name.
 //! - [`expectations`]: our own writes that the caches have not shown yet.
 //! - [`lease`]: leader election through a `coordination.k8s.io/v1` Lease.
 //! - [`run`]: wiring: watches, controller, elector, admin endpoints, shutdown.
@@ -11,6 +12,7 @@
 pub mod admin;
 pub mod args;
 pub mod desired;
+pub mod events;
 pub mod expectations;
 #[cfg(test)]
 mod fixtures;

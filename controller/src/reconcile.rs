@@ -9,12 +9,12 @@ use std::time::Duration;
 use apollo_crds::{DeviceProcess, DeviceProcessDeployment, NetworkSwitch};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use tokio::time::Instant;
 
 use crate::desired::{self, ChildUpdate, DesiredError};
+use crate::events::{EventRecorder, EventSpec, EventType};
 use crate::expectations::{Expectations, EXPECTATION_TTL};
 use crate::lease::Leadership;
 use crate::metrics::{outcome_of, Metrics};
@@ -53,7 +53,7 @@ pub struct Context {
     /// Whether this replica may write.
     pub leadership: Leadership,
     /// Events on deployments.
-    pub recorder: Recorder,
+    pub recorder: EventRecorder,
     /// Metrics.
     pub metrics: Metrics,
     /// Timing.
@@ -73,7 +73,7 @@ impl Context {
         switches: Store<NetworkSwitch>,
         children: Store<DeviceProcess>,
         leadership: Leadership,
-        recorder: Recorder,
+        recorder: EventRecorder,
         metrics: Metrics,
         config: ReconcileConfig,
     ) -> Self {
@@ -464,13 +464,13 @@ async fn publish(
     } else {
         "Deleted"
     };
-    let event = Event {
+    let event = EventSpec {
         type_: EventType::Normal,
         reason: reason.to_owned(),
-        note: Some(format!("{verb} DeviceProcess: {}", child.name_any())),
+        note: format!("{verb} DeviceProcess: {}", child.name_any()),
         action: action.to_owned(),
-        // Distinct per child, so the recorder never folds two children into one event series.
-        secondary: Some(child.object_ref(&())),
+        // Distinct per child (it carries the child's uid).
+        related: Some(child.object_ref(&())),
     };
     let outcome = with_timeout(
         "publish event",

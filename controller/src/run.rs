@@ -8,7 +8,6 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use kube::api::Api;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::controller::Controller;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
@@ -16,6 +15,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::events::EventRecorder;
 use crate::lease::{Elector, Leadership, LeaseConfig};
 use crate::metrics::Metrics;
 use crate::reconcile::{error_policy, reconcile, Context, ReconcileConfig};
@@ -245,13 +245,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
         .run(elector_stop.clone()),
     );
 
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: CONTROLLER_NAME.to_owned(),
-            instance: Some(identity.clone()),
-        },
-    );
+    let recorder = EventRecorder::new(client.clone(), CONTROLLER_NAME, &identity);
     let context = Arc::new(Context::new(
         client,
         switch_store,

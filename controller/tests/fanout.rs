@@ -1,5 +1,6 @@
-//! The "Done when" list of the controller issue, against kubesim over real HTTP and the real
-//! `apollo-controller` binary.
+//! The "Done when" list of the controller issue, against the real Kubernetes control plane and the
+//! real `apollo-controller` binary running under its own ServiceAccount with exactly the RBAC of
+//! `deploy/rbac/controller.yaml`. Owner-reference garbage collection is kube-controller-manager's.
 
 mod common;
 
@@ -9,11 +10,12 @@ use apollo_crds::{
     spec_hash, DeviceProcess, DeviceProcessDeployment, NetworkSwitch, LABEL_DEPLOYMENT,
     LABEL_DEVICE_NAME,
 };
+use apollo_test_support::kube::AuditLog;
 use apollo_test_support::wait_until;
+use apollo_test_support::{Component, Fault, TestNamespace};
 use common::{
-    labels, new_deployment, new_switch, template, tor_selector, Cluster, DEADLINE, NS, ROLE_TOR,
+    labels, new_deployment, new_switch, template, tor_selector, Cluster, DEADLINE, ROLE_TOR,
 };
-use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
@@ -111,10 +113,7 @@ async fn two_matching_switches_and_one_other_yield_exactly_two_device_processes(
     assert_eq!(status.number_agent_connected, 0);
     assert_eq!(status.number_spec_observed, 0);
 
-    assert_eq!(
-        cluster.sim.count("create", "deviceprocesses", None).await,
-        2
-    );
+    assert_eq!(cluster.count("create", "deviceprocesses", None).await, 2);
     cluster.assert_events("logger", "SuccessfulCreate", 2).await;
 }
 
@@ -128,7 +127,7 @@ async fn template_change_updates_each_child_once_and_leaves_unchanged_children_a
     cluster.converged("metrics", 2).await;
     let untouched_before = cluster.children_of("metrics").await;
 
-    cluster.sim.reset_requests().await;
+    cluster.reset_requests().await;
     patch_template_args(&cluster, "logger", &["v2"]).await;
     let deployment = cluster.converged("logger", 2).await;
     assert_eq!(deployment.metadata.generation, Some(2));
@@ -189,6 +188,8 @@ async fn relabelled_or_deleted_switch_loses_its_child_and_a_new_one_gains_one() 
 async fn deleting_the_deployment_garbage_collects_its_children() {
     let (cluster, _controller) = Cluster::with_controller().await;
     cluster.roll_out_logger(&["tor1-01", "tor1-02"]).await;
+    cluster.wait_for_garbage_collector().await;
+    let audit = AuditLog::from_end(cluster.control_plane.audit_log_path());
 
     cluster
         .deployments
@@ -210,6 +211,26 @@ async fn deleting_the_deployment_garbage_collects_its_children() {
             "the garbage collector removed them, not the controller",
         )
         .await;
+    // kube-controller-manager's garbage collector did, under its own identity.
+    let mut collected: Vec<String> = audit
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            r.verb == "delete"
+                && r.resource == "deviceprocesses"
+                && r.namespace == cluster.namespace()
+                && r.code == 200
+        })
+        .map(|r| {
+            assert_eq!(
+                r.user, "system:serviceaccount:kube-system:generic-garbage-collector",
+                "{r:?}"
+            );
+            r.name
+        })
+        .collect();
+    collected.sort();
+    assert_eq!(collected, ["logger-tor1-01", "logger-tor1-02"]);
 }
 
 #[tokio::test]
@@ -221,7 +242,7 @@ async fn steady_state_makes_no_writes_for_ten_seconds() {
         .await;
     // The converged status is the rollout's last write: from here on nothing may be written.
     cluster.roll_out_logger(&["tor1-01", "tor1-02"]).await;
-    cluster.sim.reset_requests().await;
+    cluster.reset_requests().await;
     let reconciles_before = controller
         .metric("apollo_controller_reconciles_total", &[r#"result="ok""#])
         .await;
@@ -248,7 +269,7 @@ async fn steady_state_makes_no_writes_for_ten_seconds() {
         "resyncs ran during the window ({reconciles})"
     );
     // Only the lease is renewed: at most once per retry period (250ms).
-    let lease_updates = cluster.sim.count("update", "leases", None).await;
+    let lease_updates = cluster.count("update", "leases", None).await;
     assert!(lease_updates <= 44, "lease renewals: {lease_updates}");
 }
 
@@ -266,10 +287,7 @@ async fn only_the_lease_holder_writes_and_a_standby_takes_over_when_it_dies() {
     );
     assert_eq!(standby.writes_except_leases().await, 0.0, "standby wrote");
     assert_eq!(leader.kube_writes(CHILD_CREATES).await, 2.0);
-    assert_eq!(
-        cluster.sim.count("create", "deviceprocesses", None).await,
-        2
-    );
+    assert_eq!(cluster.count("create", "deviceprocesses", None).await, 2);
 
     leader.proc.kill();
     cluster.tor_switches(&["tor1-03"]).await;
@@ -283,10 +301,7 @@ async fn only_the_lease_holder_writes_and_a_standby_takes_over_when_it_dies() {
         1.0,
         "the new leader created only the missing child"
     );
-    assert_eq!(
-        cluster.sim.count("create", "deviceprocesses", None).await,
-        3
-    );
+    assert_eq!(cluster.count("create", "deviceprocesses", None).await, 3);
 }
 
 #[tokio::test]
@@ -323,7 +338,7 @@ async fn kubectl_get_dpd_shows_the_counts() {
     cluster.switch("spine1", &[("role", "spine")]).await;
     cluster.roll_out_logger(&["tor1-01", "tor1-02"]).await;
 
-    let output = cluster.sim.kubectl(["get", "dpd", "-n", NS]).await;
+    let output = cluster.ns.kubectl(["get", "dpd"]).await;
     assert!(
         output.status.success(),
         "kubectl failed: {}",
@@ -388,7 +403,7 @@ async fn an_invalid_selector_is_reported_and_touches_no_child() {
 async fn agent_counts_follow_the_childrens_conditions_at_a_paced_rate() {
     let (cluster, _controller) = Cluster::with_controller().await;
     cluster.roll_out_logger(&["tor1-01", "tor1-02"]).await;
-    cluster.sim.reset_requests().await;
+    cluster.reset_requests().await;
 
     // What the gateway does when agents connect and observe their specs: four status changes.
     let now = "2026-01-01T00:00:00Z";
@@ -425,7 +440,6 @@ async fn agent_counts_follow_the_childrens_conditions_at_a_paced_rate() {
         })
         .await;
     let status_writes = cluster
-        .sim
         .count("patch", "deviceprocessdeployments", Some("status"))
         .await;
     // Paced at --agent-count-interval (2s): at most one write now and one when the interval ends.
@@ -438,19 +452,12 @@ async fn agent_counts_follow_the_childrens_conditions_at_a_paced_rate() {
 #[tokio::test]
 async fn a_namespace_scoped_controller_leaves_other_namespaces_alone() {
     let cluster = Cluster::start().await;
-    let namespaces: Api<Namespace> = Api::all(cluster.client.clone());
-    let mut other = Namespace::default();
-    other.metadata.name = Some("other".into());
-    namespaces
-        .create(&PostParams::default(), &other)
-        .await
-        .expect("create namespace");
-    let _controller = cluster
-        .controller_with("controller-a", &[("--namespace", NS)])
-        .await;
-    let other_switches: Api<NetworkSwitch> = Api::namespaced(cluster.client.clone(), "other");
-    let other_deployments: Api<DeviceProcessDeployment> =
-        Api::namespaced(cluster.client.clone(), "other");
+    // Another namespace of the same control plane, where the controller's ServiceAccount may read
+    // and write as much as in its own (its ClusterRoleBinding): only --namespace keeps it out.
+    let other = TestNamespace::create(cluster.control_plane, "other").await;
+    let _controller = cluster.controller("controller-a").await;
+    let other_switches: Api<NetworkSwitch> = other.api();
+    let other_deployments: Api<DeviceProcessDeployment> = other.api();
     other_switches
         .create(&PostParams::default(), &new_switch("tor9-01", &[ROLE_TOR]))
         .await
@@ -468,13 +475,24 @@ async fn a_namespace_scoped_controller_leaves_other_namespaces_alone() {
 
     let untouched = other_deployments.get("logger").await.expect("get");
     assert_eq!(untouched.status, None);
-    let other_children: Api<DeviceProcess> = Api::namespaced(cluster.client.clone(), "other");
+    let other_children: Api<DeviceProcess> = other.api();
     assert!(other_children
         .list(&Default::default())
         .await
         .expect("list")
         .items
         .is_empty());
+    // Not a single request of the controller concerned the other namespace.
+    let elsewhere: Vec<_> = cluster
+        .requests()
+        .await
+        .into_iter()
+        .filter(|r| r.namespace != cluster.namespace())
+        .collect();
+    assert!(
+        elsewhere.is_empty(),
+        "requests outside its namespace: {elsewhere:#?}"
+    );
 }
 
 #[tokio::test]
@@ -507,26 +525,40 @@ async fn a_child_deleted_by_hand_is_recreated() {
 
 #[tokio::test]
 async fn failed_writes_are_retried_with_backoff_until_converged() {
-    let (cluster, controller) = Cluster::with_controller().await;
+    let cluster = Cluster::start_with_fault_proxy().await;
+    let controller = cluster.controller("controller-a").await;
     cluster.tor_switches(&["tor1-01", "tor1-02"]).await;
-    cluster
-        .sim
-        .set_faults(
-            json!({"verb": "create", "resource": "deviceprocesses", "code": 500, "times": 2}),
-        )
-        .await;
+    // 500, which kube's client does not retry by itself (it retries 429, 503 and 504): the
+    // controller's own backoff has to.
+    cluster.proxy().add_fault(Fault {
+        times: Some(2),
+        ..Fault::status("create", "deviceprocesses", 500)
+    });
     cluster.deployment("logger", tor_selector(), &["v1"]).await;
     cluster.converged("logger", 2).await;
-    assert_eq!(
-        cluster.sim.count("create", "deviceprocesses", None).await,
-        4,
-        "two refused creates, then one per child"
-    );
+    // The two refused creates never reached the apiserver (the proxy answered them): it served
+    // exactly one create per child, each a success.
+    let creates: Vec<_> = cluster
+        .requests()
+        .await
+        .into_iter()
+        .filter(|r| r.verb == "create" && r.resource == "deviceprocesses")
+        .collect();
+    assert_eq!(creates.len(), 2, "one create per child: {creates:#?}");
+    assert!(creates.iter().all(|r| r.code == 201), "{creates:#?}");
+    // Two refused creates, then one per child: four attempts in all.
     assert_eq!(
         controller
             .kube_writes(&[r#"resource="deviceprocesses""#, r#"outcome="error""#])
             .await,
         2.0
+    );
+    assert_eq!(
+        controller
+            .kube_writes(&[r#"resource="deviceprocesses""#, r#"verb="create""#])
+            .await,
+        4.0,
+        "two refused creates, then one per child"
     );
     assert!(
         controller
@@ -534,4 +566,129 @@ async fn failed_writes_are_retried_with_backoff_until_converged() {
             .await
             >= 2.0
     );
+}
+
+/// The controller binary does its whole job under its own ServiceAccount with exactly the RBAC of
+/// `deploy/rbac/controller.yaml`: every call of a life cycle (leader election and release, watch
+/// caches, child create/patch/delete, deployment status, Events) is one the apiserver allowed,
+/// and the calls it makes are exactly these. (That a call outside those rules, such as writing
+/// DeviceProcess status, is refused with 403 is shown in tests/support/tests/control_plane.rs.)
+#[tokio::test]
+async fn the_controller_does_its_whole_job_with_exactly_the_rbac_of_deploy_rbac() {
+    let cluster = Cluster::start().await;
+    let mut controller = cluster.controller("controller-a").await;
+    cluster.wait_for_holder("controller-a").await;
+    cluster.roll_out_logger(&["tor1-01", "tor1-02"]).await;
+    patch_template_args(&cluster, "logger", &["v2"]).await;
+    cluster.converged("logger", 2).await;
+    relabel_switch(&cluster, "tor1-02", "role", "spine").await;
+    cluster.converged("logger", 1).await;
+    cluster.assert_events("logger", "SuccessfulCreate", 2).await;
+    cluster.assert_events("logger", "SuccessfulDelete", 1).await;
+    let status = controller
+        .proc
+        .terminate(Duration::from_secs(5))
+        .await
+        .expect("exits after SIGTERM");
+    assert!(status.success(), "exit status {status}");
+    assert_eq!(cluster.lease_holder().await, None, "lease released");
+
+    let requests = cluster.requests().await;
+    let controller_user = cluster.ns.username(Component::Controller);
+    let foreign: Vec<_> = requests
+        .iter()
+        .filter(|r| r.user != controller_user)
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "not the controller's identity: {foreign:#?}"
+    );
+    let refused: Vec<_> = requests
+        .iter()
+        .filter(|r| matches!(r.code, 401 | 403))
+        .collect();
+    assert!(refused.is_empty(), "refused: {refused:#?}");
+    let used: std::collections::BTreeSet<String> = requests
+        .iter()
+        .map(|r| {
+            let resource = if r.subresource.is_empty() {
+                format!("{}/{}", r.group, r.resource)
+            } else {
+                format!("{}/{}/{}", r.group, r.resource, r.subresource)
+            };
+            format!("{} {resource}", r.verb)
+        })
+        .collect();
+    let expected: std::collections::BTreeSet<String> = [
+        "list azure.com/deviceprocessdeployments",
+        "watch azure.com/deviceprocessdeployments",
+        "patch azure.com/deviceprocessdeployments/status",
+        "list azure.com/networkswitches",
+        "watch azure.com/networkswitches",
+        "list azure.com/deviceprocesses",
+        "watch azure.com/deviceprocesses",
+        "create azure.com/deviceprocesses",
+        "patch azure.com/deviceprocesses",
+        "delete azure.com/deviceprocesses",
+        "create events.k8s.io/events",
+        "get coordination.k8s.io/leases",
+        "create coordination.k8s.io/leases",
+        "update coordination.k8s.io/leases",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    assert_eq!(used, expected, "the controller's calls");
+}
+
+/// Names as long as Kubernetes allows (253 characters, dots included): every object the
+/// controller derives from them (child names, label values, Events) must still be valid for the
+/// real apiserver, which validates each of them.
+#[tokio::test]
+async fn the_longest_names_kubernetes_allows_still_yield_valid_children_and_events() {
+    let (cluster, _controller) = Cluster::with_controller().await;
+    let long = |prefix: &str| {
+        let mut name = prefix.to_owned();
+        while name.len() < 253 {
+            name.push_str(if name.len() % 40 == 39 { "." } else { "x" });
+        }
+        name.truncate(252);
+        name.push('z');
+        name
+    };
+    let device = long("tor1.sfo.");
+    let deployment = long("logger-");
+    assert_eq!((device.len(), deployment.len()), (253, 253));
+    cluster.switch(&device, &[ROLE_TOR]).await;
+    cluster
+        .deployment(&deployment, tor_selector(), &["v1"])
+        .await;
+    cluster.converged(&deployment, 1).await;
+
+    let child_name = apollo_controller::desired::child_name(&deployment, &device);
+    let child = cluster.children.get(&child_name).await.expect("the child");
+    assert!(child_name.len() <= 253, "{child_name}");
+    assert_eq!(child.spec.device_ref.name, device);
+    assert_eq!(
+        child.labels().get(LABEL_DEPLOYMENT),
+        Some(&apollo_controller::desired::label_value(&deployment))
+    );
+    assert_eq!(
+        child.labels().get(LABEL_DEVICE_NAME),
+        Some(&apollo_controller::desired::label_value(&device))
+    );
+    // The Event about the deployment is accepted too (its name derives from the deployment's).
+    let events = cluster.events_for(&deployment, "SuccessfulCreate").await;
+    assert_eq!(events.len(), 1, "{events:#?}");
+
+    // Removing the device deletes the child and reports that as well.
+    cluster
+        .switches
+        .delete(&device, &DeleteParams::default())
+        .await
+        .expect("delete switch");
+    cluster.converged(&deployment, 0).await;
+    cluster
+        .assert_events(&deployment, "SuccessfulDelete", 1)
+        .await;
 }

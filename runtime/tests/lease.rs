@@ -1,21 +1,52 @@
-//! The Lease protocol against kubesim over real HTTP: one winner among contenders, hand-over on
-//! release, and no take-over judged by wall clocks.
+//! The Lease protocol against the real Kubernetes control plane: one winner among contenders,
+//! hand-over on release, and no take-over judged by wall clocks. The locks act as the gateway's
+//! ServiceAccount, whose only Lease rights are those of `deploy/rbac/gateway.yaml` (Role
+//! apollo-gateway-leases: get, create, update), so these tests also show that the LeaseLock needs
+//! nothing more.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use apollo_runtime::lease::{Attempt, Held, LeaseLock};
-use apollo_test_support::KubeSimProc;
+use apollo_test_support::{Component, ControlPlane, TestNamespace};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, PostParams};
 
 const DURATION: Duration = Duration::from_secs(2);
 
-async fn leases() -> (KubeSimProc, Api<Lease>) {
-    let sim = KubeSimProc::start().await;
-    let api = Api::namespaced(sim.client().await, "default");
-    (sim, api)
+/// A namespace of the test's own on the shared control plane, the Leases API in it as the
+/// gateway's ServiceAccount (for the locks), and as the admin (for the test's own set-up and
+/// reads).
+async fn leases() -> (TestNamespace, Api<Lease>, Api<Lease>) {
+    let control_plane = ControlPlane::shared().await;
+    let ns = TestNamespace::create(control_plane, "lease").await;
+    let as_gateway = Api::namespaced(ns.client_as(Component::Gateway).await, ns.name());
+    let admin = ns.api();
+    (ns, as_gateway, admin)
+}
+
+/// Every request the locks made was a get, create or update of `the-lease` by the gateway's
+/// identity that RBAC allowed (lost races answer 409, never 403).
+async fn assert_only_allowed_lease_calls(ns: &TestNamespace) {
+    let requests = ns.requests().await;
+    assert!(
+        !requests.is_empty(),
+        "the locks' requests are in the audit log"
+    );
+    let gateway = ns.username(Component::Gateway);
+    let unexpected: Vec<_> = requests
+        .iter()
+        .filter(|r| {
+            r.user != gateway
+                || r.group != "coordination.k8s.io"
+                || r.resource != "leases"
+                || r.name != "the-lease"
+                || !["get", "create", "update"].contains(&r.verb.as_str())
+                || matches!(r.code, 401 | 403)
+        })
+        .collect();
+    assert!(unexpected.is_empty(), "{unexpected:#?}");
 }
 
 fn lock(api: &Api<Lease>, identity: &str) -> LeaseLock {
@@ -28,7 +59,7 @@ fn holder(lease: &Lease) -> Option<String> {
 
 #[tokio::test]
 async fn of_two_contenders_one_holds_and_a_release_hands_over_at_once() {
-    let (_sim, api) = leases().await;
+    let (ns, api, admin) = leases().await;
     let writes = Arc::new(AtomicUsize::new(0));
     let counted = writes.clone();
     let mut a = lock(&api, "a").on_write(Arc::new(move |_, _| {
@@ -58,7 +89,7 @@ async fn of_two_contenders_one_holds_and_a_release_hands_over_at_once() {
         Attempt::Held(Held::Renewed)
     );
     assert_eq!(
-        holder(&api.get("the-lease").await.expect("get")).as_deref(),
+        holder(&admin.get("the-lease").await.expect("get")).as_deref(),
         Some("a")
     );
     // A live lease is not taken, and releasing what one does not hold does nothing.
@@ -76,13 +107,14 @@ async fn of_two_contenders_one_holds_and_a_release_hands_over_at_once() {
             previous: String::new()
         })
     );
-    let lease = api.get("the-lease").await.expect("get");
+    let lease = admin.get("the-lease").await.expect("get");
     assert_eq!(holder(&lease).as_deref(), Some("b"));
     assert!(lease.spec.and_then(|s| s.lease_transitions).unwrap_or(0) >= 1);
     assert!(
         writes.load(Ordering::SeqCst) >= 2,
         "a's writes were observed"
     );
+    assert_only_allowed_lease_calls(&ns).await;
 }
 
 /// A record written by a holder whose clock is far behind ours (renewTime years ago) looks
@@ -90,7 +122,7 @@ async fn of_two_contenders_one_holds_and_a_release_hands_over_at_once() {
 /// without change, and not at all while its holder keeps renewing.
 #[tokio::test]
 async fn take_over_waits_a_lease_duration_on_our_clock_whatever_renew_time_says() {
-    let (_sim, api) = leases().await;
+    let (ns, api, admin) = leases().await;
     let stale_looking: Lease = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "the-lease"},
         "spec": {
@@ -102,7 +134,8 @@ async fn take_over_waits_a_lease_duration_on_our_clock_whatever_renew_time_says(
         }
     }))
     .expect("lease");
-    api.create(&PostParams::default(), &stale_looking)
+    admin
+        .create(&PostParams::default(), &stale_looking)
         .await
         .expect("create");
     let mut me = lock(&api, "me");
@@ -115,10 +148,11 @@ async fn take_over_waits_a_lease_duration_on_our_clock_whatever_renew_time_says(
             Attempt::HeldByOther
         );
         // The holder renews: any write bumps the resourceVersion, which is all we go by.
-        let mut lease = api.get("the-lease").await.expect("get");
+        let mut lease = admin.get("the-lease").await.expect("get");
         lease.metadata.annotations =
             Some([("renewals".to_owned(), format!("{:?}", Instant::now()))].into());
-        api.replace("the-lease", &PostParams::default(), &lease)
+        admin
+            .replace("the-lease", &PostParams::default(), &lease)
             .await
             .expect("renew");
         tokio::time::sleep(DURATION / 4).await;
@@ -153,4 +187,8 @@ async fn take_over_waits_a_lease_duration_on_our_clock_whatever_renew_time_says(
         "taken after {:?}, before a whole lease duration",
         stopped.elapsed()
     );
+    let lease = admin.get("the-lease").await.expect("get");
+    assert_eq!(holder(&lease).as_deref(), Some("me"));
+    assert_eq!(lease.spec.and_then(|s| s.lease_transitions), Some(1));
+    assert_only_allowed_lease_calls(&ns).await;
 }

@@ -1,9 +1,13 @@
-//! Harness for the controller's integration tests: kubesim over HTTP with Apollo's CRDs, the real
-//! `apollo-controller` binary, and typed helpers for the objects the tests create.
+//! Harness for the controller's integration tests: the real Kubernetes control plane (etcd,
+//! kube-apiserver, kube-controller-manager; one per test binary, shared), a namespace of its own
+//! per test with Apollo's CRDs and the RBAC of `deploy/rbac/`, the real `apollo-controller` binary
+//! running under its own ServiceAccount, and typed helpers for the objects the tests create.
+//! Request counts come from the apiserver's audit log.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use apollo_crds::{
@@ -12,17 +16,15 @@ use apollo_crds::{
     WorkloadSpec, LABEL_DEPLOYMENT,
 };
 use apollo_test_support::{
-    events_about, free_addr, metrics, wait_for, wait_until, KubeSimProc, Proc,
+    events_about, free_addr, metrics, wait_for, wait_until, ApiRequest, Component, ControlPlane,
+    FaultProxy, Proc, TestNamespace,
 };
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, ListParams, PostParams};
-use kube::{Client, CustomResourceExt, ResourceExt};
+use kube::{Client, ResourceExt};
 
-/// Namespace every test object lives in.
-pub const NS: &str = "default";
 /// Name of the leader Lease the tests' controllers use.
 pub const LEASE: &str = "apollo-controller";
 /// Upper bound for anything the controller should do promptly.
@@ -38,49 +40,79 @@ pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// kubesim with Apollo's CRDs installed, plus typed APIs on the test namespace.
+/// A namespace of the test's own on the shared control plane, plus typed admin APIs on it. The
+/// controllers it starts run as the `apollo-controller` ServiceAccount of this namespace, with
+/// exactly the RBAC of `deploy/rbac/controller.yaml`, scoped to this namespace (`--namespace`,
+/// `--lease-namespace`), so tests running at the same time never see each other.
 pub struct Cluster {
-    pub sim: KubeSimProc,
+    pub control_plane: &'static ControlPlane,
+    pub ns: TestNamespace,
+    /// The admin client (the test's own set-up and reads; never given to the controller).
     pub client: Client,
     pub deployments: Api<DeviceProcessDeployment>,
     pub switches: Api<NetworkSwitch>,
     pub children: Api<DeviceProcess>,
     pub leases: Api<Lease>,
     pub events: Api<Event>,
+    /// The controller's kubeconfig: its ServiceAccount token, to the apiserver or the proxy.
+    kubeconfig: PathBuf,
+    /// Between the controllers and the apiserver, when the test injects faults.
+    pub proxy: Option<FaultProxy>,
 }
 
 impl Cluster {
+    /// A fresh namespace; controllers talk to the apiserver directly.
     pub async fn start() -> Self {
-        let sim = KubeSimProc::start().await;
-        let client = sim.client().await;
-        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        for crd in [
-            DeviceProcess::crd(),
-            DeviceProcessDeployment::crd(),
-            NetworkSwitch::crd(),
-        ] {
-            crds.create(&PostParams::default(), &crd)
-                .await
-                .expect("install CRD");
-        }
-        let switches: Api<NetworkSwitch> = Api::namespaced(client.clone(), NS);
-        wait_until(DEADLINE, "CRDs are served", || {
-            let switches = switches.clone();
-            async move { switches.list(&ListParams::default()).await.is_ok() }
-        })
-        .await;
+        Self::create(false).await
+    }
+
+    /// A fresh namespace; controllers talk to the apiserver through a [`FaultProxy`]
+    /// (`cluster.proxy`).
+    pub async fn start_with_fault_proxy() -> Self {
+        Self::create(true).await
+    }
+
+    async fn create(with_proxy: bool) -> Self {
+        let control_plane = ControlPlane::shared().await;
+        let ns = TestNamespace::create(control_plane, "ctl").await;
+        let proxy = if with_proxy {
+            Some(FaultProxy::start(control_plane).await)
+        } else {
+            None
+        };
+        let kubeconfig = match &proxy {
+            Some(proxy) => ns.kubeconfig_via(Component::Controller, proxy).await,
+            None => ns.kubeconfig_for(Component::Controller).await,
+        };
+        let client = ns.client();
         Self {
-            deployments: Api::namespaced(client.clone(), NS),
-            children: Api::namespaced(client.clone(), NS),
-            leases: Api::namespaced(client.clone(), NS),
-            events: Api::namespaced(client.clone(), NS),
-            switches,
+            deployments: ns.api(),
+            switches: ns.api(),
+            children: ns.api(),
+            leases: ns.api(),
+            events: ns.api(),
+            control_plane,
             client,
-            sim,
+            kubeconfig,
+            proxy,
+            ns,
         }
     }
 
-    /// kubesim plus one controller, `controller-a`, with the default flags: where most tests start.
+    /// The test's namespace.
+    pub fn namespace(&self) -> &str {
+        self.ns.name()
+    }
+
+    /// The fault proxy (panics unless started with [`Cluster::start_with_fault_proxy`]).
+    pub fn proxy(&self) -> &FaultProxy {
+        self.proxy
+            .as_ref()
+            .expect("a cluster started with a fault proxy")
+    }
+
+    /// A fresh namespace plus one controller, `controller-a`, with the default flags: where most
+    /// tests start.
     pub async fn with_controller() -> (Self, Controller) {
         let cluster = Self::start().await;
         let controller = cluster.controller("controller-a").await;
@@ -99,7 +131,8 @@ impl Cluster {
         let mut flags: BTreeMap<&str, &str> = [
             ("--admin-listen", admin_listen.as_str()),
             ("--identity", identity),
-            ("--lease-namespace", NS),
+            ("--namespace", self.ns.name()),
+            ("--lease-namespace", self.ns.name()),
             ("--lease-duration", "2s"),
             ("--lease-renew-deadline", "1500ms"),
             ("--lease-retry-period", "250ms"),
@@ -115,7 +148,7 @@ impl Cluster {
         }
         let proc = builder
             .arg("--kubeconfig")
-            .arg(self.sim.kubeconfig())
+            .arg(&self.kubeconfig)
             .args(flags.iter().flat_map(|(flag, value)| [*flag, *value]))
             .env(
                 "RUST_LOG",
@@ -238,6 +271,12 @@ impl Cluster {
         .await
     }
 
+    /// Wait until kube-controller-manager's garbage collector watches Apollo's kinds; see
+    /// [`wait_for_garbage_collector`].
+    pub async fn wait_for_garbage_collector(&self) {
+        wait_for_garbage_collector(self.control_plane).await;
+    }
+
     /// The `holderIdentity` of the leader Lease, if it exists and is held.
     pub async fn lease_holder(&self) -> Option<String> {
         self.leases
@@ -262,40 +301,55 @@ impl Cluster {
         events_about(&self.events, name, Some("DeviceProcessDeployment"), reason).await
     }
 
-    /// Requests kubesim counted with any of `verbs` on `resource` (any API group);
-    /// `subresource` None matches any, `Some("")` only the main resource.
+    /// Every request the apiserver served to this namespace's component identities (here: the
+    /// controllers) since the namespace was made or [`Cluster::reset_requests`] last ran, from
+    /// its audit log. The test's own admin requests are not among them.
+    pub async fn requests(&self) -> Vec<ApiRequest> {
+        self.ns.requests().await
+    }
+
+    /// Forget the requests counted so far.
+    pub async fn reset_requests(&self) {
+        self.ns.reset_requests().await;
+    }
+
+    /// Requests with `verb` on `resource` (any API group); `subresource` None matches any,
+    /// `Some("")` only the main resource.
+    pub async fn count(&self, verb: &str, resource: &str, subresource: Option<&str>) -> u64 {
+        self.ns.count(verb, resource, subresource).await
+    }
+
+    /// Requests with any of `verbs` on `resource` (any API group); `subresource` None matches
+    /// any, `Some("")` only the main resource.
     pub async fn count_requests(
         &self,
         verbs: &[&str],
         resource: &str,
         subresource: Option<&str>,
     ) -> u64 {
-        self.sim
-            .requests()
+        self.requests()
             .await
             .iter()
             .filter(|r| verbs.contains(&r.verb.as_str()) && r.resource == resource)
             .filter(|r| subresource.is_none_or(|s| r.subresource == s))
-            .map(|r| r.count)
-            .sum()
+            .count() as u64
     }
 
-    /// Assert that kubesim counted no request with any of `verbs` on any of `resources` (any
-    /// subresource) since it started or its counters were last reset. `why` says what that
-    /// shows; the failure message lists every (verb, resource) that was requested, and how often.
+    /// Assert that the apiserver served no request with any of `verbs` on any of `resources`
+    /// (any subresource) since the namespace was made or its counts were last reset. `why` says
+    /// what that shows; the failure message lists every such request.
     pub async fn assert_no_requests(&self, verbs: &[&str], resources: &[&str], why: &str) {
-        let mut made: BTreeMap<(String, String), u64> = BTreeMap::new();
-        for r in self.sim.requests().await {
-            if verbs.contains(&r.verb.as_str())
-                && resources.contains(&r.resource.as_str())
-                && r.count > 0
-            {
-                *made.entry((r.verb, r.resource)).or_insert(0) += r.count;
-            }
-        }
+        let made: Vec<ApiRequest> = self
+            .requests()
+            .await
+            .into_iter()
+            .filter(|r| {
+                verbs.contains(&r.verb.as_str()) && resources.contains(&r.resource.as_str())
+            })
+            .collect();
         assert!(
             made.is_empty(),
-            "expected no {verbs:?} requests on {resources:?} ({why}), kubesim counted {made:?}"
+            "expected no {verbs:?} requests on {resources:?} ({why}), the apiserver served {made:#?}"
         );
     }
 
@@ -309,25 +363,79 @@ impl Cluster {
         );
     }
 
-    /// Writes kubesim counted, by resource, excluding Lease renewals.
+    /// Writes the apiserver served, by verb and resource, excluding Lease renewals.
     pub async fn writes_except_leases(&self) -> BTreeMap<String, u64> {
         let mut writes = BTreeMap::new();
-        for r in self.sim.requests().await {
-            let is_write = matches!(
-                r.verb.as_str(),
-                "create" | "update" | "patch" | "delete" | "deletecollection"
-            );
-            if is_write && r.resource != "leases" && r.count > 0 {
+        for r in self.requests().await {
+            if r.is_write() && r.resource != "leases" {
                 let key = if r.subresource.is_empty() {
                     format!("{} {}", r.verb, r.resource)
                 } else {
                     format!("{} {}/{}", r.verb, r.resource, r.subresource)
                 };
-                *writes.entry(key).or_insert(0) += r.count;
+                *writes.entry(key).or_insert(0) += 1;
             }
         }
         writes
     }
+}
+
+/// How long kube-controller-manager's garbage collector may take to start watching a kind whose
+/// CRD was just installed: it rediscovers resources every 30 s.
+pub const GC_DISCOVERY_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Wait (once per test binary) until kube-controller-manager's garbage collector collects the
+/// DeviceProcesses of a deleted DeviceProcessDeployment.
+///
+/// The collector watches a resource only after its discovery resync (every 30 s) that follows
+/// the CRD's installation; until then a DeviceProcess whose owner is deleted stays. The shared
+/// control plane is started, and the CRDs installed, by the first test of the binary, so a test
+/// that relies on collection proves it works with a probe owner and child in a namespace of
+/// their own first.
+pub async fn wait_for_garbage_collector(control_plane: &ControlPlane) {
+    static COLLECTING: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    COLLECTING
+        .get_or_init(|| async {
+            let ns = TestNamespace::create(control_plane, "gc-probe").await;
+            let owners: Api<DeviceProcessDeployment> = ns.api();
+            let children: Api<DeviceProcess> = ns.api();
+            let owner = owners
+                .create(
+                    &PostParams::default(),
+                    &new_deployment("probe", match_labels(&[("probe", "none")]), &["x"]),
+                )
+                .await
+                .expect("create the probe owner");
+            let mut child = DeviceProcess::new(
+                "probe-child",
+                template(&["x"]).spec.for_device("probe-device"),
+            );
+            child.metadata.owner_references = Some(vec![
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                    api_version: "azure.com/v1alpha1".into(),
+                    kind: "DeviceProcessDeployment".into(),
+                    name: "probe".into(),
+                    uid: owner.metadata.uid.clone().expect("the owner's uid"),
+                    controller: Some(true),
+                    block_owner_deletion: Some(true),
+                },
+            ]);
+            children
+                .create(&PostParams::default(), &child)
+                .await
+                .expect("create the probe child");
+            owners
+                .delete("probe", &kube::api::DeleteParams::background())
+                .await
+                .expect("delete the probe owner");
+            wait_until(
+                GC_DISCOVERY_DEADLINE,
+                "kube-controller-manager's garbage collector collects a probe DeviceProcess",
+                || async { matches!(children.get_opt("probe-child").await, Ok(None)) },
+            )
+            .await;
+        })
+        .await;
 }
 
 /// A NetworkSwitch `name` with `switch_labels` and a default spec, not yet created.
