@@ -189,7 +189,7 @@ command_of() {
       --authentication-kubeconfig="$DIR/controller-manager.kubeconfig" \
       --authorization-kubeconfig="$DIR/controller-manager.kubeconfig" \
       --bind-address=127.0.0.1 --secure-port="$KCM_PORT" \
-      --controllers="${APOLLO_KCM_CONTROLLERS:-garbage-collector-controller,namespace-controller,serviceaccount-controller}" \
+      --controllers="${APOLLO_KCM_CONTROLLERS:-garbage-collector-controller,namespace-controller,serviceaccount-controller,statefulset-controller}" \
       --use-service-account-credentials=true \
       --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
       --leader-elect=false --v=1 ;;

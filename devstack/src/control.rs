@@ -36,6 +36,8 @@ pub async fn serve(
 async fn status(State(stack): State<Arc<Stack>>) -> Json<serde_json::Value> {
     Json(json!({
         "kubeconfig": stack.kubeconfig(),
+        "apiserver": stack.apiserver_url(),
+        "jaeger": stack.jaeger().map(|j| j.ui_url()),
         "router": stack.router_url(),
         "gateways": stack.gateways().ordinals(),
         "agents": stack.running_agents(),

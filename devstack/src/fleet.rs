@@ -87,7 +87,10 @@ pub fn disconnected(dp: &DeviceProcess) -> bool {
     })
 }
 
-/// Events (events.k8s.io/v1) in `ns`, as `(reason, regarding name)` → count (series included).
+/// Apollo's Events about DeviceProcesses (events.k8s.io/v1) in `ns`, as `(reason, regarding
+/// name)` → count (series included). Events of Kubernetes' own controllers (e.g. the StatefulSet
+/// controller creating gateway pods) and the controller's Events about deployments are not
+/// counted.
 pub async fn event_counts(
     client: &kube::Client,
     ns: &str,
@@ -95,6 +98,9 @@ pub async fn event_counts(
     let api: Api<Event> = Api::namespaced(client.clone(), ns);
     let mut out = HashMap::new();
     for e in api.list(&ListParams::default()).await?.items {
+        if e.regarding.as_ref().and_then(|r| r.kind.as_deref()) != Some("DeviceProcess") {
+            continue;
+        }
         let reason = e.reason.unwrap_or_default();
         let name = e.regarding.and_then(|r| r.name).unwrap_or_default();
         let n = e.series.map_or(1, |s| s.count.max(1) as u64);

@@ -1,13 +1,11 @@
-//! What the stack installs: the CRDs, two switches, the seed demo's DeviceProcessDeployment and the
-//! gateway StatefulSet.
+//! What the stack installs besides the CRDs and RBAC: two switches, the seed demo's
+//! DeviceProcessDeployment and the gateway StatefulSet.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use apollo_crds::{DeviceProcessDeployment, NetworkSwitch};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, PostParams};
 use kube::Client;
 use serde_json::json;
@@ -27,35 +25,6 @@ where
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
         Err(e) => Err(e.into()),
     }
-}
-
-/// Installs the CRDs generated from `apollo-crds` and waits until each is Established.
-pub async fn install_crds(client: &Client) -> anyhow::Result<()> {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for (_, crd) in apollo_crds::all_crds() {
-        create_if_missing(&api, &crd).await?;
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    for (_, crd) in apollo_crds::all_crds() {
-        let name = crd.metadata.name.clone().unwrap_or_default();
-        loop {
-            let current = api.get(&name).await?;
-            let established = current
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            if established {
-                break;
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!("CRD {name} not Established within 30s");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    Ok(())
 }
 
 /// A NetworkSwitch with the seed demo's labels.
@@ -112,7 +81,10 @@ pub async fn install_samples(client: &Client, ns: &str, devices: &[String]) -> a
     create_if_missing(&deployments, &demo_deployment()?).await
 }
 
-/// The gateway StatefulSet object whose `spec.replicas` the scaler follows.
+/// The gateway StatefulSet. kube-controller-manager's StatefulSet controller creates its pods;
+/// the template binds them to the local node (`nodeName`, so no scheduler is needed), where
+/// [`crate::node`] runs one gateway process per pod. Like `deploy/base/gateway.yaml`: Parallel pod
+/// management, the gateway's ServiceAccount, the pod name as the ordinal.
 pub fn gateway_statefulset(replicas: u32) -> anyhow::Result<StatefulSet> {
     serde_json::from_value(json!({
         "apiVersion": "apps/v1",
@@ -125,7 +97,18 @@ pub fn gateway_statefulset(replicas: u32) -> anyhow::Result<StatefulSet> {
             "selector": {"matchLabels": {"app.kubernetes.io/name": "apollo-gateway"}},
             "template": {
                 "metadata": {"labels": {"app.kubernetes.io/name": "apollo-gateway"}},
-                "spec": {"containers": [{"name": "gateway", "image": "apollo:dev (local processes)"}]}
+                "spec": {
+                    "nodeName": crate::node::NODE_NAME,
+                    "serviceAccountName": "apollo-gateway",
+                    "automountServiceAccountToken": false,
+                    "terminationGracePeriodSeconds": 15,
+                    "containers": [{
+                        "name": "gateway",
+                        "image": crate::node::IMAGE,
+                        "command": ["apollo-gateway"],
+                        "env": [{"name": "APOLLO_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+                    }]
+                }
             }
         }
     }))

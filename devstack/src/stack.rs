@@ -1,22 +1,23 @@
 //! Starting and stopping the whole stack.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::process::Output;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use apollo_test_support::{free_port, Proc, RedisServer};
+use apollo_test_support::{free_port, Component, ControlPlane, Proc, RedisServer, TestNamespace};
 use tokio_util::sync::CancellationToken;
 
+use crate::jaeger::{Jaeger, JaegerPorts};
+use crate::node::{self, GatewayLauncher, Gateways};
 use crate::samples;
-use crate::scaler::{self, GatewayLauncher, Gateways};
 
 /// Loopback ports of the stack's fixed components.
 #[derive(Clone, Debug)]
 pub struct Ports {
-    /// kubesim (plain HTTP Kubernetes API).
-    pub kubesim: u16,
     /// Router: what agents talk to.
     pub router: u16,
     /// Router /healthz, /readyz, /metrics.
@@ -27,45 +28,64 @@ pub struct Ports {
     pub control: u16,
     /// `(device API, admin)` port of gateway 0 (gateway i adds i); None: ephemeral.
     pub gateway_base: Option<(u16, u16)>,
+    /// Jaeger's ports, when the stack runs one.
+    pub jaeger: JaegerPorts,
 }
 
 impl Ports {
     /// Fresh ephemeral ports (tests).
     pub fn ephemeral() -> Self {
         Self {
-            kubesim: free_port(),
             router: free_port(),
             router_admin: free_port(),
             controller_admin: free_port(),
             control: free_port(),
             gateway_base: None,
+            jaeger: JaegerPorts::ephemeral(),
         }
     }
 
     /// The fixed ports the README documents (local development).
     pub fn dev() -> Self {
         Self {
-            kubesim: 8001,
             router: 8080,
             router_admin: 9080,
             controller_admin: 9070,
             control: 9079,
             gateway_base: Some((8081, 9081)),
+            jaeger: JaegerPorts::standard(),
         }
     }
 }
 
+/// Which Kubernetes the stack runs on: always the real control plane.
+#[derive(Clone, Debug)]
+pub enum Kubernetes {
+    /// The control plane shared by the tests of this test binary; the stack (its components,
+    /// their identities, the gateway StatefulSet and the objects) lives in a namespace of its own
+    /// and every component is limited to it (`--namespace`).
+    Shared,
+    /// A control plane of its own, files in `dir` (apollo-dev): Apollo's components, identities,
+    /// Leases and the gateway StatefulSet in `apollo-system` (as `kubectl apply -k deploy/` puts
+    /// them), watching every namespace; the sample objects in `default`.
+    Own {
+        /// Certificates, kubeconfigs, logs, audit log, etcd data.
+        dir: PathBuf,
+    },
+}
+
+/// Apollo's namespace when the stack has a control plane of its own.
+pub const SYSTEM_NAMESPACE: &str = "apollo-system";
+
 /// What to start.
 #[derive(Clone, Debug)]
 pub struct StackConfig {
-    /// Logs, kubeconfig and the HMAC key go here.
+    /// Logs and the HMAC key go here.
     pub work_dir: PathBuf,
     /// Directory holding the built binaries.
     pub bin_dir: PathBuf,
-    /// A real cluster's kubeconfig; None starts kubesim.
-    pub kubeconfig: Option<PathBuf>,
-    /// Namespace of the samples and the gateway StatefulSet.
-    pub namespace: String,
+    /// The control plane.
+    pub kubernetes: Kubernetes,
     /// Initial gateway replicas.
     pub gateways: u32,
     /// Devices that get a NetworkSwitch and an agent.
@@ -87,20 +107,23 @@ pub struct StackConfig {
     /// Long-poll wait of the agent processes (seconds).
     pub agent_poll_wait_seconds: u64,
     /// Environment for the servers (controller, gateways, router) on top of this process's
-    /// `OTEL_*` variables, e.g. an OTLP endpoint in tests.
+    /// `OTEL_*` variables.
     pub server_env: Vec<(String, String)>,
     /// Extra environment of the gateway with a given ordinal, whenever it is (re)started.
     pub gateway_ordinal_env: BTreeMap<u32, Vec<(String, String)>>,
+    /// Run a Jaeger and export every component's spans (agents included) to it.
+    pub jaeger: bool,
 }
 
 impl StackConfig {
-    /// The seed demo: 3 gateways, agents for tor1-01 and tor1-02.
+    /// The seed demo: 3 gateways, agents for tor1-01 and tor1-02, Jaeger, own control plane.
     pub fn demo(work_dir: PathBuf, bin_dir: PathBuf) -> Self {
         Self {
+            kubernetes: Kubernetes::Own {
+                dir: work_dir.join("control-plane"),
+            },
             work_dir,
             bin_dir,
-            kubeconfig: None,
-            namespace: "default".into(),
             gateways: 3,
             devices: vec!["tor1-01".into(), "tor1-02".into()],
             run_agents: true,
@@ -114,6 +137,37 @@ impl StackConfig {
             agent_poll_wait_seconds: 5,
             server_env: Vec::new(),
             gateway_ordinal_env: BTreeMap::new(),
+            jaeger: true,
+        }
+    }
+
+    /// A stack for one test: the shared control plane, ephemeral ports, no samples, no agents, no
+    /// Jaeger (tests turn on what they need).
+    pub fn test(work_dir: PathBuf, bin_dir: PathBuf) -> Self {
+        Self {
+            kubernetes: Kubernetes::Shared,
+            devices: Vec::new(),
+            run_agents: false,
+            install_samples: false,
+            ports: Ports::ephemeral(),
+            jaeger: false,
+            ..Self::demo(work_dir, bin_dir)
+        }
+    }
+}
+
+enum ControlPlaneHandle {
+    Shared(&'static ControlPlane),
+    Owned(ControlPlane),
+}
+
+impl std::ops::Deref for ControlPlaneHandle {
+    type Target = ControlPlane;
+
+    fn deref(&self) -> &ControlPlane {
+        match self {
+            ControlPlaneHandle::Shared(cp) => cp,
+            ControlPlaneHandle::Owned(cp) => cp,
         }
     }
 }
@@ -121,21 +175,25 @@ impl StackConfig {
 /// The running stack. Dropping it kills every process; [`Stack::shutdown`] stops them gracefully.
 pub struct Stack {
     cfg: StackConfig,
-    kubesim: Option<Proc>,
-    kubeconfig: PathBuf,
     redis: RedisServer,
     key: Vec<u8>,
     controller: Option<Proc>,
     router: Option<Proc>,
     agents: Mutex<BTreeMap<String, Proc>>,
     gateways: Arc<Gateways>,
-    scaler: Option<tokio::task::JoinHandle<()>>,
+    node: Option<tokio::task::JoinHandle<()>>,
     shutdown: CancellationToken,
     client: kube::Client,
+    jaeger: Option<Jaeger>,
+    /// Where Apollo's components and their identities live.
+    system: TestNamespace,
+    /// Where the sample objects and test fleets live.
+    namespace: String,
+    /// Last: the control plane outlives every process that talks to it.
+    control_plane: ControlPlaneHandle,
 }
 
-/// `OTEL_*` variables of this process, passed on to the stack's servers so that
-/// `OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318 scripts/dev.sh` exports their traces.
+/// `OTEL_*` variables of this process, passed on to the stack's servers.
 pub fn otel_env() -> Vec<(String, String)> {
     std::env::vars()
         .filter(|(k, _)| k.starts_with("OTEL_"))
@@ -188,43 +246,54 @@ async fn wait_http_ok(
     }
 }
 
-async fn client_for(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
-        .with_context(|| format!("read {}", kubeconfig.display()))?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
-    Ok(kube::Client::try_from(config)?)
-}
-
 impl Stack {
     /// Starts everything and waits until the gateways and the router are ready.
     pub async fn start(cfg: StackConfig) -> anyhow::Result<Self> {
         let logs = cfg.work_dir.join("logs");
         std::fs::create_dir_all(&logs).with_context(|| format!("create {}", logs.display()))?;
 
-        // Kubernetes: a real cluster, or kubesim on loopback.
-        let (kubesim, kubeconfig) = match &cfg.kubeconfig {
-            Some(k) => (None, k.clone()),
-            None => {
-                let kubeconfig = cfg.work_dir.join("kubeconfig");
-                let _ = std::fs::remove_file(&kubeconfig);
-                let mut p = Proc::builder(bin(&cfg, "kubesim")?)
-                    .name("kubesim")
-                    .log_file(logs.join("kubesim.log"))
-                    .args(["--listen", &format!("127.0.0.1:{}", cfg.ports.kubesim)])
-                    .arg("--kubeconfig-out")
-                    .arg(&kubeconfig)
-                    .spawn();
-                let url = format!("http://127.0.0.1:{}/healthz", cfg.ports.kubesim);
-                wait_http_ok(&url, Duration::from_secs(20), "kubesim", &mut p).await?;
-                let start = Instant::now();
-                while !kubeconfig.is_file() && start.elapsed() < Duration::from_secs(5) {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                (Some(p), kubeconfig)
+        // Kubernetes: the real control plane, and Apollo's namespace with the RBAC of deploy/rbac.
+        let (control_plane, system, namespace, scoped) = match &cfg.kubernetes {
+            Kubernetes::Shared => {
+                let cp = ControlPlane::shared().await;
+                let ns = TestNamespace::create(cp, "e2e").await;
+                let name = ns.name().to_owned();
+                (ControlPlaneHandle::Shared(cp), ns, name, true)
+            }
+            Kubernetes::Own { dir } => {
+                // A fresh cluster every time (certificates and kubeconfigs are kept).
+                let _ = std::fs::remove_dir_all(dir.join("etcd"));
+                let cp = ControlPlane::start_in_dir(dir).await;
+                let ns =
+                    TestNamespace::system(&cp, SYSTEM_NAMESPACE, &cfg.work_dir.join("identities"))
+                        .await;
+                (
+                    ControlPlaneHandle::Owned(cp),
+                    ns,
+                    "default".to_owned(),
+                    false,
+                )
             }
         };
-        let client = client_for(&kubeconfig).await?;
-        samples::install_crds(&client).await?;
+        let client = system.client();
+        node::register_node(&client).await?;
+        let system_ns = system.name().to_owned();
+        // In a shared control plane every component keeps to the stack's namespace.
+        let scope: Vec<String> = if scoped {
+            vec![format!("--namespace={system_ns}")]
+        } else {
+            Vec::new()
+        };
+
+        let jaeger = if cfg.jaeger {
+            Some(Jaeger::start(&cfg.work_dir.join("jaeger"), cfg.ports.jaeger).await?)
+        } else {
+            None
+        };
+        let mut server_env = cfg.server_env.clone();
+        if let Some(j) = &jaeger {
+            server_env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), j.otlp_endpoint()));
+        }
 
         let redis = RedisServer::start().await;
 
@@ -241,14 +310,17 @@ impl Stack {
         let mut controller = Proc::builder(bin(&cfg, "apollo-controller")?)
             .name("controller")
             .log_file(logs.join("controller.log"))
-            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBECONFIG")
+            .arg("--kubeconfig")
+            .arg(system.kubeconfig_for(Component::Controller).await)
             .args([
                 "--admin-listen",
                 &format!("127.0.0.1:{}", cfg.ports.controller_admin),
             ])
-            .args(["--lease-namespace", &cfg.namespace])
+            .args(["--lease-namespace", &system_ns])
+            .args(&scope)
             .envs(otel_env())
-            .envs(cfg.server_env.clone())
+            .envs(server_env.clone())
             .spawn();
         wait_http_ok(
             &format!("http://127.0.0.1:{}/healthz", cfg.ports.controller_admin),
@@ -262,7 +334,7 @@ impl Stack {
         let gateways = Arc::new(Gateways::new(GatewayLauncher {
             bin: bin(&cfg, "apollo-gateway")?,
             redis_url: redis.url(),
-            kubeconfig: kubeconfig.clone(),
+            kubeconfig: system.kubeconfig_for(Component::Gateway).await,
             secret_file,
             extra_args: vec![
                 format!(
@@ -271,21 +343,23 @@ impl Stack {
                 ),
                 format!("--stale-multiplier={}", cfg.stale_multiplier),
                 format!("--sweep-interval-seconds={}", cfg.sweep_interval_seconds),
+                format!("--lease-namespace={system_ns}"),
                 // The demo's "200 once, then 304s" is read from this log.
                 "--access-log".to_owned(),
             ]
             .into_iter()
+            .chain(scope.iter().cloned())
             .chain(cfg.gateway_extra_args.iter().cloned())
             .collect(),
             log_dir: logs.clone(),
             base_ports: cfg.ports.gateway_base,
-            env: cfg.server_env.clone(),
+            env: server_env.clone(),
             ordinal_env: cfg.gateway_ordinal_env.clone(),
         }));
-        samples::install_gateway_statefulset(&client, &cfg.namespace, cfg.gateways).await?;
-        let scaler = tokio::spawn(scaler::run(
+        samples::install_gateway_statefulset(&client, &system_ns, cfg.gateways).await?;
+        let node = tokio::spawn(node::run(
             client.clone(),
-            cfg.namespace.clone(),
+            system_ns.clone(),
             gateways.clone(),
             shutdown.clone(),
         ));
@@ -300,23 +374,26 @@ impl Stack {
             ])
             .args(["--redis-url", &redis.url()])
             .envs(otel_env())
-            .envs(cfg.server_env.clone())
+            .envs(server_env.clone())
             .spawn();
 
         let mut stack = Self {
             cfg,
-            kubesim,
-            kubeconfig,
             redis,
             key,
             controller: Some(controller),
             router: None,
             agents: Mutex::new(BTreeMap::new()),
             gateways,
-            scaler: Some(scaler),
+            node: Some(node),
             shutdown,
             client,
+            jaeger,
+            system,
+            namespace,
+            control_plane,
         };
+        stack.cfg.server_env = server_env;
         stack
             .wait_gateways_ready(stack.cfg.gateways, Duration::from_secs(60))
             .await?;
@@ -328,10 +405,12 @@ impl Stack {
         )
         .await?;
         stack.router = Some(router);
+        stack
+            .wait_gateways_ready(stack.cfg.gateways, Duration::from_secs(30))
+            .await?;
 
         if stack.cfg.install_samples {
-            samples::install_samples(&stack.client, &stack.cfg.namespace, &stack.cfg.devices)
-                .await?;
+            samples::install_samples(&stack.client, &stack.namespace, &stack.cfg.devices).await?;
         }
         if stack.cfg.run_agents {
             for device in stack.cfg.devices.clone() {
@@ -362,7 +441,19 @@ impl Stack {
                     }
                 }
             }
-            if ordinals.len() == n as usize && ready == n {
+            // And the router (once it runs) routes to exactly those replicas.
+            let routed =
+                match &self.router {
+                    Some(_) => {
+                        use apollo_test_support::metrics;
+                        let url = format!("{}/metrics", self.router_admin_url());
+                        metrics::fetch(&http, &url).await.ok().and_then(|text| {
+                            metrics::value(&text, "apollo_router_alive_replicas", &[])
+                        }) == Some(f64::from(n))
+                    }
+                    None => true,
+                };
+            if ordinals.len() == n as usize && ready == n && routed {
                 return Ok(());
             }
             if start.elapsed() > deadline {
@@ -401,6 +492,7 @@ impl Stack {
                 "APOLLO_POLL_WAIT_SECONDS",
                 self.cfg.agent_poll_wait_seconds.to_string(),
             )
+            .envs(self.cfg.server_env.clone())
             .spawn();
         let previous = self
             .agents
@@ -456,16 +548,54 @@ impl Stack {
         format!("http://127.0.0.1:{}", self.cfg.ports.router_admin)
     }
 
-    /// kubesim base URL (None against a real cluster).
-    pub fn kubesim_url(&self) -> Option<String> {
-        self.kubesim
-            .as_ref()
-            .map(|_| format!("http://127.0.0.1:{}", self.cfg.ports.kubesim))
+    /// Controller admin base URL.
+    pub fn controller_admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.cfg.ports.controller_admin)
     }
 
-    /// The kubeconfig every component and kubectl use.
-    pub fn kubeconfig(&self) -> &Path {
-        &self.kubeconfig
+    /// The control plane the stack runs on.
+    pub fn control_plane(&self) -> &ControlPlane {
+        &self.control_plane
+    }
+
+    /// `https://127.0.0.1:<port>` of kube-apiserver.
+    pub fn apiserver_url(&self) -> &str {
+        self.control_plane.apiserver_url()
+    }
+
+    /// The admin kubeconfig (what a person uses with kubectl).
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.control_plane.admin_kubeconfig()
+    }
+
+    /// Apollo's namespace: component identities, request counts by them, the gateway
+    /// StatefulSet and its pods, the shard and leader Leases.
+    pub fn system(&self) -> &TestNamespace {
+        &self.system
+    }
+
+    /// Where the sample objects and test fleets live.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// Runs the real kubectl as the admin (no namespace added).
+    pub async fn kubectl<I, S>(&self, args: I) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        apollo_test_support::kubectl(
+            &self.kubeconfig(),
+            &self.cfg.work_dir.join("kubectl-cache"),
+            args,
+        )
+        .await
+    }
+
+    /// The Jaeger every component exports to, when the stack runs one.
+    pub fn jaeger(&self) -> Option<&Jaeger> {
+        self.jaeger.as_ref()
     }
 
     /// Redis URL.
@@ -478,7 +608,7 @@ impl Stack {
         &mut self.redis
     }
 
-    /// A kube client.
+    /// An admin kube client.
     pub fn client(&self) -> kube::Client {
         self.client.clone()
     }
@@ -496,6 +626,11 @@ impl Stack {
     /// Where logs go.
     pub fn log_dir(&self) -> PathBuf {
         self.cfg.work_dir.join("logs")
+    }
+
+    /// Where the control plane keeps its logs.
+    pub fn control_plane_dir(&self) -> &Path {
+        self.control_plane.dir()
     }
 
     /// Stops the router (SIGKILL) and starts it again on the same port.
@@ -539,25 +674,23 @@ impl Stack {
             r.terminate(Duration::from_secs(10)).await;
         }
         self.shutdown.cancel();
-        if let Some(s) = self.scaler.take() {
-            let _ = s.await;
+        if let Some(n) = self.node.take() {
+            let _ = n.await;
         }
         self.gateways.stop_all().await;
         if let Some(mut c) = self.controller.take() {
             c.terminate(Duration::from_secs(10)).await;
         }
-        if let Some(mut k) = self.kubesim.take() {
-            k.terminate(Duration::from_secs(5)).await;
-        }
         self.redis.stop();
+        // The control plane (if it is the stack's own) stops when the stack is dropped.
     }
 }
 
 impl Drop for Stack {
     fn drop(&mut self) {
         self.shutdown.cancel();
-        if let Some(s) = self.scaler.take() {
-            s.abort();
+        if let Some(n) = self.node.take() {
+            n.abort();
         }
         self.gateways.kill_all();
     }

@@ -3,10 +3,11 @@
 //!
 //! Two modes:
 //! - `--local-stack` (default when no `--router-url` is given): starts the whole stack on loopback
-//!   (kubesim, redis-server, controller, N gateways, router), creates one NetworkSwitch per
-//!   simulated device and a DeviceProcessDeployment selecting them all, and measures what matters
-//!   to operators: time to converge, agent request rates and latencies, the 200/304 split, and the
-//!   Kubernetes API requests spent in steady state and per rollout wave (kubesim counts them).
+//!   (the real control plane, redis-server, controller, N gateways, router), creates one
+//!   NetworkSwitch per simulated device and a DeviceProcessDeployment selecting them all, and
+//!   measures what matters to operators: time to converge, agent request rates and latencies, the
+//!   200/304 split, and the Kubernetes API requests Apollo's components spent in steady state and
+//!   per rollout wave (read from kube-apiserver's audit log).
 //! - `--router-url URL --secret-file F`: drives an existing deployment; agent-side numbers only.
 #![forbid(unsafe_code)]
 
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use apollo_agent::{Agent, AgentConfig, AgentMetrics, MetricsSnapshot, RequestCounts};
 use apollo_crds::{DeviceProcess, DeviceProcessDeployment, NetworkSwitch};
-use apollo_e2e::{Ports, Stack, StackConfig};
+use apollo_dev::{Kubernetes, Ports, Stack, StackConfig};
 use clap::Parser;
 use futures::StreamExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -140,7 +141,7 @@ pub fn window(before: &MetricsSnapshot, after: &MetricsSnapshot, elapsed: Durati
     }
 }
 
-/// Kubernetes API requests counted by kubesim over a window.
+/// Kubernetes API requests of Apollo's components over a window, from the apiserver's audit log.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ApiCost {
     /// create/update/patch/delete on deviceprocesses (incl. /status).
@@ -157,45 +158,27 @@ pub struct ApiCost {
     pub deviceprocess_gets: u64,
 }
 
-async fn api_cost(http: &reqwest::Client, kubesim: &str) -> anyhow::Result<ApiCost> {
-    let v: serde_json::Value = http
-        .get(format!("{kubesim}/kubesim/requests"))
-        .send()
-        .await?
-        .json()
-        .await?;
+/// What Apollo's components (their ServiceAccounts) asked of the apiserver since the last reset.
+async fn api_cost(stack: &Stack) -> ApiCost {
     let mut cost = ApiCost::default();
-    for r in v["requests"].as_array().cloned().unwrap_or_default() {
-        let verb = r["verb"].as_str().unwrap_or_default();
-        let resource = r["resource"].as_str().unwrap_or_default();
-        let subresource = r["subresource"].as_str().unwrap_or_default();
-        let n = r["count"].as_u64().unwrap_or(0);
-        let write = matches!(verb, "create" | "update" | "patch" | "delete");
-        match (resource, write) {
+    for r in stack.system().requests().await {
+        match (r.resource.as_str(), r.is_write()) {
             ("deviceprocesses", true) => {
-                cost.deviceprocess_writes += n;
-                if subresource == "status" {
-                    cost.status_writes += n;
+                cost.deviceprocess_writes += 1;
+                if r.subresource == "status" {
+                    cost.status_writes += 1;
                 }
             }
-            ("events", true) => cost.event_writes += n,
-            ("leases", true) => cost.lease_writes += n,
-            ("deviceprocesses", false) if verb == "get" => cost.deviceprocess_gets += n,
+            ("events", true) => cost.event_writes += 1,
+            ("leases", true) => cost.lease_writes += 1,
+            ("deviceprocesses", false) if r.verb == "get" => cost.deviceprocess_gets += 1,
             _ => {}
         }
-        if verb == "list" {
-            cost.lists += n;
+        if r.verb == "list" {
+            cost.lists += 1;
         }
     }
-    Ok(cost)
-}
-
-async fn reset_cost(http: &reqwest::Client, kubesim: &str) -> anyhow::Result<()> {
-    http.delete(format!("{kubesim}/kubesim/requests"))
-        .send()
-        .await?
-        .error_for_status()?;
-    Ok(())
+    cost
 }
 
 /// Everything a run measured.
@@ -364,7 +347,11 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
         .parent()
         .context("loadtest has no directory")?
         .to_path_buf();
-    let mut cfg = StackConfig::demo(work_dir, bin_dir);
+    let mut cfg = StackConfig::demo(work_dir.clone(), bin_dir);
+    cfg.kubernetes = Kubernetes::Own {
+        dir: work_dir.join("control-plane"),
+    };
+    cfg.jaeger = false;
     cfg.gateways = args.gateways;
     cfg.devices = Vec::new();
     cfg.run_agents = false;
@@ -378,21 +365,19 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
     );
     let stack = Stack::start(cfg).await?;
     let client = stack.client();
-    let kubesim = stack.kubesim_url().context("local stack has kubesim")?;
-    let http = reqwest::Client::new();
-    let ns = "default";
+    let ns = stack.namespace().to_owned();
 
     eprintln!(
         "loadtest: creating {} NetworkSwitches and a DeviceProcessDeployment ...",
         devices.len()
     );
-    let switches: Api<NetworkSwitch> = Api::namespaced(client.clone(), ns);
+    let switches: Api<NetworkSwitch> = Api::namespaced(client.clone(), &ns);
     let created = futures::stream::iter(devices.iter().cloned())
         .map(|d| {
             let switches = switches.clone();
             let prefix = args.prefix.clone();
             async move {
-                let sw = apollo_e2e::samples::switch(&d, &[("fleet", prefix.as_str())]);
+                let sw = apollo_dev::samples::switch(&d, &[("fleet", prefix.as_str())]);
                 switches.create(&PostParams::default(), &sw).await
             }
         })
@@ -403,12 +388,12 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
         bail!("create NetworkSwitch: {e}");
     }
     let dep_name = format!("{}-fleet", args.prefix);
-    let mut dep = apollo_e2e::samples::demo_deployment()?;
+    let mut dep = apollo_dev::samples::demo_deployment()?;
     dep.metadata.name = Some(dep_name.clone());
     dep.spec.selector = serde_json::from_value(json!({"matchLabels": {"fleet": args.prefix}}))?;
-    let deps: Api<DeviceProcessDeployment> = Api::namespaced(client.clone(), ns);
+    let deps: Api<DeviceProcessDeployment> = Api::namespaced(client.clone(), &ns);
     deps.create(&PostParams::default(), &dep).await?;
-    let dps: Api<DeviceProcess> = Api::namespaced(client.clone(), ns);
+    let dps: Api<DeviceProcess> = Api::namespaced(client.clone(), &ns);
 
     eprintln!(
         "loadtest: starting {} agents over {}s ...",
@@ -431,18 +416,18 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
         args.duration_seconds
     );
 
-    reset_cost(&http, &kubesim).await?;
+    stack.system().reset_requests().await;
     let before = metrics.snapshot();
     let t = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.duration_seconds)).await;
     let steady = window(&before, &metrics.snapshot(), t.elapsed());
-    let steady_api = api_cost(&http, &kubesim).await?;
+    let steady_api = api_cost(&stack).await;
 
     let (rollout_seconds, rollout_api) = if args.no_rollout {
         (None, None)
     } else {
         eprintln!("loadtest: changing the template (rollout wave) ...");
-        reset_cost(&http, &kubesim).await?;
+        stack.system().reset_requests().await;
         deps.patch(
             &dep_name,
             &PatchParams::default(),
@@ -461,7 +446,7 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
         .await?;
         // Let the status writers finish their queues before counting.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        (Some(secs), Some(api_cost(&http, &kubesim).await?))
+        (Some(secs), Some(api_cost(&stack).await))
     };
 
     cancel.cancel();

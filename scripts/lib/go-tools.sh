@@ -1,5 +1,5 @@
 # Builds the Go programs Apollo's tests and local stack run (never shipped, never committed):
-# etcd, kube-apiserver and kube-controller-manager from tools/kube.
+# etcd, kube-apiserver and kube-controller-manager from tools/kube, Jaeger from tools/jaeger.
 #
 # Each module is built once into a cache outside the work tree,
 #   ${APOLLO_TOOLS_CACHE:-~/.cache/apollo}/<module>-<version hash>/bin/
@@ -71,4 +71,10 @@ kube_bin_dir() {
   done
   _go_tools_build "kube-$v" tools/kube "$ldflags" \
     ./cmd/etcd k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager
+}
+
+# Jaeger (v2, `cmd/jaeger`): without a config file it runs the all-in-one configuration with
+# in-memory storage, OTLP on :4317 (gRPC) and :4318 (HTTP) and the UI/query API on :16686.
+jaeger_bin_dir() {
+  _go_tools_build jaeger tools/jaeger "-s -w" github.com/jaegertracing/jaeger/cmd/jaeger
 }

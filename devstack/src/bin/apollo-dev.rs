@@ -1,8 +1,9 @@
 //! `apollo-dev`: runs the whole Apollo stack on this machine (what `scripts/dev.sh` starts).
 //!
-//! `apollo-dev up` starts kubesim (or uses `--kubeconfig`), redis-server, the controller, a
-//! 3-replica gateway StatefulSet, the router and two agents, installs the CRDs and the seed demo's
-//! objects, prints what to try, and stops everything on Ctrl-C.
+//! `apollo-dev up` starts the real control plane (etcd, kube-apiserver, kube-controller-manager),
+//! redis-server, Jaeger, the controller, a 3-replica gateway StatefulSet, the router and two
+//! agents, installs the CRDs, RBAC and the seed demo's objects, prints what to try, and stops
+//! everything on Ctrl-C.
 //! `apollo-dev agent stop|start DEVICE` and `apollo-dev status` talk to a running `up`.
 #![forbid(unsafe_code)]
 
@@ -10,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use apollo_e2e::{Ports, Stack, StackConfig};
+use apollo_dev::{Kubernetes, Ports, Stack, StackConfig, SYSTEM_NAMESPACE};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -42,12 +43,12 @@ enum Command {
 
 #[derive(clap::Args, Debug, Default)]
 struct Up {
-    /// Where logs, the kubeconfig and the HMAC key go.
+    /// Where logs, the control plane (certificates, kubeconfig, audit log) and the HMAC key go.
     #[arg(long, env = "APOLLO_DEV_WORK_DIR", default_value = ".apollo-dev")]
     work_dir: PathBuf,
-    /// Use this cluster instead of starting kubesim (gateway scaling is then fixed).
-    #[arg(long, env = "APOLLO_DEV_KUBECONFIG")]
-    kubeconfig: Option<PathBuf>,
+    /// Do not start Jaeger (components then export no traces).
+    #[arg(long, env = "APOLLO_DEV_NO_JAEGER")]
+    no_jaeger: bool,
     /// Initial gateway replicas.
     #[arg(long, env = "APOLLO_DEV_GATEWAYS", default_value_t = 3)]
     gateways: u32,
@@ -132,7 +133,10 @@ async fn run_up(up: Up, control_port: u16) -> anyhow::Result<()> {
     let mut ports = Ports::dev();
     ports.control = control_port;
     let mut cfg = StackConfig::demo(work_dir.clone(), bin_dir);
-    cfg.kubeconfig = up.kubeconfig.clone();
+    cfg.kubernetes = Kubernetes::Own {
+        dir: work_dir.join("control-plane"),
+    };
+    cfg.jaeger = !up.no_jaeger;
     cfg.gateways = up.gateways;
     cfg.devices = up.devices.clone();
     cfg.heartbeat_interval_seconds = up.heartbeat_interval_seconds;
@@ -142,7 +146,7 @@ async fn run_up(up: Up, control_port: u16) -> anyhow::Result<()> {
     let stack = Stack::start(cfg).await?;
     let stack = Arc::new(stack);
     let shutdown = CancellationToken::new();
-    let control = tokio::spawn(apollo_e2e::control::serve(
+    let control = tokio::spawn(apollo_dev::control::serve(
         stack.clone(),
         ([127, 0, 0, 1], control_port).into(),
         shutdown.clone(),
@@ -167,18 +171,24 @@ async fn run_up(up: Up, control_port: u16) -> anyhow::Result<()> {
 }
 
 fn print_guide(stack: &Stack, up: &Up) {
-    let kc = stack.kubeconfig().display();
+    let kc = stack.kubeconfig();
+    let kc = kc.display();
     let first = up.devices.first().map(String::as_str).unwrap_or("tor1-01");
     let second = up.devices.get(1).map(String::as_str).unwrap_or(first);
     let stale = up.heartbeat_interval_seconds * 3;
+    let jaeger = stack
+        .jaeger()
+        .map(|j| format!("{} (OTLP {})", j.ui_url(), j.otlp_endpoint()))
+        .unwrap_or_else(|| "off".into());
     println!(
         r#"
 Apollo is running.
-  Kubernetes API : {k8s}
+  Kubernetes API : {k8s} (kube-apiserver {version}; logs and audit log in {cp})
   kubeconfig     : {kc}
   router (agents): {router}   (metrics: {router_admin}/metrics)
   redis          : {redis}
-  gateways       : {gateways:?} (StatefulSet apollo-gateway)
+  jaeger         : {jaeger}
+  gateways       : {gateways:?} (StatefulSet {sys}/apollo-gateway)
   agents         : {agents:?}
   logs           : {logs}
 
@@ -193,15 +203,18 @@ Try, in another terminal:
   scripts/dev.sh agent stop {second}
   scripts/dev.sh agent start {second}
   # scale the gateways; the router rebalances devices
-  kubectl scale statefulset apollo-gateway --replicas=5
+  kubectl -n {sys} scale statefulset apollo-gateway --replicas=5
+  kubectl -n {sys} get sts,pods
   # ETags at work: 200 once, then 304s
   grep -h 'GET /v1/devices' {logs}/gateway-*.log | tail
   curl -s {router}/v1/devices/{first}/desired -H "X-Device-Token: $(cat {work}/tokens/{first})"
+  # the trace of each report
+  curl -s '{jaeger_ui}/api/traces?service=apollo-gateway&limit=5'
 
 Press Ctrl-C to stop everything."#,
-        k8s = stack
-            .kubesim_url()
-            .unwrap_or_else(|| "(your cluster)".into()),
+        k8s = stack.apiserver_url(),
+        version = "v1.34",
+        cp = stack.control_plane_dir().display(),
         router = stack.router_url(),
         router_admin = stack.router_admin_url(),
         redis = stack.redis_url(),
@@ -209,6 +222,8 @@ Press Ctrl-C to stop everything."#,
         agents = stack.running_agents(),
         logs = stack.log_dir().display(),
         work = stack.config().work_dir.display(),
-        dep = apollo_e2e::samples::SAMPLE_DEPLOYMENT,
+        dep = apollo_dev::samples::SAMPLE_DEPLOYMENT,
+        sys = SYSTEM_NAMESPACE,
+        jaeger_ui = stack.jaeger().map(|j| j.ui_url()).unwrap_or_default(),
     );
 }

@@ -1,17 +1,17 @@
-//! The sharded gateway cluster end to end: kubesim, redis-server, the controller, gateway
-//! processes managed through the StatefulSet, the router, and in-process agents (issue 7).
+//! The sharded gateway cluster end to end on the real control plane: redis-server, the
+//! controller, gateway processes run as the StatefulSet's pods, the router, and in-process agents
+//! (issue 7). Kubernetes writes are counted from the apiserver's audit log.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use apollo_e2e::fleet::{self, Agents};
-use apollo_e2e::{Ports, Stack, StackConfig};
+use apollo_dev::fleet::{self, Agents};
+use apollo_dev::{Stack, StackConfig};
 use apollo_protocol::shard::shard_for_device;
 use apollo_test_support::{binary, wait_for, wait_until};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 
-const NS: &str = "default";
 /// Shard leases expire quickly in tests so takeovers happen within seconds.
 const LEASE_SECONDS: u64 = 3;
 
@@ -20,15 +20,11 @@ fn config(dir: &tempfile::TempDir, gateways: u32) -> StackConfig {
         .parent()
         .expect("bin dir")
         .to_path_buf();
-    let mut cfg = StackConfig::demo(dir.path().to_path_buf(), bin_dir);
+    let mut cfg = StackConfig::test(dir.path().to_path_buf(), bin_dir);
     cfg.gateways = gateways;
-    cfg.devices = Vec::new();
-    cfg.run_agents = false;
-    cfg.install_samples = false;
     cfg.heartbeat_interval_seconds = 2;
     cfg.stale_multiplier = 3;
     cfg.sweep_interval_seconds = 1;
-    cfg.ports = Ports::ephemeral();
     cfg.gateway_extra_args = vec![format!("--shard-lease-seconds={LEASE_SECONDS}")];
     cfg
 }
@@ -52,7 +48,7 @@ fn http() -> reqwest::Client {
 async fn healthy_fleet(stack: &Stack, name: &str, n: usize) -> (Vec<String>, Agents) {
     let client = stack.client();
     let devices = fleet::devices(name, n);
-    fleet::install(&client, NS, name, &devices)
+    fleet::install(&client, stack.namespace(), name, &devices)
         .await
         .expect("install fleet");
     let mut agents = Agents::new(stack).expect("agents");
@@ -63,7 +59,7 @@ async fn healthy_fleet(stack: &Stack, name: &str, n: usize) -> (Vec<String>, Age
         Duration::from_secs(60),
         "every DeviceProcess healthy",
         || async {
-            fleet::processes(&client, NS, name)
+            fleet::processes(&client, stack.namespace(), name)
                 .await
                 .is_ok_and(|dps| dps.len() == n && dps.values().all(fleet::healthy))
         },
@@ -82,57 +78,27 @@ async fn placement(stack: &Stack, devices: &[String]) -> BTreeMap<String, u32> {
     out
 }
 
-async fn kubesim_writes(stack: &Stack) -> (u64, u64) {
-    let http = http();
-    let url = format!("{}/kubesim/requests", stack.kubesim_url().expect("kubesim"));
-    let v: serde_json::Value = http
-        .get(url)
-        .send()
-        .await
-        .expect("counts")
-        .json()
-        .await
-        .expect("json");
-    let (mut dp, mut ev) = (0, 0);
-    for r in v["requests"].as_array().cloned().unwrap_or_default() {
-        let write = matches!(
-            r["verb"].as_str(),
-            Some("create" | "update" | "patch" | "delete")
-        );
-        let n = r["count"].as_u64().unwrap_or(0);
-        match r["resource"].as_str() {
-            Some("deviceprocesses") if write => dp += n,
-            Some("events") if write => ev += n,
-            _ => {}
-        }
-    }
-    (dp, ev)
-}
-
-async fn reset_kubesim(stack: &Stack) {
-    http()
-        .delete(format!(
-            "{}/kubesim/requests",
-            stack.kubesim_url().expect("kubesim")
-        ))
-        .send()
-        .await
-        .expect("reset");
+/// (DeviceProcess writes, Event writes) by Apollo's components since the last reset, as the
+/// apiserver's audit log records them.
+async fn api_writes(stack: &Stack) -> (u64, u64) {
+    let system = stack.system();
+    (
+        system.writes(Some("deviceprocesses")).await,
+        system.writes(Some("events")).await,
+    )
 }
 
 async fn kubectl_scale(stack: &Stack, replicas: u32) {
-    let cache = stack.config().work_dir.join("kubectl-cache");
-    let out = apollo_test_support::kubectl(
-        stack.kubeconfig(),
-        &cache,
-        [
+    let out = stack
+        .kubectl([
+            "-n",
+            stack.system().name(),
             "scale",
             "statefulset",
             "apollo-gateway",
             &format!("--replicas={replicas}"),
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert!(
         out.status.success(),
         "kubectl scale: {}",
@@ -170,11 +136,13 @@ async fn assert_quiet_for_a_stale_window(
         3 * stack.config().heartbeat_interval_seconds + 2,
     ))
     .await;
-    let dps = fleet::processes(&client, NS, fleet_name)
+    let dps = fleet::processes(&client, stack.namespace(), fleet_name)
         .await
         .expect("dps");
     assert!(dps.values().all(fleet::healthy));
-    let events = fleet::event_counts(&client, NS).await.expect("events");
+    let events = fleet::event_counts(&client, stack.namespace())
+        .await
+        .expect("events");
     let disconnects = |m: &HashMap<(String, String), u64>| {
         m.iter()
             .filter(|((r, _), _)| r == "AgentDisconnected")
@@ -214,8 +182,10 @@ async fn scaling_moves_a_fair_share_and_costs_no_writes_for_reporting_devices() 
     let client = stack.client();
     let (devices, _agents) = healthy_fleet(&stack, "scale", 150).await;
     let before = placement(&stack, &devices).await;
-    let events_before = fleet::event_counts(&client, NS).await.expect("events");
-    reset_kubesim(&stack).await;
+    let events_before = fleet::event_counts(&client, stack.namespace())
+        .await
+        .expect("events");
+    stack.system().reset_requests().await;
 
     kubectl_scale(&stack, 4).await;
     stack
@@ -250,18 +220,22 @@ async fn scaling_moves_a_fair_share_and_costs_no_writes_for_reporting_devices() 
     // Two stale windows of agents reporting through the changes: still nothing written.
     let window = Duration::from_secs(2 * 3 * stack.config().heartbeat_interval_seconds);
     tokio::time::sleep(window).await;
-    let dps = fleet::processes(&client, NS, "scale").await.expect("dps");
+    let dps = fleet::processes(&client, stack.namespace(), "scale")
+        .await
+        .expect("dps");
     assert!(
         dps.values().all(fleet::healthy),
         "a device lost its health during scaling"
     );
     assert_eq!(
-        kubesim_writes(&stack).await,
+        api_writes(&stack).await,
         (0, 0),
         "(DeviceProcess writes, Event writes)"
     );
     assert_eq!(
-        fleet::event_counts(&client, NS).await.expect("events"),
+        fleet::event_counts(&client, stack.namespace())
+            .await
+            .expect("events"),
         events_before
     );
     stack.shutdown().await;
@@ -286,7 +260,7 @@ async fn a_replica_whose_clock_runs_ahead_takes_over_a_shard_without_false_disco
         .insert(0, apollo_test_support::skewed_clock_env("+30s"));
     let stack = Stack::start(cfg).await.expect("start the stack");
     kill_replica_1_and_check_the_take_over(&stack, "skew").await;
-    let lease: Api<Lease> = Api::namespaced(stack.client(), NS);
+    let lease: Api<Lease> = Api::namespaced(stack.client(), stack.system().name());
     let holder = lease
         .get("apollo-gateway-shard-1")
         .await
@@ -322,7 +296,9 @@ async fn kill_replica_1_and_check_the_take_over(stack: &Stack, fleet_name: &str)
         .filter(|d| shard_for_device(d, 3) == 1)
         .collect();
     let quiet = victims[0].clone();
-    let events_before = fleet::event_counts(&client, NS).await.expect("events");
+    let events_before = fleet::event_counts(&client, stack.namespace())
+        .await
+        .expect("events");
 
     stack.gateways().kill(1);
     let killed_at = Instant::now();
@@ -343,7 +319,7 @@ async fn kill_replica_1_and_check_the_take_over(stack: &Stack, fleet_name: &str)
         Duration::from_secs(30),
         "the quiet device is marked disconnected",
         || async {
-            fleet::processes(&client, NS, fleet_name)
+            fleet::processes(&client, stack.namespace(), fleet_name)
                 .await
                 .is_ok_and(|dps| dps.get(&quiet).is_some_and(fleet::disconnected))
         },
@@ -354,7 +330,9 @@ async fn kill_replica_1_and_check_the_take_over(stack: &Stack, fleet_name: &str)
         2 * stack.config().sweep_interval_seconds + 1,
     ))
     .await;
-    let events = fleet::event_counts(&client, NS).await.expect("events");
+    let events = fleet::event_counts(&client, stack.namespace())
+        .await
+        .expect("events");
     let warnings = |name: &str| {
         events
             .get(&("AgentDisconnected".to_owned(), name.to_owned()))
@@ -366,7 +344,7 @@ async fn kill_replica_1_and_check_the_take_over(stack: &Stack, fleet_name: &str)
                 .unwrap_or(0)
     };
     assert_eq!(warnings(&dp_name), 1);
-    let dps = fleet::processes(&client, NS, fleet_name)
+    let dps = fleet::processes(&client, stack.namespace(), fleet_name)
         .await
         .expect("dps");
     for (d, dp) in &dps {
@@ -387,11 +365,13 @@ async fn a_stopped_agent_is_marked_stale_exactly_once_while_three_replicas_sweep
     let client = stack.client();
     let (devices, mut agents) = healthy_fleet(&stack, "stale", 30).await;
     let quiet = devices[7].clone();
-    let events_before = fleet::event_counts(&client, NS).await.expect("events");
-    reset_kubesim(&stack).await;
+    let events_before = fleet::event_counts(&client, stack.namespace())
+        .await
+        .expect("events");
+    stack.system().reset_requests().await;
     agents.stop(&quiet).await;
     wait_until(Duration::from_secs(30), "marked disconnected", || async {
-        fleet::processes(&client, NS, "stale")
+        fleet::processes(&client, stack.namespace(), "stale")
             .await
             .is_ok_and(|dps| dps.get(&quiet).is_some_and(fleet::disconnected))
     })
@@ -400,14 +380,16 @@ async fn a_stopped_agent_is_marked_stale_exactly_once_while_three_replicas_sweep
         3 * stack.config().sweep_interval_seconds + 1,
     ))
     .await;
-    let events = fleet::event_counts(&client, NS).await.expect("events");
+    let events = fleet::event_counts(&client, stack.namespace())
+        .await
+        .expect("events");
     let key = ("AgentDisconnected".to_owned(), format!("stale-{quiet}"));
     assert_eq!(
         events.get(&key).copied().unwrap_or(0) - events_before.get(&key).copied().unwrap_or(0),
         1
     );
     assert_eq!(
-        kubesim_writes(&stack).await,
+        api_writes(&stack).await,
         (1, 1),
         "one status patch and one Event"
     );
@@ -419,7 +401,9 @@ async fn a_redis_restart_loses_state_but_marks_no_device_disconnected() {
     let (_dir, mut stack) = start(3).await;
     let client = stack.client();
     let (_devices, agents) = healthy_fleet(&stack, "redis", 30).await;
-    let events_before = fleet::event_counts(&client, NS).await.expect("events");
+    let events_before = fleet::event_counts(&client, stack.namespace())
+        .await
+        .expect("events");
     stack.redis().restart().await;
     let ok_before = agents.metrics().snapshot().report.ok;
     // Agents keep reporting successfully through the new, empty Redis.
@@ -443,7 +427,9 @@ async fn agents_recover_by_themselves_after_a_router_restart() {
         agents.metrics().snapshot().report.ok >= ok_before + 40
     })
     .await;
-    let dps = fleet::processes(&client, NS, "router").await.expect("dps");
+    let dps = fleet::processes(&client, stack.namespace(), "router")
+        .await
+        .expect("dps");
     assert!(dps.values().all(fleet::healthy));
     stack.shutdown().await;
 }
@@ -458,7 +444,9 @@ async fn an_outage_of_every_replica_marks_nobody_disconnected_once_they_return()
     let stack = Stack::start(cfg).await.expect("start the stack");
     let client = stack.client();
     let (_devices, _agents) = healthy_fleet(&stack, "outage", 20).await;
-    let events_before = fleet::event_counts(&client, NS).await.expect("events");
+    let events_before = fleet::event_counts(&client, stack.namespace())
+        .await
+        .expect("events");
 
     // Every replica dies and stays down past the stale window (6 s).
     stack.gateways().kill(0);
@@ -479,7 +467,7 @@ async fn an_outage_of_every_replica_marks_nobody_disconnected_once_they_return()
         Duration::from_secs(40),
         "every device reports again",
         || async {
-            fleet::processes(&client, NS, "outage")
+            fleet::processes(&client, stack.namespace(), "outage")
                 .await
                 .is_ok_and(|dps| dps.values().all(fleet::healthy))
         },

@@ -1,18 +1,18 @@
 //! The seed demo (shared/seeds/004) end to end against the local stack, driven with the real
-//! kubectl: what `scripts/dev.sh` gives a person, proved by a test (issue 8).
+//! kubectl: what `scripts/dev.sh` gives a person (its own control plane, Apollo in apollo-system,
+//! the samples in default, Jaeger), proved by a test.
 
 use std::time::{Duration, Instant};
 
 use apollo_crds::conditions::{self, AGENT_CONNECTED};
 use apollo_crds::DeviceProcess;
-use apollo_e2e::{fleet, Ports, Stack, StackConfig};
+use apollo_dev::{fleet, Ports, Stack, StackConfig, SYSTEM_NAMESPACE};
 use apollo_test_support::{binary, wait_until};
 
 const DEP: &str = "demo-logger";
 
 async fn kubectl(stack: &Stack, args: &[&str]) -> String {
-    let cache = stack.config().work_dir.join("kubectl-cache");
-    let out = apollo_test_support::kubectl(stack.kubeconfig(), &cache, args).await;
+    let out = stack.kubectl(args).await;
     assert!(
         out.status.success(),
         "kubectl {args:?} failed: {}",
@@ -217,6 +217,8 @@ async fn the_seed_demo_runs_end_to_end_with_kubectl() {
         kubectl(
             &stack,
             &[
+                "-n",
+                SYSTEM_NAMESPACE,
                 "scale",
                 "statefulset",
                 "apollo-gateway",
@@ -235,6 +237,8 @@ async fn the_seed_demo_runs_end_to_end_with_kubectl() {
                 let ready = kubectl(
                     &stack,
                     &[
+                        "-n",
+                        SYSTEM_NAMESPACE,
                         "get",
                         "statefulset",
                         "apollo-gateway",
@@ -247,6 +251,21 @@ async fn the_seed_demo_runs_end_to_end_with_kubectl() {
             },
         )
         .await;
+        // `kubectl get pods` tells which gateways run: exactly the StatefulSet's ordinals.
+        let pods = kubectl(
+            &stack,
+            &[
+                "-n",
+                SYSTEM_NAMESPACE,
+                "get",
+                "pods",
+                "-o",
+                "jsonpath={.items[*].metadata.name}",
+            ],
+        )
+        .await;
+        let expected: Vec<String> = (0..n).map(|o| format!("apollo-gateway-{o}")).collect();
+        assert_eq!(pods.split_whitespace().collect::<Vec<_>>(), expected);
         tokio::time::sleep(Duration::from_secs(2 * 2 * 3)).await; // two stale windows of reporting
         assert!(
             dps(&stack).await.iter().all(fleet::healthy),

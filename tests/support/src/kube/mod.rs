@@ -59,7 +59,7 @@ pub struct ControlPlaneOptions {
     /// Appended to kube-apiserver's flags (e.g. `--max-requests-inflight=5`).
     pub apiserver_args: Vec<String>,
     /// kube-controller-manager's `--controllers` (default: garbage collector, namespace and
-    /// service-account controllers).
+    /// service-account and StatefulSet controllers).
     pub controllers: Option<String>,
 }
 
@@ -351,29 +351,71 @@ pub struct TestNamespace {
     admin_kubeconfig: PathBuf,
     client: kube::Client,
     audit: AuditLog,
-    dir: tempfile::TempDir,
+    dir: NamespaceDir,
+}
+
+enum NamespaceDir {
+    Temp(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+impl NamespaceDir {
+    fn path(&self) -> &Path {
+        match self {
+            NamespaceDir::Temp(t) => t.path(),
+            NamespaceDir::Kept(p) => p,
+        }
+    }
 }
 
 impl TestNamespace {
     /// Creates `<prefix>-<random>` on `control_plane`.
     pub async fn create(control_plane: &ControlPlane, prefix: &str) -> TestNamespace {
+        let name = format!("{prefix}-{}", random_suffix());
+        let dir = tempfile::Builder::new()
+            .prefix("apollo-ns-")
+            .tempdir()
+            .expect("create a namespace dir");
+        Self::make(control_plane, name, true, NamespaceDir::Temp(dir)).await
+    }
+
+    /// Apollo's own namespace on a control plane it has to itself (the local stack): `name` is
+    /// created if missing and the RBAC of `deploy/rbac/` is applied as `kubectl apply -k deploy/`
+    /// would (cluster-scoped objects keep their names); component kubeconfigs are written to
+    /// `dir`.
+    pub async fn system(control_plane: &ControlPlane, name: &str, dir: &Path) -> TestNamespace {
+        std::fs::create_dir_all(dir).expect("create the kubeconfig dir");
+        Self::make(
+            control_plane,
+            name.to_owned(),
+            false,
+            NamespaceDir::Kept(dir.to_owned()),
+        )
+        .await
+    }
+
+    async fn make(
+        control_plane: &ControlPlane,
+        name: String,
+        suffix_cluster_objects: bool,
+        dir: NamespaceDir,
+    ) -> TestNamespace {
         let client = control_plane.admin_client().await;
         install_crds(&client).await;
-        let name = format!("{prefix}-{}", random_suffix());
         let namespaces: Api<Namespace> = Api::all(client.clone());
         let ns = Namespace {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
-                labels: Some([("apollo.test/namespace".to_owned(), "true".to_owned())].into()),
                 ..ObjectMeta::default()
             },
             ..Namespace::default()
         };
-        namespaces
-            .create(&PostParams::default(), &ns)
-            .await
-            .unwrap_or_else(|e| panic!("create namespace {name}: {e}"));
-        rbac::apply(&client, &name).await;
+        match namespaces.create(&PostParams::default(), &ns).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 && !suffix_cluster_objects => {}
+            Err(e) => panic!("create namespace {name}: {e}"),
+        }
+        rbac::apply(&client, &name, suffix_cluster_objects).await;
         TestNamespace {
             audit: AuditLog::from_end(control_plane.audit_log_path()),
             apiserver_url: control_plane.apiserver_url().to_owned(),
@@ -381,10 +423,7 @@ impl TestNamespace {
             admin_kubeconfig: control_plane.admin_kubeconfig(),
             client,
             name,
-            dir: tempfile::Builder::new()
-                .prefix("apollo-ns-")
-                .tempdir()
-                .expect("create a namespace dir"),
+            dir,
         }
     }
 
@@ -471,7 +510,7 @@ impl TestNamespace {
         let request = TokenRequest {
             spec: TokenRequestSpec {
                 audiences: Vec::new(),
-                expiration_seconds: Some(24 * 3600),
+                expiration_seconds: Some(365 * 24 * 3600),
                 bound_object_ref: None,
             },
             ..TokenRequest::default()

@@ -43,8 +43,11 @@ impl Component {
     }
 }
 
-/// The documents of `deploy/rbac/<component>.yaml`, rewritten for `namespace`.
-pub fn render(component: Component, namespace: &str) -> Vec<Value> {
+/// The documents of `deploy/rbac/<component>.yaml`, rewritten for `namespace`; with
+/// `suffix_cluster_objects`, cluster-scoped objects are named `<name>-<namespace>` (tests: many
+/// namespaces on one control plane), otherwise they keep their names (one Apollo per cluster, as
+/// `kubectl apply -k deploy/` installs it).
+pub fn render(component: Component, namespace: &str, suffix_cluster_objects: bool) -> Vec<Value> {
     let path = workspace_root()
         .join("deploy/rbac")
         .join(component.rbac_file());
@@ -54,17 +57,17 @@ pub fn render(component: Component, namespace: &str) -> Vec<Value> {
         .unwrap_or_else(|e| panic!("parse {}: {e}", path.display()));
     docs.into_iter()
         .filter(|d| !d.is_null())
-        .map(|doc| rewrite(doc, namespace))
+        .map(|doc| rewrite(doc, namespace, suffix_cluster_objects))
         .collect()
 }
 
-fn rewrite(mut doc: Value, namespace: &str) -> Value {
+fn rewrite(mut doc: Value, namespace: &str, suffix: bool) -> Value {
     let kind = doc["kind"].as_str().unwrap_or_default().to_owned();
     let cluster_scoped = matches!(kind.as_str(), "ClusterRole" | "ClusterRoleBinding");
-    if cluster_scoped {
+    if cluster_scoped && suffix {
         let name = doc["metadata"]["name"].as_str().unwrap_or_default();
         doc["metadata"]["name"] = Value::String(format!("{name}-{namespace}"));
-    } else {
+    } else if !cluster_scoped {
         doc["metadata"]["namespace"] = Value::String(namespace.to_owned());
     }
     if let Some(subjects) = doc.get_mut("subjects").and_then(Value::as_array_mut) {
@@ -74,17 +77,17 @@ fn rewrite(mut doc: Value, namespace: &str) -> Value {
             }
         }
     }
-    if doc["roleRef"]["kind"] == "ClusterRole" {
+    if suffix && doc["roleRef"]["kind"] == "ClusterRole" {
         let name = doc["roleRef"]["name"].as_str().unwrap_or_default();
         doc["roleRef"]["name"] = Value::String(format!("{name}-{namespace}"));
     }
     doc
 }
 
-/// Applies the RBAC of every component for `namespace` (server-side apply).
-pub async fn apply(client: &kube::Client, namespace: &str) {
+/// Applies the RBAC of every component for `namespace` (server-side apply); see [`render`].
+pub async fn apply(client: &kube::Client, namespace: &str, suffix_cluster_objects: bool) {
     for component in Component::ALL {
-        for doc in render(component, namespace) {
+        for doc in render(component, namespace, suffix_cluster_objects) {
             apply_one(client, namespace, doc).await;
         }
     }
@@ -140,7 +143,7 @@ mod tests {
 
     #[test]
     fn gateway_rbac_is_rewritten_for_the_namespace() {
-        let docs = render(Component::Gateway, "t-1");
+        let docs = render(Component::Gateway, "t-1", true);
         let binding = docs
             .iter()
             .find(|d| d["kind"] == "ClusterRoleBinding")
@@ -156,5 +159,13 @@ mod tests {
             .expect("a ClusterRole")["rules"]
             .clone();
         assert!(rules.to_string().contains("deviceprocesses/status"));
+        let plain = render(Component::Gateway, "apollo-system", false);
+        let binding = plain
+            .iter()
+            .find(|d| d["kind"] == "ClusterRoleBinding")
+            .expect("a ClusterRoleBinding");
+        assert_eq!(binding["metadata"]["name"], "apollo-gateway");
+        assert_eq!(binding["subjects"][0]["namespace"], "apollo-system");
+        assert!(binding["metadata"].get("namespace").is_none());
     }
 }
