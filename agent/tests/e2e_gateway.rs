@@ -1,10 +1,10 @@
-//! End to end: the real `apollo-gateway` binary, kubesim, redis-server and the agent (the binary,
-//! or the library where a test needs its request counters).
+//! End to end: the real `apollo-gateway` binary (running as its own ServiceAccount), the real
+//! Kubernetes control plane, redis-server and the agent (the binary, or the library where a test
+//! needs its request counters).
 //!
-//! Needs the gateway and kubesim binaries next to this test's executable:
-//! `cargo build --workspace --bins` first (scripts/test.sh does it).
+//! Needs the gateway binary next to this test's executable: `cargo build --workspace --bins`
+//! first (scripts/test.sh does it).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,19 +12,24 @@ use apollo_agent::{Agent, AgentConfig, AgentMetrics};
 use apollo_protocol::hash::value_hash;
 use apollo_protocol::token::device_token;
 use apollo_test_support::{
-    binary, free_port, send_ok, wait_for, wait_until, KubeSimProc, Proc, RedisServer,
+    binary, free_port, metrics, send_ok, wait_for, wait_until, Component, ControlPlane, Proc,
+    RedisServer, TestNamespace,
 };
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-const NAMESPACE: &str = "default";
 const SECRET: &str = "e2e-secret";
 /// Heartbeat interval the gateway announces; with STALE_MULTIPLIER it makes a 2 s stale window.
 const HEARTBEAT_SECONDS: u64 = 1;
 const STALE_MULTIPLIER: u32 = 2;
 
 struct Stack {
-    kubesim: KubeSimProc,
+    /// The test's own namespace (CRDs installed, the gateway's identity, audit-log counts).
+    ns: TestNamespace,
+    apiserver_url: String,
+    gateway_kubeconfig: std::path::PathBuf,
+    /// Talks to the apiserver as the cluster admin (the test's own setup and reads).
+    admin: reqwest::Client,
     _redis: RedisServer,
     redis_url: String,
     gateway: Option<Proc>,
@@ -34,27 +39,41 @@ struct Stack {
     http: reqwest::Client,
 }
 
-fn crd_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds/deviceprocesses.yaml")
+/// An HTTP client authenticating as the control plane's admin (`system:masters`, the client
+/// certificate behind its admin kubeconfig), trusting only the control plane's CA.
+fn admin_http(control_plane: &ControlPlane) -> reqwest::Client {
+    let read = |path: std::path::PathBuf| {
+        std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+    };
+    let pki = control_plane.dir().join("pki");
+    let mut identity = read(pki.join("admin.crt"));
+    identity.extend(read(pki.join("admin.key")));
+    reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&read(control_plane.ca_file())).expect("CA"),
+        )
+        .tls_built_in_root_certs(false)
+        .identity(reqwest::Identity::from_pem(&identity).expect("admin identity"))
+        .timeout(Duration::from_secs(10))
+        .no_proxy()
+        .build()
+        .expect("admin http client")
 }
 
 impl Stack {
     async fn start() -> Self {
-        let kubesim = KubeSimProc::start().await;
-        let out = kubesim
-            .kubectl(["apply", "-f", &crd_path().display().to_string()])
-            .await;
-        assert!(
-            out.status.success(),
-            "install CRD: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let control_plane = ControlPlane::shared().await;
+        let ns = TestNamespace::create(control_plane, "agent-e2e").await;
+        let gateway_kubeconfig = ns.kubeconfig_for(Component::Gateway).await;
         let redis = RedisServer::start().await;
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("secret"), format!("{SECRET}\n")).expect("write secret");
         let mut stack = Self {
             redis_url: redis.url(),
-            kubesim,
+            apiserver_url: control_plane.apiserver_url().to_owned(),
+            admin: admin_http(control_plane),
+            gateway_kubeconfig,
+            ns,
             _redis: redis,
             gateway: None,
             gateway_port: free_port(),
@@ -91,7 +110,13 @@ impl Stack {
             ])
             .args(["--stale-multiplier", &STALE_MULTIPLIER.to_string()])
             .args(["--sweep-interval-seconds", "0.2"])
-            .env("KUBECONFIG", self.kubesim.kubeconfig())
+            // Concurrent tests share the control plane: this gateway sees its own namespace.
+            .args(["--namespace", self.ns.name()])
+            .args(["--lease-namespace", self.ns.name()])
+            // No Lease renewal (every third of the duration) within a test's write counts.
+            .args(["--shard-lease-seconds", "600"])
+            .env("KUBECONFIG", &self.gateway_kubeconfig)
+            .env_remove("POD_NAMESPACE")
             .spawn();
         self.gateway = Some(proc);
         let ready = format!("http://127.0.0.1:{}/readyz", self.admin_port);
@@ -121,10 +146,15 @@ impl Stack {
             .spawn()
     }
 
+    fn admin_metrics_url(&self) -> String {
+        format!("http://127.0.0.1:{}/metrics", self.admin_port)
+    }
+
     fn url(&self, name: &str) -> String {
         format!(
-            "{}/apis/azure.com/v1alpha1/namespaces/{NAMESPACE}/deviceprocesses{}",
-            self.kubesim.base_url(),
+            "{}/apis/azure.com/v1alpha1/namespaces/{}/deviceprocesses{}",
+            self.apiserver_url,
+            self.ns.name(),
             if name.is_empty() {
                 String::new()
             } else {
@@ -137,20 +167,20 @@ impl Stack {
         let body = json!({
             "apiVersion": "azure.com/v1alpha1",
             "kind": "DeviceProcess",
-            "metadata": {"name": name, "namespace": NAMESPACE},
+            "metadata": {"name": name, "namespace": self.ns.name()},
             "spec": {
                 "deviceRef": {"name": device},
                 "artifact": {"type": "oci", "url": "alpine:3.19"},
                 "execution": {"backend": "container", "args": args},
             },
         });
-        let request = self.http.post(self.url("")).json(&body);
+        let request = self.admin.post(self.url("")).json(&body);
         send_ok(request, &format!("create {name}")).await;
     }
 
     async fn set_args(&self, name: &str, args: &[&str]) {
         let request = self
-            .http
+            .admin
             .patch(self.url(name))
             .header("content-type", "application/merge-patch+json")
             .body(json!({"spec": {"execution": {"args": args}}}).to_string());
@@ -158,7 +188,7 @@ impl Stack {
     }
 
     async fn get(&self, name: &str) -> Value {
-        send_ok(self.http.get(self.url(name)), &format!("get {name}"))
+        send_ok(self.admin.get(self.url(name)), &format!("get {name}"))
             .await
             .json()
             .await
@@ -168,15 +198,12 @@ impl Stack {
     /// Events about `name` with `reason`.
     async fn events(&self, name: &str, reason: &str) -> usize {
         let url = format!(
-            "{}/apis/events.k8s.io/v1/namespaces/{NAMESPACE}/events",
-            self.kubesim.base_url()
+            "{}/apis/events.k8s.io/v1/namespaces/{}/events",
+            self.apiserver_url,
+            self.ns.name()
         );
-        let list: Value = self
-            .http
-            .get(url)
-            .send()
+        let list: Value = send_ok(self.admin.get(url), "list events")
             .await
-            .expect("events")
             .json()
             .await
             .expect("json");
@@ -191,14 +218,26 @@ impl Stack {
             .unwrap_or(0)
     }
 
+    /// Status writes the apiserver served to the gateway (audit log).
     async fn status_patches(&self) -> u64 {
-        self.kubesim
+        self.ns
             .count("patch", "deviceprocesses", Some("status"))
             .await
             + self
-                .kubesim
+                .ns
                 .count("update", "deviceprocesses", Some("status"))
                 .await
+    }
+
+    /// Reports the gateway has answered so far (from its /metrics).
+    async fn reports_served(&self) -> f64 {
+        metrics::scrape(
+            &self.http,
+            &self.admin_metrics_url(),
+            "apollo_gateway_http_requests_total",
+            &[r#"route="/v1/devices/{device}/report""#],
+        )
+        .await
     }
 }
 
@@ -264,12 +303,25 @@ async fn creation_and_spec_edits_are_observed_within_a_second() {
 
     // Steady state: heartbeats keep coming, Kubernetes sees no writes.
     let writes = stack.status_patches().await;
+    let all_writes = stack.ns.writes(None).await;
     let heartbeats = agent.logs().len();
-    tokio::time::sleep(Duration::from_secs(3 * HEARTBEAT_SECONDS)).await;
+    let reports = stack.reports_served().await;
+    wait_until(
+        Duration::from_secs(3 * HEARTBEAT_SECONDS + 5),
+        "three more heartbeats served",
+        || async { stack.reports_served().await >= reports + 3.0 },
+    )
+    .await;
     assert_eq!(
         stack.status_patches().await,
         writes,
         "heartbeats must not write status"
+    );
+    assert_eq!(
+        stack.ns.writes(None).await,
+        all_writes,
+        "heartbeats must not write anything: {:?}",
+        stack.ns.requests().await
     );
     assert_eq!(
         agent.logs().len(),
