@@ -9,6 +9,10 @@
 //! still names its object in full in `regarding`, which is what `kubectl describe` and every
 //! reader go by.
 //!
+//! The same goes for `reportingInstance`, at most 128 characters: the replica's identity is
+//! `<POD_NAME>_<pid><time>` by default and a Pod's name may be 253 characters, so it is cut to fit
+//! (the Lease's `holderIdentity`, which has no such limit, keeps it whole).
+//!
 //! The Recorder also folds a repeat of the same Event (same reason, action, regarding and related
 //! object) within a few minutes into a series by patching it. Every Event the controller emits is
 //! about a distinct child (the `related` reference carries the child's uid), so there are no
@@ -24,6 +28,8 @@ use kube::api::{Api, PostParams};
 
 /// Longest object name the apiserver accepts (a DNS-1123 subdomain).
 pub const MAX_EVENT_NAME_LEN: usize = 253;
+/// Longest `reportingInstance` the apiserver accepts.
+pub const MAX_REPORTING_INSTANCE_LEN: usize = 128;
 
 /// Normal or Warning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,18 +64,23 @@ pub struct EventSpec {
     pub related: Option<ObjectReference>,
 }
 
-/// `<object>.<suffix>`, with `object` cut (at a character boundary, then back to an alphanumeric
-/// character, since a DNS-1123 label ends with one) so the whole name fits in 253 characters.
-pub fn event_name(object: &str, suffix: &str) -> String {
-    let room = MAX_EVENT_NAME_LEN.saturating_sub(suffix.len() + 1);
+/// The longest prefix of `s` of at most `max` bytes that ends at a character boundary.
+fn cut(s: &str, max: usize) -> &str {
     let mut end = 0;
-    for (i, c) in object.char_indices() {
-        if i + c.len_utf8() > room {
+    for (i, c) in s.char_indices() {
+        if i + c.len_utf8() > max {
             break;
         }
         end = i + c.len_utf8();
     }
-    let prefix = object[..end].trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    &s[..end]
+}
+
+/// `<object>.<suffix>`, with `object` cut (at a character boundary, then back to an alphanumeric
+/// character, since a DNS-1123 label ends with one) so the whole name fits in 253 characters.
+pub fn event_name(object: &str, suffix: &str) -> String {
+    let room = MAX_EVENT_NAME_LEN.saturating_sub(suffix.len() + 1);
+    let prefix = cut(object, room).trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
     let prefix = if prefix.is_empty() { "event" } else { prefix };
     format!("{prefix}.{suffix}")
 }
@@ -100,7 +111,7 @@ pub fn build_event(
         regarding: Some(regarding.clone()),
         related: spec.related.clone(),
         reporting_controller: Some(controller.to_owned()),
-        reporting_instance: Some(instance.to_owned()),
+        reporting_instance: Some(cut(instance, MAX_REPORTING_INSTANCE_LEN).to_owned()),
         ..Event::default()
     }
 }
@@ -204,6 +215,18 @@ mod tests {
         assert_eq!(a.type_.as_deref(), Some("Normal"));
         assert_eq!(a.reporting_controller.as_deref(), Some("apollo-controller"));
         assert_eq!(a.reporting_instance.as_deref(), Some("replica-1"));
+        let long_instance = format!("{}_4d2a", "p".repeat(253));
+        let c = build_event(
+            &spec,
+            &regarding,
+            "apollo-controller",
+            &long_instance,
+            now,
+            3,
+        );
+        let instance = c.reporting_instance.expect("reportingInstance");
+        assert_eq!(instance.len(), MAX_REPORTING_INSTANCE_LEN);
+        assert!(long_instance.starts_with(&instance));
         assert_eq!(a.series, None);
         assert_eq!(a.deprecated_count, None);
     }

@@ -646,7 +646,7 @@ async fn the_controller_does_its_whole_job_with_exactly_the_rbac_of_deploy_rbac(
 /// real apiserver, which validates each of them.
 #[tokio::test]
 async fn the_longest_names_kubernetes_allows_still_yield_valid_children_and_events() {
-    let (cluster, _controller) = Cluster::with_controller().await;
+    let cluster = Cluster::start().await;
     let long = |prefix: &str| {
         let mut name = prefix.to_owned();
         while name.len() < 253 {
@@ -658,7 +658,13 @@ async fn the_longest_names_kubernetes_allows_still_yield_valid_children_and_even
     };
     let device = long("tor1.sfo.");
     let deployment = long("logger-");
+    // The identity defaults to `<POD_NAME>_<pid><nanos>`, and a Pod's name may be 253 characters.
+    let identity = format!("{}_4d2a1b2c3d4e", long("apollo-controller-"));
     assert_eq!((device.len(), deployment.len()), (253, 253));
+    let _controller = cluster
+        .controller_with("controller-a", &[("--identity", identity.as_str())])
+        .await;
+    cluster.wait_for_holder(&identity).await;
     cluster.switch(&device, &[ROLE_TOR]).await;
     cluster
         .deployment(&deployment, tor_selector(), &["v1"])
@@ -680,6 +686,11 @@ async fn the_longest_names_kubernetes_allows_still_yield_valid_children_and_even
     // The Event about the deployment is accepted too (its name derives from the deployment's).
     let events = cluster.events_for(&deployment, "SuccessfulCreate").await;
     assert_eq!(events.len(), 1, "{events:#?}");
+    let instance = events[0].reporting_instance.clone().unwrap_or_default();
+    assert!(
+        !instance.is_empty() && identity.starts_with(&instance),
+        "reportingInstance {instance:?} names the replica"
+    );
 
     // Removing the device deletes the child and reports that as well.
     cluster
