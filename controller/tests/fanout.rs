@@ -11,8 +11,9 @@ use apollo_crds::{
     LABEL_DEVICE_NAME,
 };
 use apollo_test_support::kube::AuditLog;
+use apollo_test_support::kube::KUBE_APISERVER;
 use apollo_test_support::wait_until;
-use apollo_test_support::{Component, Fault, TestNamespace};
+use apollo_test_support::{Component, ControlPlaneOptions, Fault, TestNamespace};
 use common::{
     labels, new_deployment, new_switch, template, tor_selector, Cluster, DEADLINE, ROLE_TOR,
 };
@@ -189,7 +190,7 @@ async fn deleting_the_deployment_garbage_collects_its_children() {
     let (cluster, _controller) = Cluster::with_controller().await;
     cluster.roll_out_logger(&["tor1-01", "tor1-02"]).await;
     cluster.wait_for_garbage_collector().await;
-    let audit = AuditLog::from_end(cluster.control_plane.audit_log_path());
+    let audit = AuditLog::from_end(cluster.control_plane().audit_log_path());
 
     cluster
         .deployments
@@ -454,7 +455,7 @@ async fn a_namespace_scoped_controller_leaves_other_namespaces_alone() {
     let cluster = Cluster::start().await;
     // Another namespace of the same control plane, where the controller's ServiceAccount may read
     // and write as much as in its own (its ClusterRoleBinding): only --namespace keeps it out.
-    let other = TestNamespace::create(cluster.control_plane, "other").await;
+    let other = TestNamespace::create(cluster.control_plane(), "other").await;
     let _controller = cluster.controller("controller-a").await;
     let other_switches: Api<NetworkSwitch> = other.api();
     let other_deployments: Api<DeviceProcessDeployment> = other.api();
@@ -702,4 +703,79 @@ async fn the_longest_names_kubernetes_allows_still_yield_valid_children_and_even
     cluster
         .assert_events(&deployment, "SuccessfulDelete", 1)
         .await;
+}
+
+/// Foreground deletion: the apiserver keeps the deployment (deletionTimestamp set, finalizer
+/// `foregroundDeletion`) until kube-controller-manager's garbage collector has deleted every child
+/// that blocks it (`blockOwnerDeletion`). Meanwhile the controller must neither recreate the
+/// children being deleted nor write anything else.
+#[tokio::test]
+async fn foreground_deletion_of_the_deployment_is_left_to_the_garbage_collector() {
+    let (cluster, _controller) = Cluster::with_controller().await;
+    cluster.roll_out_logger(&["tor1-01", "tor1-02"]).await;
+    cluster.wait_for_garbage_collector().await;
+    cluster.reset_requests().await;
+
+    cluster
+        .deployments
+        .delete("logger", &DeleteParams::foreground())
+        .await
+        .expect("delete deployment");
+    wait_until(
+        DEADLINE,
+        "the deployment and its children are gone",
+        || async {
+            matches!(cluster.deployments.get_opt("logger").await, Ok(None))
+                && cluster
+                    .children
+                    .list(&Default::default())
+                    .await
+                    .is_ok_and(|l| l.items.is_empty())
+        },
+    )
+    .await;
+    let writes = cluster.writes_except_leases().await;
+    assert!(
+        writes.is_empty(),
+        "writes while the deployment was deleted: {writes:?}"
+    );
+}
+
+/// Clusters that enable the OwnerReferencesPermissionEnforcement admission plugin let only
+/// users who may update the owner's `finalizers` set `blockOwnerDeletion` on an owner reference.
+/// The controller sets it on every child; `deploy/rbac/controller.yaml` grants
+/// `deviceprocessdeployments/finalizers` update for that, and this is the proof.
+#[tokio::test]
+async fn the_rbac_suffices_where_owner_reference_permissions_are_enforced() {
+    let cluster = Cluster::start_private(ControlPlaneOptions {
+        apiserver_args: vec![
+            "--enable-admission-plugins=OwnerReferencesPermissionEnforcement".to_owned(),
+        ],
+        ..ControlPlaneOptions::default()
+    })
+    .await;
+    let apiserver_log = cluster.control_plane().log_tail(KUBE_APISERVER, 100_000);
+    assert!(
+        apiserver_log.contains("OwnerReferencesPermissionEnforcement"),
+        "the admission plugin is enabled"
+    );
+    let _controller = cluster.controller("controller-a").await;
+    cluster.roll_out_logger(&["tor1-01", "tor1-02"]).await;
+    for child in cluster.children_of("logger").await {
+        let owner = &child.owner_references()[0];
+        assert_eq!(
+            owner.block_owner_deletion,
+            Some(true),
+            "{}",
+            child.name_any()
+        );
+    }
+    let refused: Vec<_> = cluster
+        .requests()
+        .await
+        .into_iter()
+        .filter(|r| matches!(r.code, 401 | 403 | 422))
+        .collect();
+    assert!(refused.is_empty(), "refused: {refused:#?}");
+    assert_eq!(cluster.count("create", "deviceprocesses", None).await, 2);
 }

@@ -17,7 +17,7 @@ use apollo_crds::{
 };
 use apollo_test_support::{
     events_about, free_addr, metrics, wait_for, wait_until, ApiRequest, Component, ControlPlane,
-    FaultProxy, Proc, TestNamespace,
+    ControlPlaneOptions, FaultProxy, Proc, TestNamespace,
 };
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
@@ -45,7 +45,6 @@ pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 /// exactly the RBAC of `deploy/rbac/controller.yaml`, scoped to this namespace (`--namespace`,
 /// `--lease-namespace`), so tests running at the same time never see each other.
 pub struct Cluster {
-    pub control_plane: &'static ControlPlane,
     pub ns: TestNamespace,
     /// The admin client (the test's own set-up and reads; never given to the controller).
     pub client: Client,
@@ -58,6 +57,16 @@ pub struct Cluster {
     kubeconfig: PathBuf,
     /// Between the controllers and the apiserver, when the test injects faults.
     pub proxy: Option<FaultProxy>,
+    /// Declared last: dropped (and, when private, stopped) after everything that uses it.
+    plane: Plane,
+}
+
+/// The control plane a [`Cluster`] lives on.
+enum Plane {
+    /// The one every test of this binary shares.
+    Shared(&'static ControlPlane),
+    /// One of the test's own, stopped when the test ends.
+    Private(ControlPlane),
 }
 
 impl Cluster {
@@ -72,8 +81,25 @@ impl Cluster {
         Self::create(true).await
     }
 
+    /// A fresh namespace on a control plane of the test's own (for kube-apiserver settings the
+    /// other tests must not get).
+    pub async fn start_private(options: ControlPlaneOptions) -> Self {
+        Self::create_on(
+            Plane::Private(ControlPlane::start_with(options).await),
+            false,
+        )
+        .await
+    }
+
     async fn create(with_proxy: bool) -> Self {
-        let control_plane = ControlPlane::shared().await;
+        Self::create_on(Plane::Shared(ControlPlane::shared().await), with_proxy).await
+    }
+
+    async fn create_on(plane: Plane, with_proxy: bool) -> Self {
+        let control_plane = match &plane {
+            Plane::Shared(shared) => *shared,
+            Plane::Private(private) => private,
+        };
         let ns = TestNamespace::create(control_plane, "ctl").await;
         let proxy = if with_proxy {
             Some(FaultProxy::start(control_plane).await)
@@ -91,11 +117,19 @@ impl Cluster {
             children: ns.api(),
             leases: ns.api(),
             events: ns.api(),
-            control_plane,
             client,
             kubeconfig,
             proxy,
             ns,
+            plane,
+        }
+    }
+
+    /// The control plane this cluster lives on.
+    pub fn control_plane(&self) -> &ControlPlane {
+        match &self.plane {
+            Plane::Shared(shared) => shared,
+            Plane::Private(private) => private,
         }
     }
 
@@ -274,7 +308,12 @@ impl Cluster {
     /// Wait until kube-controller-manager's garbage collector watches Apollo's kinds; see
     /// [`wait_for_garbage_collector`].
     pub async fn wait_for_garbage_collector(&self) {
-        wait_for_garbage_collector(self.control_plane).await;
+        match &self.plane {
+            Plane::Shared(shared) => wait_for_garbage_collector(shared).await,
+            Plane::Private(_) => {
+                panic!("the garbage-collector probe is for the shared control plane")
+            }
+        }
     }
 
     /// The `holderIdentity` of the leader Lease, if it exists and is held.
