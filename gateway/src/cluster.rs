@@ -20,7 +20,7 @@
 //! atomically in Redis anyway, so the brief overlaps a scale change can cause never produce a
 //! duplicate Event.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -156,6 +156,8 @@ pub async fn run(
     // One lock per shard we have dealt with: each remembers what it observed of its Lease.
     let mut locks: BTreeMap<u32, LeaseLock> = BTreeMap::new();
     let mut expired_since: BTreeMap<u32, Instant> = BTreeMap::new();
+    // Shards whose Lease calls Kubernetes refused (401/403), each warned about once.
+    let mut refused: BTreeSet<u32> = BTreeSet::new();
     let mut published: Option<(Vec<u32>, u32)> = None;
     let mut ticker = tokio::time::interval(Duration::from_millis(HEARTBEAT_EVERY_MS));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -219,8 +221,24 @@ pub async fn run(
                     Ok(())
                 }
             };
-            if let Err(error) = result {
-                debug!(shard, %error, "shard lease call failed");
+            match result {
+                Err(error) if is_refused(&error) => {
+                    // A configuration error, not a blip: say so once, loudly.
+                    if refused.insert(shard) {
+                        warn!(
+                            shard,
+                            lease_namespace = %config.lease_namespace,
+                            %error,
+                            "Kubernetes refused the shard lease call: this replica's \
+                             ServiceAccount lacks the Lease RBAC in that namespace, so it sweeps \
+                             nothing for this shard"
+                        );
+                    }
+                }
+                Err(error) => debug!(shard, %error, "shard lease call failed"),
+                Ok(()) => {
+                    refused.remove(&shard);
+                }
             }
             if held.contains_key(&shard) {
                 expired_since.remove(&shard);
@@ -347,6 +365,17 @@ fn follow_shared_clock(sent_ms: i64, redis_ms: i64, received_ms: i64) -> Option<
         );
     }
     Some(offset)
+}
+
+/// Whether Kubernetes refused a Lease call for lack of permission (401 or 403).
+fn is_refused(error: &LeaseError) -> bool {
+    matches!(
+        error,
+        LeaseError::Api {
+            source: kube::Error::Api(status),
+            ..
+        } if matches!(status.code, 401 | 403)
+    )
 }
 
 /// The Lock of shard `shard`'s Lease, held as this replica.

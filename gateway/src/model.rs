@@ -88,7 +88,7 @@ impl CachedProcess {
     }
 
     /// Whether `self` is older than `other` by resourceVersion. resourceVersions are opaque, but
-    /// every API server (and kubesim) issues increasing integers; when either does not parse, the
+    /// the etcd-backed kube-apiserver issues increasing integers; when either does not parse, the
     /// newer arrival wins.
     pub fn is_older_than(&self, other: &CachedProcess) -> bool {
         match (

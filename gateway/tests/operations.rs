@@ -538,3 +538,216 @@ async fn kubectl_shows_the_projected_status_and_the_events() {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }
 }
+
+#[tokio::test]
+async fn a_status_patch_on_a_stale_resource_version_gets_a_real_conflict_and_is_retried() {
+    let stack = Stack::start_with(Options {
+        heartbeat_seconds: 30,
+        proxy: true,
+        ..Options::default()
+    })
+    .await;
+    let dp = stack.create("contended", "contended-dev", "alpine:1").await;
+    stack.wait_for_items("contended-dev", 1).await;
+    stack
+        .wait_status("contended", "initial status", |dp| dp.status.is_some())
+        .await;
+    // Blind the gateway's cache: end its watch and hold the next watch (and any relist) longer
+    // than this test waits, so it keeps the resourceVersion it has.
+    let held = Duration::from_secs(30);
+    stack.proxy().set_faults(vec![
+        Fault {
+            delay: Some(held),
+            times: Some(1),
+            verb: Some("watch".into()),
+            resource: Some("deviceprocesses".into()),
+            ..Fault::default()
+        },
+        Fault {
+            delay: Some(held),
+            times: Some(1),
+            verb: Some("list".into()),
+            resource: Some("deviceprocesses".into()),
+            ..Fault::default()
+        },
+    ]);
+    stack.proxy().cut_streams();
+    // Someone else writes the object: its resourceVersion moves on, its spec does not.
+    stack
+        .processes()
+        .patch(
+            "contended",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"touched": "yes"}}})),
+        )
+        .await
+        .expect("label");
+    stack.ns.reset_requests().await;
+
+    assert_eq!(
+        stack
+            .report("contended-dev", &[("contended", &hash_of(&dp))])
+            .await
+            .status(),
+        200
+    );
+    let started = Instant::now();
+    stack
+        .wait_status("contended", "connected and observed", |dp| {
+            is_condition(dp, AGENT_CONNECTED, TRUE) && is_condition(dp, SPEC_OBSERVED, TRUE)
+        })
+        .await;
+    assert!(started.elapsed() < held, "converged through the watch");
+    // The apiserver itself refused the patch carrying the old resourceVersion; the gateway read
+    // the object again and patched once more.
+    let requests = stack.ns.requests().await;
+    let patches: Vec<u16> = requests
+        .iter()
+        .filter(|r| r.verb == "patch" && r.subresource == "status")
+        .map(|r| r.code)
+        .collect();
+    assert_eq!(patches, [409, 200], "{requests:#?}");
+    assert_eq!(
+        stack.ns.count("get", "deviceprocesses", Some("")).await,
+        1,
+        "{requests:#?}"
+    );
+    let dp = stack.get("contended").await;
+    assert_eq!(
+        dp.metadata.labels.unwrap_or_default().get("touched"),
+        Some(&"yes".to_owned()),
+        "the other writer's change survives"
+    );
+}
+
+#[tokio::test]
+async fn the_gateway_is_refused_what_its_rbac_does_not_grant_and_then_acts_on_no_shard() {
+    // The gateway's Role for Leases is bound in its own namespace only: pointed at another
+    // namespace for its shard Leases, it is refused there and owns no shard.
+    let control_plane = apollo_test_support::ControlPlane::shared().await;
+    let foreign = TestNamespace::create(control_plane, "foreign").await;
+    let stack = Stack::start_with(Options {
+        lease_namespace: Some(foreign.name().to_owned()),
+        ..Options::default()
+    })
+    .await;
+    // The replica retries every second; three refusals later it still owns nothing.
+    wait_until(DEADLINE, "three Lease requests refused", || async {
+        stack
+            .ns
+            .requests()
+            .await
+            .iter()
+            .filter(|r| r.resource == "leases" && r.code == 403)
+            .count()
+            >= 3
+    })
+    .await;
+    let requests = stack.ns.requests().await;
+    let leases: Vec<_> = requests.iter().filter(|r| r.resource == "leases").collect();
+    assert!(
+        leases
+            .iter()
+            .all(|r| r.code == 403 && r.namespace == foreign.name()),
+        "{requests:#?}"
+    );
+    let listed = foreign.kubectl(["get", "leases", "-o", "name"]).await;
+    assert!(listed.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout).trim(),
+        "",
+        "no Lease created"
+    );
+    // Without its Lease the replica sweeps nothing, so it never marks a device stale.
+    assert_eq!(
+        stack.metric("apollo_gateway_stale_sweeps_total", &[]).await,
+        0.0
+    );
+    // Operators are told, once per shard, rather than the refusal hiding in debug logs.
+    let logs = stack.gateway.logs();
+    assert_eq!(
+        logs.matches("Kubernetes refused the shard lease call")
+            .count(),
+        1,
+        "{logs}"
+    );
+}
+
+#[tokio::test]
+async fn an_apiserver_restart_costs_no_status_write_and_the_watch_resumes() {
+    let control_plane = apollo_test_support::ControlPlane::start().await;
+    let stack = Stack::start_on(
+        &control_plane,
+        Options {
+            heartbeat_seconds: 30,
+            ..Options::default()
+        },
+    )
+    .await;
+    create_connected(&stack, "survivor", "survivor-dev").await;
+    let etag = stack.etag_of("survivor-dev").await;
+    stack.ns.reset_requests().await;
+
+    // kube-apiserver goes away (SIGKILL: every connection and watch drops) and stays away.
+    control_plane.hold(apollo_test_support::kube::KUBE_APISERVER);
+    control_plane.kill(apollo_test_support::kube::KUBE_APISERVER);
+    wait_until(DEADLINE, "the apiserver is down", || async {
+        !control_plane.is_ready().await
+    })
+    .await;
+    // Devices notice nothing: documents come from memory, reports go to Redis.
+    let not_modified = stack.desired("survivor-dev", Some(&etag), None).await;
+    assert_eq!(not_modified.status(), 304);
+    assert_eq!(stack.report("survivor-dev", &[]).await.status(), 200);
+    assert_eq!(stack.readyz().await, 200, "a synced cache stays ready");
+
+    control_plane.release(apollo_test_support::kube::KUBE_APISERVER);
+    control_plane.wait_ready().await;
+    // The watch resumes: a spec change made after the restart reaches the device.
+    let poll = stack.spawn_long_poll("survivor-dev", &etag, 30);
+    let changed = stack.change_spec("survivor", "alpine:2").await;
+    let (_, response) = poll.await.expect("join");
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(body["items"][0]["specHash"], hash_of(&changed));
+    // The restart itself wrote nothing; the spec change and its prompt observation cost one patch.
+    assert_eq!(
+        stack.ns.writes(None).await,
+        0,
+        "{:?}",
+        stack.ns.requests().await
+    );
+    let new_hash = hash_of(&changed);
+    assert_eq!(
+        stack
+            .report("survivor-dev", &[("survivor", &new_hash)])
+            .await
+            .status(),
+        200
+    );
+    stack
+        .wait_status("survivor", "the new spec observed", |dp| {
+            is_condition(dp, SPEC_OBSERVED, TRUE)
+                && dp
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.observed_spec_hash.as_deref())
+                    == Some(new_hash.as_str())
+        })
+        .await;
+    stack.wait_sweeps(5.0).await;
+    assert_eq!(
+        stack.status_patches().await,
+        1,
+        "{:?}",
+        stack.ns.requests().await
+    );
+    assert_eq!(
+        stack.events("survivor", REASON_AGENT_CONNECTED).await.len(),
+        1
+    );
+    assert!(stack
+        .events("survivor", REASON_AGENT_DISCONNECTED)
+        .await
+        .is_empty());
+}

@@ -38,6 +38,8 @@ pub struct Options {
     pub faults: Vec<Fault>,
     /// `--namespace` of the gateway (default: the test's own namespace).
     pub watch_namespace: Option<String>,
+    /// `--lease-namespace` of the gateway (default: the test's own namespace).
+    pub lease_namespace: Option<String>,
     pub extra: Vec<String>,
 }
 
@@ -54,6 +56,7 @@ impl Default for Options {
             proxy: false,
             faults: Vec::new(),
             watch_namespace: None,
+            lease_namespace: None,
             extra: Vec::new(),
         }
     }
@@ -95,7 +98,19 @@ impl Stack {
 
     /// Starts everything without waiting for the gateway to be ready.
     pub async fn spawn_with(options: Options) -> Self {
-        let control_plane = ControlPlane::shared().await;
+        Self::spawn_on(ControlPlane::shared().await, options).await
+    }
+
+    /// Starts everything against `control_plane` (e.g. a private one a test restarts) and waits
+    /// until the gateway is ready.
+    pub async fn start_on(control_plane: &ControlPlane, options: Options) -> Self {
+        let stack = Self::spawn_on(control_plane, options).await;
+        stack.wait_ready().await;
+        stack
+    }
+
+    /// Starts everything against `control_plane` without waiting for the gateway to be ready.
+    pub async fn spawn_on(control_plane: &ControlPlane, options: Options) -> Self {
         let ns = TestNamespace::create(control_plane, "gw").await;
         let redis = RedisServer::start().await;
         let client = ns.client();
@@ -142,7 +157,9 @@ impl Stack {
                 .watch_namespace
                 .unwrap_or_else(|| ns.name().to_owned()),
             "--lease-namespace".into(),
-            ns.name().into(),
+            options
+                .lease_namespace
+                .unwrap_or_else(|| ns.name().to_owned()),
             // One replica holds its shard for the whole test: no Lease renewal (a write every
             // third of the duration) lands in a test's count of Kubernetes writes.
             "--shard-lease-seconds".into(),
