@@ -46,6 +46,15 @@ pub const REASON_SELECTOR_VALID: &str = "SelectorValid";
 pub const MESSAGE_SELECTOR_VALID: &str = "selector is valid";
 /// Reason for SelectorValid=False.
 pub const REASON_INVALID_SELECTOR: &str = "InvalidSelector";
+/// Condition type on a deployment, present (True) while the apiserver refuses the DeviceProcesses
+/// made from its template (as a ReplicaSet's `ReplicaFailure`); absent otherwise.
+pub const PROCESS_FAILURE: &str = "ProcessFailure";
+/// Reason for ProcessFailure=True: a child could not be created.
+pub const REASON_FAILED_CREATE: &str = "FailedCreate";
+/// Reason for ProcessFailure=True: a child could not be brought to the template.
+pub const REASON_FAILED_UPDATE: &str = "FailedUpdate";
+/// Longest message kept from the apiserver's answer (an Event's note may be 1024 bytes).
+pub const MAX_FAILURE_MESSAGE_LEN: usize = 900;
 
 /// Why the desired set of a deployment cannot be computed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -461,6 +470,77 @@ pub fn deployment_status(
     }
 }
 
+/// The apiserver refused a DeviceProcess made from the template as invalid (422): the CRD's schema
+/// accepts template labels and annotations the apiserver does not accept on an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessFailure {
+    /// [`REASON_FAILED_CREATE`] or [`REASON_FAILED_UPDATE`].
+    pub reason: String,
+    /// Which child, and the apiserver's words.
+    pub message: String,
+}
+
+impl ProcessFailure {
+    /// A refused write of `child`; `answer` is the apiserver's message (cut to
+    /// [`MAX_FAILURE_MESSAGE_LEN`]).
+    pub fn new(reason: &str, child: &str, answer: &str) -> Self {
+        let mut message = format!("DeviceProcess {child}: {answer}");
+        if message.len() > MAX_FAILURE_MESSAGE_LEN {
+            let mut end = MAX_FAILURE_MESSAGE_LEN;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
+        Self {
+            reason: reason.to_owned(),
+            message,
+        }
+    }
+}
+
+/// The failure recorded in `status` for the deployment's current generation: the template it was
+/// found with is still the template, so writing its children again would be refused again.
+pub fn recorded_failure(
+    deployment: &DeviceProcessDeployment,
+    status: Option<&DeviceProcessDeploymentStatus>,
+) -> Option<ProcessFailure> {
+    let condition = conditions::find(&status?.conditions, PROCESS_FAILURE)?;
+    (condition.status == conditions::TRUE
+        && condition.observed_generation.is_some()
+        && condition.observed_generation == deployment.metadata.generation)
+        .then(|| ProcessFailure {
+            reason: condition.reason.clone(),
+            message: condition.message.clone(),
+        })
+}
+
+/// Sets `ProcessFailure=True` for `failure` (computed from `generation`), or removes the condition
+/// when there is none.
+pub fn set_process_failure(
+    status: &mut DeviceProcessDeploymentStatus,
+    failure: Option<&ProcessFailure>,
+    generation: Option<i64>,
+    now: &str,
+) {
+    match failure {
+        Some(failure) => {
+            conditions::upsert(
+                &mut status.conditions,
+                Condition::new(
+                    PROCESS_FAILURE,
+                    conditions::TRUE,
+                    &failure.reason,
+                    &failure.message,
+                    now,
+                )
+                .with_generation(generation),
+            );
+        }
+        None => status.conditions.retain(|c| c.type_ != PROCESS_FAILURE),
+    }
+}
+
 /// Whether writing `next` would change the stored status (conditions compared by type).
 pub fn status_changed(
     current: Option<&DeviceProcessDeploymentStatus>,
@@ -551,6 +631,50 @@ mod tests {
         c.metadata.resource_version = Some("41".into());
         c.metadata.uid = Some(format!("uid-{}", c.name_any()));
         Arc::new(c)
+    }
+
+    #[test]
+    fn a_process_failure_holds_for_its_generation_and_goes_when_resolved() {
+        let d = deployment(&["v1"]);
+        let desired =
+            desired_children(&d, &[switch("tor1-01", NS, &[("role", "tor")])]).expect("desired");
+        let mut status = deployment_status(&d, None, &desired, &[], None, NOW);
+        assert_eq!(recorded_failure(&d, Some(&status)), None);
+        let failure = ProcessFailure::new(
+            REASON_FAILED_CREATE,
+            "logger-tor1-01",
+            "metadata.labels: Invalid value",
+        );
+        assert_eq!(
+            failure.message,
+            "DeviceProcess logger-tor1-01: metadata.labels: Invalid value"
+        );
+        set_process_failure(&mut status, Some(&failure), d.metadata.generation, NOW);
+        let cond = conditions::find(&status.conditions, PROCESS_FAILURE).expect("condition");
+        assert_eq!(
+            (cond.status.as_str(), cond.reason.as_str()),
+            ("True", "FailedCreate")
+        );
+        assert_eq!(recorded_failure(&d, Some(&status)), Some(failure.clone()));
+        // A new generation may carry a fixed template: the failure no longer holds for it.
+        let mut changed = d.clone();
+        changed.metadata.generation = Some(4);
+        assert_eq!(recorded_failure(&changed, Some(&status)), None);
+        // Recording it again keeps the transition time; resolving removes the condition.
+        let mut again = status.clone();
+        set_process_failure(
+            &mut again,
+            Some(&failure),
+            d.metadata.generation,
+            "2030-01-01T00:00:00Z",
+        );
+        assert!(!status_changed(Some(&status), &again));
+        set_process_failure(&mut again, None, d.metadata.generation, NOW);
+        assert!(conditions::find(&again.conditions, PROCESS_FAILURE).is_none());
+        assert!(conditions::find(&again.conditions, SELECTOR_VALID).is_some());
+        // Long answers are cut (an Event's note is at most 1024 bytes).
+        let long = ProcessFailure::new(REASON_FAILED_UPDATE, "c", &"é".repeat(2000));
+        assert!(long.message.len() <= MAX_FAILURE_MESSAGE_LEN);
     }
 
     #[test]

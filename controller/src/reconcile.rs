@@ -210,12 +210,18 @@ async fn reconcile_deployment(
             // Touch no child: an unreadable selector must not delete the fleet's processes.
             let existing: Vec<Arc<DeviceProcess>> = owned_children(ctx, &namespace, &uid);
             let problem = problem.to_string();
-            let status = desired::deployment_status(
+            let mut status = desired::deployment_status(
                 deployment,
                 shown_status.as_ref(),
                 &Default::default(),
                 &existing.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
                 Some(&problem),
+                &now,
+            );
+            desired::set_process_failure(
+                &mut status,
+                desired::recorded_failure(deployment, shown_status.as_ref()).as_ref(),
+                deployment.metadata.generation,
                 &now,
             );
             let paced =
@@ -232,8 +238,16 @@ async fn reconcile_deployment(
     // Children as they are once this reconcile's writes are done (shared, not copied: a
     // deployment may have a child per device of a large fleet).
     let mut after: Vec<Arc<DeviceProcess>> = plan.unchanged.clone();
+    // The apiserver refused a child made from this generation's template as invalid: every
+    // create or update from it would be refused the same way, so none is attempted until the
+    // deployment changes. Deletes do not depend on the template and go ahead.
+    let mut failure = desired::recorded_failure(deployment, shown_status.as_ref());
+    let refused_before = failure.is_some();
 
     for child in &plan.create {
+        if failure.is_some() {
+            break;
+        }
         ctx.leadership.ensure()?;
         let child_name = child.name_any();
         let result = with_timeout(
@@ -257,6 +271,13 @@ async fn reconcile_deployment(
                     // brings the truth; look again shortly.
                     tracing::info!(child = %child_name, "DeviceProcess already exists; re-checking later");
                     requeue_soon = true;
+                } else if let Some(answer) = invalid(&error) {
+                    tracing::warn!(deployment = %name, %namespace, child = %child_name, %answer, "the apiserver refused the DeviceProcess made from the template");
+                    failure = Some(desired::ProcessFailure::new(
+                        desired::REASON_FAILED_CREATE,
+                        &child_name,
+                        answer,
+                    ));
                 } else {
                     return Err(Error::CreateChild {
                         name: child_name,
@@ -268,14 +289,35 @@ async fn reconcile_deployment(
     }
 
     for update in &plan.update {
+        if failure.is_some() {
+            after.push(Arc::clone(&update.existing));
+            continue;
+        }
         ctx.leadership.ensure()?;
-        match update_child(&children_api, update, ctx).await? {
-            Some(updated) => after.push(Arc::new(updated)),
-            None => {
+        match update_child(&children_api, update, ctx).await {
+            Ok(Some(updated)) => after.push(Arc::new(updated)),
+            Ok(None) => {
                 requeue_soon = true;
                 after.push(Arc::clone(&update.existing));
             }
+            Err(Error::UpdateChild {
+                name: child,
+                source,
+            }) if invalid(&source).is_some() => {
+                let answer = invalid(&source).unwrap_or_default();
+                tracing::warn!(deployment = %name, %namespace, %child, %answer, "the apiserver refused the template's update of the DeviceProcess");
+                failure = Some(desired::ProcessFailure::new(
+                    desired::REASON_FAILED_UPDATE,
+                    &child,
+                    answer,
+                ));
+                after.push(Arc::clone(&update.existing));
+            }
+            Err(other) => return Err(other),
         }
+    }
+    if let Some(failure) = failure.as_ref().filter(|_| !refused_before) {
+        publish_failure(ctx, deployment, failure).await;
     }
 
     for child in &plan.delete {
@@ -318,12 +360,18 @@ async fn reconcile_deployment(
         }
     }
 
-    let status = desired::deployment_status(
+    let mut status = desired::deployment_status(
         deployment,
         shown_status.as_ref(),
         &desired,
         &after.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
         None,
+        &now,
+    );
+    desired::set_process_failure(
+        &mut status,
+        failure.as_ref(),
+        deployment.metadata.generation,
         &now,
     );
     let paced = write_status(deployment, &namespace, shown_status.as_ref(), status, ctx).await?;
@@ -472,22 +520,59 @@ async fn publish(
         // Distinct per child (it carries the child's uid).
         related: Some(child.object_ref(&())),
     };
+    emit(ctx, deployment, &event).await;
+}
+
+/// Publish `event` on the deployment, counting the outcome; a failure is logged, never fails the
+/// reconcile.
+async fn emit(ctx: &Context, deployment: &DeviceProcessDeployment, event: &EventSpec) {
     let outcome = with_timeout(
         "publish event",
         ctx.config.api_timeout,
-        ctx.recorder.publish(&event, &deployment.object_ref(&())),
+        ctx.recorder.publish(event, &deployment.object_ref(&())),
     )
     .await;
     match outcome {
         Ok(Ok(())) => ctx.metrics.event("ok"),
         Ok(Err(error)) => {
             ctx.metrics.event("error");
-            tracing::warn!(%error, reason, "could not publish event");
+            tracing::warn!(%error, reason = %event.reason, "could not publish event");
         }
         Err(error) => {
             ctx.metrics.event("error");
-            tracing::warn!(%error, reason, "could not publish event");
+            tracing::warn!(%error, reason = %event.reason, "could not publish event");
         }
+    }
+}
+
+/// Publish a Warning Event on the deployment: the apiserver refused a child made from its
+/// template. Once per refused generation (the condition remembers it); best effort like
+/// [`publish`].
+async fn publish_failure(
+    ctx: &Context,
+    deployment: &DeviceProcessDeployment,
+    failure: &desired::ProcessFailure,
+) {
+    let action = if failure.reason == desired::REASON_FAILED_CREATE {
+        "Create"
+    } else {
+        "Update"
+    };
+    let event = EventSpec {
+        type_: EventType::Warning,
+        reason: failure.reason.clone(),
+        note: failure.message.clone(),
+        action: action.to_owned(),
+        related: None,
+    };
+    emit(ctx, deployment, &event).await;
+}
+
+/// The apiserver's message when it refused a write as invalid (422).
+fn invalid(error: &kube::Error) -> Option<&str> {
+    match error {
+        kube::Error::Api(status) if status.code == 422 => Some(status.message.as_str()),
+        _ => None,
     }
 }
 

@@ -779,3 +779,181 @@ async fn the_rbac_suffices_where_owner_reference_permissions_are_enforced() {
     assert!(refused.is_empty(), "refused: {refused:#?}");
     assert_eq!(cluster.count("create", "deviceprocesses", None).await, 2);
 }
+
+/// The CRD lets any string map through as template labels, but the apiserver validates the labels
+/// of every DeviceProcess made from the template (kubesim did not). A template it refuses is
+/// reported on the deployment (condition `ProcessFailure`, one `Warning FailedCreate` Event, as a
+/// ReplicaSet reports `ReplicaFailure`), with the status still counting what exists; the refused
+/// write is not repeated until the template changes, since it would be refused again.
+#[tokio::test]
+async fn a_template_the_apiserver_refuses_is_reported_and_not_retried_until_it_changes() {
+    let (cluster, _controller) = Cluster::with_controller().await;
+    cluster.tor_switches(&["tor1-01", "tor1-02"]).await;
+    let mut refused = new_deployment("logger", tor_selector(), &["v1"]);
+    // A space is not allowed in a label value.
+    refused
+        .spec
+        .template
+        .metadata
+        .labels
+        .insert("app".into(), "logger v1".into());
+    cluster
+        .deployments
+        .create(&PostParams::default(), &refused)
+        .await
+        .expect("the CRD's schema accepts the template");
+    let failing = |d: &DeviceProcessDeployment| {
+        d.status.as_ref().is_some_and(|s| {
+            s.observed_generation == d.metadata.generation
+                && s.conditions.iter().any(|c| {
+                    c.type_ == "ProcessFailure" && c.status == "True" && c.reason == "FailedCreate"
+                })
+        })
+    };
+    let deployment = cluster
+        .wait_for_deployment("logger", "ProcessFailure=True is reported", failing)
+        .await;
+    let status = deployment.status.expect("status");
+    assert_eq!(
+        (
+            status.desired_number_scheduled,
+            status.current_number_scheduled,
+            status.updated_number_scheduled
+        ),
+        (2, 0, 0)
+    );
+    let condition = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "ProcessFailure")
+        .expect("ProcessFailure");
+    assert!(
+        condition.message.contains("metadata.labels") && condition.message.contains("logger v1"),
+        "the apiserver's reason: {condition:?}"
+    );
+    let events = cluster.events_for("logger", "FailedCreate").await;
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0].type_.as_deref(), Some("Warning"));
+    let creates = || async {
+        cluster
+            .requests()
+            .await
+            .into_iter()
+            .filter(|r| r.verb == "create" && r.resource == "deviceprocesses")
+            .map(|r| r.code)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(creates().await, [422], "one refused create");
+
+    // A new device is counted, but nothing is created from the same template.
+    cluster.tor_switches(&["tor1-03"]).await;
+    cluster
+        .wait_for_deployment("logger", "three devices desired", |d| {
+            failing(d)
+                && d.status
+                    .as_ref()
+                    .is_some_and(|s| s.desired_number_scheduled == 3)
+        })
+        .await;
+    assert_eq!(creates().await, [422], "not retried with the same template");
+    cluster.assert_events("logger", "FailedCreate", 1).await;
+
+    // Fixed: the children are created and the failure is gone.
+    let patch = json!({"spec": {"template": {"metadata": {"labels": {"app": "logger"}}}}});
+    cluster
+        .deployments
+        .patch("logger", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("fix the template");
+    let deployment = cluster.converged("logger", 3).await;
+    let status = deployment.status.expect("status");
+    assert!(
+        status
+            .conditions
+            .iter()
+            .all(|c| c.type_ != "ProcessFailure"),
+        "{:?}",
+        status.conditions
+    );
+    assert_eq!(cluster.child_names("logger").await.len(), 3);
+    cluster.assert_events("logger", "SuccessfulCreate", 3).await;
+}
+
+/// The same for a template change the apiserver refuses on the existing children: they keep what
+/// they have, the failure is reported once, and nothing is retried until the template changes.
+#[tokio::test]
+async fn a_template_change_the_apiserver_refuses_leaves_the_children_as_they_were() {
+    let (cluster, _controller) = Cluster::with_controller().await;
+    let before = cluster.roll_out_logger(&["tor1-01", "tor1-02"]).await;
+    let children_before = cluster.children_of("logger").await;
+    cluster.reset_requests().await;
+
+    let patch = json!({"spec": {"template": {
+        "metadata": {"annotations": {"not a key!": "x"}},
+        "spec": {"execution": {"args": ["v2"]}}
+    }}});
+    cluster
+        .deployments
+        .patch("logger", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("the CRD's schema accepts the template");
+    let deployment = cluster
+        .wait_for_deployment("logger", "ProcessFailure=True (FailedUpdate)", |d| {
+            d.metadata.generation > before.metadata.generation
+                && d.status.as_ref().is_some_and(|s| {
+                    s.observed_generation == d.metadata.generation
+                        && s.conditions.iter().any(|c| {
+                            c.type_ == "ProcessFailure"
+                                && c.status == "True"
+                                && c.reason == "FailedUpdate"
+                                && c.message.contains("metadata.annotations")
+                        })
+                })
+        })
+        .await;
+    let status = deployment.status.expect("status");
+    assert_eq!(
+        (
+            status.desired_number_scheduled,
+            status.current_number_scheduled,
+            status.updated_number_scheduled
+        ),
+        (2, 2, 0)
+    );
+    for (before, after) in children_before
+        .iter()
+        .zip(cluster.children_of("logger").await)
+    {
+        assert_eq!(before.resource_version(), after.resource_version());
+    }
+    let patches: Vec<u16> = cluster
+        .requests()
+        .await
+        .into_iter()
+        .filter(|r| r.verb == "patch" && r.resource == "deviceprocesses")
+        .map(|r| r.code)
+        .collect();
+    assert_eq!(
+        patches,
+        [422],
+        "one refused patch, the other child not tried"
+    );
+    cluster.assert_events("logger", "FailedUpdate", 1).await;
+
+    let fix = json!({"spec": {"template": {"metadata": {"annotations": {"not a key!": null}}}}});
+    cluster
+        .deployments
+        .patch("logger", &PatchParams::default(), &Patch::Merge(&fix))
+        .await
+        .expect("fix the template");
+    let deployment = cluster.converged("logger", 2).await;
+    assert!(deployment
+        .status
+        .expect("status")
+        .conditions
+        .iter()
+        .all(|c| c.type_ != "ProcessFailure"));
+    for child in cluster.children_of("logger").await {
+        assert_eq!(child.spec.execution.args, ["v2"], "{}", child.name_any());
+    }
+}
