@@ -751,3 +751,77 @@ async fn an_apiserver_restart_costs_no_status_write_and_the_watch_resumes() {
         .await
         .is_empty());
 }
+
+#[tokio::test]
+async fn status_writes_that_time_out_while_etcd_is_paused_converge_with_one_event_each() {
+    let control_plane = apollo_test_support::ControlPlane::start().await;
+    let stack = Stack::start_on(
+        &control_plane,
+        Options {
+            heartbeat_seconds: 30,
+            resync_seconds: "1",
+            extra: vec!["--kube-write-timeout-seconds".into(), "1".into()],
+            ..Options::default()
+        },
+    )
+    .await;
+    let dp = stack.create("paused", "paused-dev", "alpine:1").await;
+    stack.wait_for_items("paused-dev", 1).await;
+    stack
+        .wait_status("paused", "initial status", |dp| dp.status.is_some())
+        .await;
+
+    // etcd stops answering: the apiserver holds every write.
+    control_plane.signal(apollo_test_support::kube::ETCD, Signal::SIGSTOP);
+    let resume = resume_etcd_on_drop(&control_plane);
+    assert_eq!(
+        stack
+            .report("paused-dev", &[("paused", &hash_of(&dp))])
+            .await
+            .status(),
+        200,
+        "reports do not wait for Kubernetes"
+    );
+    let timeouts = [r#"kind="status_patch""#, r#"outcome="timeout""#];
+    wait_until(DEADLINE, "a status patch timed out", || async {
+        stack
+            .metric("apollo_gateway_kube_writes_total", &timeouts)
+            .await
+            >= 1.0
+    })
+    .await;
+    drop(resume);
+
+    stack
+        .wait_status("paused", "connected and observed once etcd is back", |dp| {
+            is_condition(dp, AGENT_CONNECTED, TRUE) && is_condition(dp, SPEC_OBSERVED, TRUE)
+        })
+        .await;
+    wait_until(DEADLINE, "both Events published", || async {
+        stack.events("paused", REASON_AGENT_CONNECTED).await.len() == 1
+            && stack.events("paused", REASON_SPEC_OBSERVED).await.len() == 1
+    })
+    .await;
+    // A write the apiserver finished after the gateway gave up on it is not repeated as a
+    // second Event, however many resyncs run.
+    stack
+        .wait_metric_growth(RESYNCS, 3.0, DEADLINE, "three resync passes")
+        .await;
+    assert_eq!(
+        stack.events("paused", REASON_AGENT_CONNECTED).await.len(),
+        1
+    );
+    assert_eq!(stack.events("paused", REASON_SPEC_OBSERVED).await.len(), 1);
+}
+
+/// Sends etcd SIGCONT when dropped (also when the test fails while etcd is paused).
+fn resume_etcd_on_drop(control_plane: &apollo_test_support::ControlPlane) -> impl Drop + '_ {
+    struct Resume<'a>(&'a apollo_test_support::ControlPlane);
+    impl Drop for Resume<'_> {
+        fn drop(&mut self) {
+            self.0
+                .signal(apollo_test_support::kube::ETCD, Signal::SIGCONT);
+        }
+    }
+    Resume(control_plane)
+}
