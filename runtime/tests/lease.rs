@@ -192,3 +192,61 @@ async fn take_over_waits_a_lease_duration_on_our_clock_whatever_renew_time_says(
     assert_eq!(lease.spec.and_then(|s| s.lease_transitions), Some(1));
     assert_only_allowed_lease_calls(&ns).await;
 }
+
+/// Take-over and renewal are `update`s carrying the resourceVersion that was read: when two
+/// replicas take a released Lease at the same moment, the apiserver lets exactly one of them
+/// write (the other gets 409, which is a lost race, not an error).
+#[tokio::test]
+async fn of_two_replicas_taking_a_released_lease_at_once_exactly_one_wins() {
+    let (ns, api, admin) = leases().await;
+    let mut a = lock(&api, "a");
+    assert_eq!(
+        a.try_acquire_or_renew().await.expect("a"),
+        Attempt::Held(Held::Created)
+    );
+    let mut b = lock(&api, "b");
+    let mut c = lock(&api, "c");
+    // Both read the live lease first, so the released record is new to both.
+    assert_eq!(
+        b.try_acquire_or_renew().await.expect("b"),
+        Attempt::HeldByOther
+    );
+    assert_eq!(
+        c.try_acquire_or_renew().await.expect("c"),
+        Attempt::HeldByOther
+    );
+    assert!(a.release().await.expect("release"));
+
+    let mut winners = Vec::new();
+    for _ in 0..20 {
+        let (rb, rc) = tokio::join!(b.try_acquire_or_renew(), c.try_acquire_or_renew());
+        let (rb, rc) = (rb.expect("b"), rc.expect("c"));
+        match (&rb, &rc) {
+            (Attempt::Held(_), Attempt::Held(_)) => panic!("both hold the lease: {rb:?} {rc:?}"),
+            (Attempt::Held(_), _) => winners.push("b"),
+            (_, Attempt::Held(_)) => winners.push("c"),
+            _ => panic!("nobody took the released lease: {rb:?} {rc:?}"),
+        }
+        let lease = admin.get("the-lease").await.expect("get");
+        assert_eq!(holder(&lease).as_deref(), winners.last().copied());
+        // Hand it back for the next round.
+        let winner = if winners.last() == Some(&"b") {
+            &mut b
+        } else {
+            &mut c
+        };
+        assert!(winner.release().await.expect("release"));
+    }
+    // Concurrent writes the apiserver refused as conflicts show up in its audit log.
+    let conflicts = ns
+        .requests()
+        .await
+        .into_iter()
+        .filter(|r| r.verb == "update" && r.code == 409)
+        .count();
+    assert!(
+        conflicts >= 1,
+        "in 20 rounds at least one take-over race reached the apiserver as a 409"
+    );
+    assert_only_allowed_lease_calls(&ns).await;
+}
