@@ -12,7 +12,7 @@ use apollo_crds::{
 };
 use apollo_test_support::kube::AuditLog;
 use apollo_test_support::kube::KUBE_APISERVER;
-use apollo_test_support::wait_until;
+use apollo_test_support::{wait_for, wait_until};
 use apollo_test_support::{Component, ControlPlaneOptions, Fault, TestNamespace};
 use common::{
     labels, new_deployment, new_switch, template, tor_selector, Cluster, DEADLINE, ROLE_TOR,
@@ -956,4 +956,69 @@ async fn a_template_change_the_apiserver_refuses_leaves_the_children_as_they_wer
     for child in cluster.children_of("logger").await {
         assert_eq!(child.spec.execution.args, ["v2"], "{}", child.name_any());
     }
+}
+
+/// A child edited by hand is brought back to the template with one JSON merge patch under the
+/// resourceVersion it was read at: the spec and labels as the template says (a label added by
+/// hand is removed: `null` in a merge patch deletes), while annotations other tools wrote stay.
+#[tokio::test]
+async fn a_child_edited_by_hand_is_brought_back_and_foreign_annotations_stay() {
+    let (cluster, _controller) = Cluster::with_controller().await;
+    cluster.roll_out_logger(&["tor1-01"]).await;
+    cluster.reset_requests().await;
+
+    let edit = json!({
+        "metadata": {
+            "labels": {"extra": "by-hand"},
+            "annotations": {"example.com/note": "keep me", "apollo.azure.com/owner-team": "other"}
+        },
+        "spec": {"execution": {"args": ["hacked"]}}
+    });
+    let edited = cluster
+        .children
+        .patch(
+            "logger-tor1-01",
+            &PatchParams::default(),
+            &Patch::Merge(&edit),
+        )
+        .await
+        .expect("edit the child");
+    let restored = wait_for(DEADLINE, "the child is back on the template", || async {
+        let child = cluster.children.get("logger-tor1-01").await.ok()?;
+        (child.metadata.generation > edited.metadata.generation).then_some(child)
+    })
+    .await;
+    assert_eq!(restored.spec, template(&["v1"]).spec.for_device("tor1-01"));
+    assert_eq!(
+        restored.labels(),
+        &labels(&[
+            ("app", "logger"),
+            (LABEL_DEVICE_NAME, "tor1-01"),
+            (LABEL_DEPLOYMENT, "logger")
+        ])
+    );
+    assert_eq!(
+        restored.annotations(),
+        &labels(&[
+            ("apollo.azure.com/owner-team", "netops"),
+            ("example.com/note", "keep me")
+        ])
+    );
+    let patches: Vec<_> = cluster
+        .requests()
+        .await
+        .into_iter()
+        .filter(|r| r.is_write())
+        .map(|r| (r.verb, r.resource, r.name, r.code))
+        .collect();
+    assert_eq!(
+        patches,
+        [(
+            "patch".to_owned(),
+            "deviceprocesses".to_owned(),
+            "logger-tor1-01".to_owned(),
+            200
+        )],
+        "one patch of the child, nothing else"
+    );
 }
