@@ -1022,3 +1022,36 @@ async fn a_child_edited_by_hand_is_brought_back_and_foreign_annotations_stay() {
         "one patch of the child, nothing else"
     );
 }
+
+/// kube-apiserver killed and restarted (every watch and connection drops; the new apiserver's
+/// watch cache starts from etcd, so resuming a watch may be answered 410 Gone and the caches
+/// relist): the controller keeps its lease or takes it again, and converges on what changed.
+#[tokio::test]
+async fn the_controller_rides_out_an_apiserver_restart() {
+    let cluster = Cluster::start_private(ControlPlaneOptions::default()).await;
+    let _controller = cluster.controller("controller-a").await;
+    cluster.roll_out_logger(&["tor1-01", "tor1-02"]).await;
+
+    cluster.control_plane().restart_apiserver().await;
+    // The test's own client may have lost its connection too: create through a fresh one.
+    let switches: Api<NetworkSwitch> = Api::namespaced(
+        cluster.control_plane().admin_client().await,
+        cluster.namespace(),
+    );
+    switches
+        .create(&PostParams::default(), &new_switch("tor1-03", &[ROLE_TOR]))
+        .await
+        .expect("create a switch after the restart");
+    cluster.converged("logger", 3).await;
+    assert_eq!(
+        cluster.child_names("logger").await,
+        ["logger-tor1-01", "logger-tor1-02", "logger-tor1-03"]
+    );
+    assert_eq!(
+        cluster.count("create", "deviceprocesses", None).await,
+        3,
+        "no child created twice"
+    );
+    cluster.assert_events("logger", "SuccessfulCreate", 3).await;
+    cluster.wait_for_holder("controller-a").await;
+}
