@@ -9,6 +9,17 @@ ensure_redis_server
 ensure_openssl
 ensure_libfaketime
 ensure_kubectl_present
+ensure_control_plane_deps
+
+# The real control plane and Jaeger the tests run, built once into ~/.cache/apollo (minutes cold).
+source scripts/lib/go-tools.sh
+echo "== Go tools: Kubernetes $KUBE_VERSION control plane (tools/kube), Jaeger (tools/jaeger)"
+kube_bin_dir >/dev/null
+jaeger_bin_dir >/dev/null
+echo "== gofmt, go vet (tools/)"
+unformatted=$(gofmt -l tools)
+if [ -n "$unformatted" ]; then echo "gofmt: not formatted: $unformatted" >&2; exit 1; fi
+(cd tools/kube && CGO_ENABLED=0 GOFLAGS=-buildvcs=false go vet ./...)
 
 # A clean clone builds everything once: incremental caches would only cost disk (several GB).
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"

@@ -39,3 +39,15 @@ ensure_libfaketime() {
     apt_install libfaketime
   fi
 }
+
+ensure_control_plane_deps() {
+  # scripts/control-plane.sh: certificates (openssl), readiness probes (curl), parent-death
+  # signals (setpriv, util-linux) and the Go toolchain that builds etcd and Kubernetes.
+  command -v openssl >/dev/null 2>&1 || apt_install openssl
+  command -v curl >/dev/null 2>&1 || apt_install curl
+  command -v setpriv >/dev/null 2>&1 || apt_install util-linux
+  if ! command -v go >/dev/null 2>&1; then
+    echo "error: the Go toolchain (go >= 1.24) is needed to build etcd, Kubernetes and Jaeger (tools/)" >&2
+    return 1
+  fi
+}

@@ -1,5 +1,6 @@
 # Builds the Go programs Apollo's tests and local stack run (never shipped, never committed):
-# etcd, kube-apiserver and kube-controller-manager from tools/kube, Jaeger from tools/jaeger.
+# etcd, kube-apiserver and kube-controller-manager from tools/kube, Jaeger from tools/jaeger,
+# Prometheus and promtool from tools/prometheus.
 #
 # Each module is built once into a cache outside the work tree,
 #   ${APOLLO_TOOLS_CACHE:-~/.cache/apollo}/<module>-<version hash>/bin/
@@ -77,4 +78,12 @@ kube_bin_dir() {
 # in-memory storage, OTLP on :4317 (gRPC) and :4318 (HTTP) and the UI/query API on :16686.
 jaeger_bin_dir() {
   _go_tools_build jaeger tools/jaeger "-s -w" github.com/jaegertracing/jaeger/cmd/jaeger
+}
+
+# Prometheus and promtool (github.com/prometheus/prometheus v0.316.0, i.e. Prometheus 3.x): the
+# local stack's metrics server and the alert-rule unit tests. Built without the embedded web UI
+# assets (the HTTP API, which the tests and Grafana use, is complete without them).
+prometheus_bin_dir() {
+  _go_tools_build prometheus tools/prometheus "-s -w" \
+    github.com/prometheus/prometheus/cmd/prometheus github.com/prometheus/prometheus/cmd/promtool
 }
