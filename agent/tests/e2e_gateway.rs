@@ -299,7 +299,13 @@ async fn creation_and_spec_edits_are_observed_within_a_second() {
         dp["status"]["observedGeneration"],
         dp["metadata"]["generation"]
     );
-    assert_eq!(stack.events("logger-tor1-01", "SpecObserved").await, 2);
+    // The Event follows the status patch that it explains.
+    wait_until(
+        Duration::from_secs(5),
+        "two SpecObserved Events",
+        || async { stack.events("logger-tor1-01", "SpecObserved").await == 2 },
+    )
+    .await;
 
     // Steady state: heartbeats keep coming, Kubernetes sees no writes.
     let writes = stack.status_patches().await;
@@ -328,6 +334,7 @@ async fn creation_and_spec_edits_are_observed_within_a_second() {
         heartbeats,
         "the agent logs nothing in steady state"
     );
+    assert_eq!(stack.events("logger-tor1-01", "SpecObserved").await, 2);
     assert!(agent.is_running());
 }
 
@@ -431,7 +438,17 @@ async fn a_stopped_agent_goes_stale_and_a_restarted_one_reconnects_without_spec_
     .await;
     let observed_hash = stack.get(name).await["status"]["observedSpecHash"].clone();
 
-    let connected_events = stack.events(name, "AgentConnected").await;
+    // Events follow the status patch that they explain: wait for the first connect's.
+    let connected_events = wait_for(
+        Duration::from_secs(5),
+        "an AgentConnected Event",
+        || async {
+            let n = stack.events(name, "AgentConnected").await;
+            (n >= 1).then_some(n)
+        },
+    )
+    .await;
+    assert_eq!(connected_events, 1);
     let stopped = Instant::now();
     let status = agent
         .terminate(Duration::from_secs(1))
@@ -447,7 +464,12 @@ async fn a_stopped_agent_goes_stale_and_a_restarted_one_reconnects_without_spec_
     .await;
     // The last heartbeat was at most one interval before the stop.
     assert!(stopped.elapsed() >= stale_window - Duration::from_secs(HEARTBEAT_SECONDS));
-    assert_eq!(stack.events(name, "AgentDisconnected").await, 1);
+    wait_until(
+        Duration::from_secs(5),
+        "one AgentDisconnected Event",
+        || async { stack.events(name, "AgentDisconnected").await == 1 },
+    )
+    .await;
 
     // Unchanged desired state: only the heartbeat (connect/report) can bring it back.
     let mut agent = stack.agent_binary(device);
@@ -460,10 +482,16 @@ async fn a_stopped_agent_goes_stale_and_a_restarted_one_reconnects_without_spec_
     let dp = stack.get(name).await;
     assert_eq!(dp["status"]["observedSpecHash"], observed_hash);
     // The reconnect is one disconnected->connected transition: exactly one more Event.
+    wait_until(
+        Duration::from_secs(5),
+        "one more AgentConnected Event",
+        || async { stack.events(name, "AgentConnected").await == connected_events + 1 },
+    )
+    .await;
+    assert_eq!(stack.events(name, "AgentDisconnected").await, 1);
     assert_eq!(
         stack.events(name, "AgentConnected").await,
         connected_events + 1
     );
-    assert_eq!(stack.events(name, "AgentDisconnected").await, 1);
     assert!(agent.is_running());
 }
