@@ -6,18 +6,21 @@
 # - each agent's token: lowercase hex HMAC-SHA256(key, deviceName), the key being the key file's
 #   bytes (apollo_protocol::token). Agents only accept a token, never the key, so it is computed
 #   here with the openssl CLI that ca-certificates already brings into the image;
-# - a kubeconfig directory that kubesim (uid 65532) can write, without a stale kubeconfig in it
-#   (consumers wait for the file to appear, so an old one must not satisfy them).
+# - the control plane's certificates and kubeconfigs (pki.sh, next to this file: a CA, the
+#   apiserver's serving certificate, the admin's and the controller-manager's client certificates,
+#   the service-account signing key), created once and kept, as the HMAC key is;
+# - the data directories of etcd and of the audit log, handed to the non-root control plane.
+# Everything is handed to uid 65532 (the apollo image's user, which the control plane and the
+# kubectl steps run as too); files are private to it.
 set -eu
 
 secrets_dir=${APOLLO_SECRETS_DIR:-/var/lib/apollo/secrets}
-kube_dir=${APOLLO_KUBE_DIR:-/var/lib/apollo/kube}
 runtime_owner=${APOLLO_RUNTIME_OWNER:-65532:65532}
 devices=${APOLLO_DEVICES:?set APOLLO_DEVICES to the agents device names, separated by spaces}
+data_dirs=${APOLLO_DATA_DIRS:-}
 
 umask 077
-mkdir -p "$secrets_dir/tokens" "$kube_dir"
-rm -f "$kube_dir/config"
+mkdir -p "$secrets_dir/tokens"
 
 key_file="$secrets_dir/device-hmac.key"
 if [ ! -s "$key_file" ]; then
@@ -46,8 +49,14 @@ for device in $devices; do
     echo "init: token for $device"
 done
 
+sh "$(dirname "$0")/pki.sh"
+
+for dir in $data_dirs; do
+    mkdir -p "$dir"
+    chmod 0700 "$dir"
+done
+
 if [ "$(id -u)" = 0 ]; then
-    chown -R "$runtime_owner" "$secrets_dir" "$kube_dir"
+    # shellcheck disable=SC2086
+    chown -R "$runtime_owner" "$secrets_dir" "${APOLLO_PKI_DIR:?}" "${APOLLO_ADMIN_DIR:?}" $data_dirs
 fi
-# The kubeconfig holds no credentials (kubesim has no auth); the kubectl image runs as another user.
-chmod 0755 "$kube_dir"
