@@ -825,3 +825,102 @@ fn resume_etcd_on_drop(control_plane: &apollo_test_support::ControlPlane) -> imp
     }
     Resume(control_plane)
 }
+
+#[tokio::test]
+async fn without_a_namespace_the_gateway_serves_and_writes_every_namespace() {
+    // Every namespace of a control plane of its own: on the shared one this gateway would act on
+    // other tests' objects.
+    let control_plane = apollo_test_support::ControlPlane::start().await;
+    let stack = Stack::start_on(
+        &control_plane,
+        Options {
+            heartbeat_seconds: 30,
+            all_namespaces: true,
+            ..Options::default()
+        },
+    )
+    .await;
+    let other = TestNamespace::create(&control_plane, "other").await;
+    let here = stack.create("here", "roaming", "alpine:1").await;
+    let spec: apollo_crds::DeviceProcessSpec = serde_json::from_value(json!({
+        "deviceRef": {"name": "roaming"},
+        "artifact": {"type": "oci", "url": "alpine:2"},
+        "execution": {"backend": "container", "args": ["run"]}
+    }))
+    .expect("spec");
+    let there = other
+        .api::<apollo_crds::DeviceProcess>()
+        .create(
+            &kube::api::PostParams::default(),
+            &apollo_crds::DeviceProcess::new("there", spec),
+        )
+        .await
+        .expect("create in the other namespace");
+    stack.wait_for_items("roaming", 2).await;
+
+    let body = json!({
+        "agentVersion": "test/1.0",
+        "timestamp": "2026-11-22T03:00:00Z",
+        "observations": [
+            {"namespace": stack.namespace(), "name": "here", "observedSpecHash": hash_of(&here)},
+            {"namespace": other.name(), "name": "there", "observedSpecHash": hash_of(&there)},
+        ],
+    });
+    let token = stack.token("roaming");
+    let response = stack
+        .post("roaming", "report", &body.to_string(), Some(&token))
+        .await;
+    assert_eq!(response.status(), 200);
+    let ack: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(ack["ignored"], json!([]));
+    stack
+        .wait_status("here", "connected and observed", |dp| {
+            is_condition(dp, AGENT_CONNECTED, TRUE) && is_condition(dp, SPEC_OBSERVED, TRUE)
+        })
+        .await;
+    let theirs: kube::Api<apollo_crds::DeviceProcess> = other.api();
+    wait_until(DEADLINE, "the other namespace's status too", || async {
+        theirs.get("there").await.is_ok_and(|dp| {
+            is_condition(&dp, AGENT_CONNECTED, TRUE) && is_condition(&dp, SPEC_OBSERVED, TRUE)
+        })
+    })
+    .await;
+    wait_until(DEADLINE, "an Event in each namespace", || async {
+        stack.events("here", REASON_AGENT_CONNECTED).await.len() == 1
+            && apollo_test_support::events_about(
+                &other.api(),
+                "there",
+                None,
+                REASON_AGENT_CONNECTED,
+            )
+            .await
+            .len()
+                == 1
+    })
+    .await;
+    // One cluster-wide list and watch, under the gateway's own identity (its ClusterRole).
+    let requests = stack.ns.requests().await;
+    let lists: Vec<_> = requests
+        .iter()
+        .filter(|r| r.resource == "deviceprocesses" && r.verb == "list")
+        .collect();
+    assert_eq!(lists.len(), 1, "{requests:#?}");
+    assert_eq!(lists[0].namespace, "", "{requests:#?}");
+    let elsewhere: Vec<_> = requests
+        .iter()
+        .filter(|r| r.namespace == other.name())
+        .map(|r| {
+            (
+                r.verb.as_str(),
+                r.resource.as_str(),
+                r.subresource.as_str(),
+                r.code,
+            )
+        })
+        .collect();
+    assert!(
+        elsewhere.contains(&("patch", "deviceprocesses", "status", 200))
+            && elsewhere.contains(&("create", "events", "", 201)),
+        "{requests:#?}"
+    );
+}

@@ -38,6 +38,9 @@ pub struct Options {
     pub faults: Vec<Fault>,
     /// `--namespace` of the gateway (default: the test's own namespace).
     pub watch_namespace: Option<String>,
+    /// No `--namespace` at all: the gateway watches every namespace (only on a private control
+    /// plane, or it would act on other tests' objects).
+    pub all_namespaces: bool,
     /// `--lease-namespace` of the gateway (default: the test's own namespace).
     pub lease_namespace: Option<String>,
     pub extra: Vec<String>,
@@ -56,6 +59,7 @@ impl Default for Options {
             proxy: false,
             faults: Vec::new(),
             watch_namespace: None,
+            all_namespaces: false,
             lease_namespace: None,
             extra: Vec::new(),
         }
@@ -151,11 +155,6 @@ impl Stack {
             // These tests exercise the sweep itself; the start-up grace has its own e2e test.
             "--sweep-grace-seconds".into(),
             "0".into(),
-            // Tests run concurrently on one control plane: each gateway sees its own namespace.
-            "--namespace".into(),
-            options
-                .watch_namespace
-                .unwrap_or_else(|| ns.name().to_owned()),
             "--lease-namespace".into(),
             options
                 .lease_namespace
@@ -165,6 +164,15 @@ impl Stack {
             "--shard-lease-seconds".into(),
             "600".into(),
         ];
+        // Tests run concurrently on one control plane: each gateway sees its own namespace.
+        if !options.all_namespaces {
+            args.push("--namespace".into());
+            args.push(
+                options
+                    .watch_namespace
+                    .unwrap_or_else(|| ns.name().to_owned()),
+            );
+        }
         if options.auth_secret {
             args.push("--auth-secret-file".into());
             args.push(secret_file.display().to_string());
