@@ -368,6 +368,20 @@ fn compose_services_use_flags_our_binaries_accept() {
             );
         }
     }
+    let jaeger_images: BTreeSet<String> = common::render::workloads()
+        .iter()
+        .flat_map(common::render::containers)
+        .filter_map(|c| c.image)
+        .filter(|i| i.contains("jaeger"))
+        .collect();
+    assert_eq!(
+        jaeger_images,
+        BTreeSet::from([service("jaeger")["image"]
+            .as_str()
+            .expect("image")
+            .to_owned()]),
+        "the same Jaeger in deploy/ and in compose"
+    );
     for (svc, needed) in [("redis", None), ("jaeger", Some("127.0.0.1:16686:16686"))] {
         let s = services
             .get(svc)
