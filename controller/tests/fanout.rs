@@ -16,6 +16,7 @@ use apollo_test_support::{wait_for, wait_until};
 use apollo_test_support::{Component, ControlPlaneOptions, Fault, TestNamespace};
 use common::{
     labels, new_deployment, new_switch, template, tor_selector, Cluster, DEADLINE, ROLE_TOR,
+    WATCH_RECOVERY_DEADLINE,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -1026,7 +1027,9 @@ async fn a_child_edited_by_hand_is_brought_back_and_foreign_annotations_stay() {
 
 /// kube-apiserver killed and restarted (every watch and connection drops; the new apiserver's
 /// watch cache starts from etcd, so resuming a watch may be answered 410 Gone and the caches
-/// relist): the controller keeps its lease or takes it again, and converges on what changed.
+/// relist; until its RBAC caches have synced it refuses requests with 403): the controller keeps
+/// its lease or takes it again, and converges on what changed once its watch caches' backoff
+/// lets them retry (see [`WATCH_RECOVERY_DEADLINE`]).
 #[tokio::test]
 async fn the_controller_rides_out_an_apiserver_restart() {
     let cluster = Cluster::start_private(ControlPlaneOptions::default()).await;
@@ -1043,7 +1046,9 @@ async fn the_controller_rides_out_an_apiserver_restart() {
         .create(&PostParams::default(), &new_switch("tor1-03", &[ROLE_TOR]))
         .await
         .expect("create a switch after the restart");
-    cluster.converged("logger", 3).await;
+    cluster
+        .converged_within(WATCH_RECOVERY_DEADLINE, "logger", 3)
+        .await;
     assert_eq!(
         cluster.child_names("logger").await,
         ["logger-tor1-01", "logger-tor1-02", "logger-tor1-03"]

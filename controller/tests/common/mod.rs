@@ -25,6 +25,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 
+/// How long the controller may take to converge after an apiserver outage: its watch caches retry
+/// with client-go's backoff (800 ms doubling to 30 s, reset after 2 minutes without error), and a
+/// restarted apiserver refuses requests (403) until its RBAC caches have synced, so a cache may
+/// wait up to 30 s before its next attempt.
+pub const WATCH_RECOVERY_DEADLINE: Duration = Duration::from_secs(60);
 /// Name of the leader Lease the tests' controllers use.
 pub const LEASE: &str = "apollo-controller";
 /// Upper bound for anything the controller should do promptly.
@@ -293,14 +298,29 @@ impl Cluster {
     /// Wait until the deployment's status reports `desired` children, all current and updated,
     /// for its current generation; returns the deployment as it is then.
     pub async fn converged(&self, name: &str, desired: i32) -> DeviceProcessDeployment {
+        self.converged_within(DEADLINE, name, desired).await
+    }
+
+    /// [`Cluster::converged`] with a deadline of its own (after an outage: see
+    /// [`WATCH_RECOVERY_DEADLINE`]).
+    pub async fn converged_within(
+        &self,
+        deadline: Duration,
+        name: &str,
+        desired: i32,
+    ) -> DeviceProcessDeployment {
         let what = format!("deployment {name} converges on {desired} children");
-        self.wait_for_deployment(name, &what, |d| {
-            d.status.as_ref().is_some_and(|status| {
-                status.observed_generation == d.metadata.generation
-                    && status.desired_number_scheduled == desired
-                    && status.current_number_scheduled == desired
-                    && status.updated_number_scheduled == desired
-            })
+        wait_for(deadline, &what, || async {
+            let d = self.deployments.get(name).await.ok()?;
+            d.status
+                .as_ref()
+                .is_some_and(|status| {
+                    status.observed_generation == d.metadata.generation
+                        && status.desired_number_scheduled == desired
+                        && status.current_number_scheduled == desired
+                        && status.updated_number_scheduled == desired
+                })
+                .then_some(d)
         })
         .await
     }
