@@ -412,9 +412,20 @@ impl Cluster {
         );
     }
 
-    /// Assert that exactly `expected` Events with `reason` are about the deployment `name`.
+    /// Assert that exactly `expected` Events with `reason` are about the deployment `name`. An
+    /// Event is published right after the write it reports, so a test that saw the write may
+    /// look before the Event exists: wait (with the deadline) until there are at least
+    /// `expected`, then require exactly that many.
     pub async fn assert_events(&self, name: &str, reason: &str, expected: usize) {
-        let events = self.events_for(name, reason).await;
+        let events = wait_for(
+            DEADLINE,
+            &format!("{expected} {reason} Events about deployment {name}"),
+            || async {
+                let events = self.events_for(name, reason).await;
+                (events.len() >= expected).then_some(events)
+            },
+        )
+        .await;
         assert_eq!(
             events.len(),
             expected,
