@@ -72,7 +72,8 @@ impl Agent {
             config.device_token.as_deref(),
             config.request_timeout,
             metrics.clone(),
-        )?;
+        )?
+        .with_traceparent_source(config.traceparent_source);
         Ok(Self {
             config,
             gateway,

@@ -8,8 +8,10 @@ use apollo_protocol::wire::{ConnectRequest, DesiredDocument, ErrorBody, Report, 
 use apollo_protocol::DEVICE_TOKEN_HEADER;
 use reqwest::header::{HeaderValue, ETAG, IF_NONE_MATCH, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
+use tracing::Instrument;
 
 use crate::backoff::parse_retry_after;
+use crate::config::TraceparentSource;
 use crate::metrics::{AgentMetrics, RequestKind, RequestOutcome};
 use crate::trace::{new_traceparent, TRACEPARENT_HEADER};
 use crate::AgentError;
@@ -44,6 +46,7 @@ pub struct GatewayClient {
     token: Option<HeaderValue>,
     request_timeout: Duration,
     metrics: Arc<AgentMetrics>,
+    traceparent_source: Option<TraceparentSource>,
 }
 
 fn device_url(base: &Url, device: &str, last: &str) -> Url {
@@ -86,7 +89,14 @@ impl GatewayClient {
             token,
             request_timeout,
             metrics,
+            traceparent_source: None,
         })
+    }
+
+    /// Reports name the span `source` gives (see [`crate::config::TraceparentSource`]).
+    pub fn with_traceparent_source(mut self, source: Option<TraceparentSource>) -> Self {
+        self.traceparent_source = source;
+        self
     }
 
     /// URL of the desired-state document (without `waitSeconds`).
@@ -173,7 +183,16 @@ impl GatewayClient {
         url: &Url,
         body: &B,
     ) -> Result<ReportAck, AgentError> {
-        let traceparent = new_traceparent(&mut rand::rng());
+        // Each report is the root of a trace of its own, whatever span the caller is in. When the
+        // process exports traces (the binary with OTLP configured) the traceparent names this
+        // span, so the router's span has a real parent in Jaeger; otherwise a fresh random
+        // traceparent still ties the hops together.
+        let span = tracing::info_span!(parent: None, "agent.report", kind = %kind);
+        let traceparent = span.in_scope(|| {
+            self.traceparent_source
+                .and_then(|source| source())
+                .unwrap_or_else(|| new_traceparent(&mut rand::rng()))
+        });
         tracing::trace!(%kind, %traceparent, "sending");
         let request = self
             .authorized(self.http.post(url.clone()))
@@ -192,6 +211,7 @@ impl GatewayClient {
                 Err(unexpected_status(kind, response).await)
             }
         }
+        .instrument(span)
         .await;
         let outcome = match &result {
             Ok(_) => RequestOutcome::Ok,

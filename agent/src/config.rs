@@ -56,7 +56,13 @@ pub struct AgentConfig {
     pub request_timeout: Duration,
     /// Retry waits after errors.
     pub backoff: BackoffPolicy,
+    /// Where a report's `traceparent` comes from when the process exports traces (the binary
+    /// passes `apollo_telemetry::current_traceparent`); None: a fresh random one per report.
+    pub traceparent_source: Option<TraceparentSource>,
 }
+
+/// Names the current (exported) span as a `traceparent`, or None when nothing is exported.
+pub type TraceparentSource = fn() -> Option<String>;
 
 impl AgentConfig {
     /// Defaults for everything but the device and gateway (used by the loadtest harness).
@@ -71,6 +77,7 @@ impl AgentConfig {
             min_poll_interval: Duration::from_secs(1),
             request_timeout: Duration::from_secs(10),
             backoff: BackoffPolicy::default(),
+            traceparent_source: None,
         }
     }
 

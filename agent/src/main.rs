@@ -74,21 +74,19 @@ impl Args {
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(200);
 
 fn main() -> ExitCode {
-    let config = match AgentConfig::from_raw(&Args::parse().into_raw()) {
+    let mut config = match AgentConfig::from_raw(&Args::parse().into_raw()) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("apollo-agent: invalid configuration: {error}");
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // Logs to stderr; with the standard OTEL_* variables each report is also an exported span
+    // (`agent.report`), the root of the trace the router and gateway continue.
+    let telemetry = apollo_telemetry::init("apollo-agent", apollo_telemetry::LogFormat::Text);
+    if telemetry.exporting() {
+        config.traceparent_source = Some(apollo_telemetry::current_traceparent);
+    }
 
     // One agent needs one thread; a device has better uses for its cores.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -104,6 +102,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(run(config));
     // Dropping a runtime waits for blocking tasks without limit; shutdown must stay prompt.
     runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    // Flushes the spans of the last reports.
+    drop(telemetry);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

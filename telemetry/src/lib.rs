@@ -195,6 +195,17 @@ pub fn inject_current(headers: &mut http::HeaderMap) {
     });
 }
 
+/// The `traceparent` of the current span when it is exported (OTLP configured), so a client that
+/// starts a trace (the agent) sends the id of a span Jaeger will actually hold; None otherwise.
+pub fn current_traceparent() -> Option<String> {
+    let mut headers = http::HeaderMap::new();
+    inject_current(&mut headers);
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,6 +247,22 @@ mod tests {
                 "{tp}"
             );
             assert!(!tp.contains("b7ad6b7169203331"), "{tp}");
+        });
+    }
+
+    #[test]
+    fn a_root_span_gives_its_own_traceparent_only_when_exported() {
+        assert_eq!(current_traceparent(), None, "no tracer: nothing to name");
+        let provider = SdkTracerProvider::builder().build();
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("agent.report");
+            let _enter = span.enter();
+            let tp = current_traceparent().expect("a traceparent");
+            assert_eq!(tp.len(), 55, "{tp}");
+            assert!(tp.ends_with("-01"), "sampled: {tp}");
         });
     }
 

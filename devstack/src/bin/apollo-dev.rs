@@ -151,7 +151,13 @@ async fn run_up(up: Up, control_port: u16) -> anyhow::Result<()> {
         ([127, 0, 0, 1], control_port).into(),
         shutdown.clone(),
     ));
-    print_guide(&stack, &up);
+    let version = stack
+        .client()
+        .apiserver_version()
+        .await
+        .map(|v| v.git_version)
+        .unwrap_or_else(|e| format!("version unknown: {e}"));
+    print_guide(&stack, &up, &version);
 
     let ctrl_c = tokio::signal::ctrl_c();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -170,7 +176,7 @@ async fn run_up(up: Up, control_port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_guide(stack: &Stack, up: &Up) {
+fn print_guide(stack: &Stack, up: &Up, version: &str) {
     let kc = stack.kubeconfig();
     let kc = kc.display();
     let first = up.devices.first().map(String::as_str).unwrap_or("tor1-01");
@@ -213,7 +219,6 @@ Try, in another terminal:
 
 Press Ctrl-C to stop everything."#,
         k8s = stack.apiserver_url(),
-        version = "v1.34",
         cp = stack.control_plane_dir().display(),
         router = stack.router_url(),
         router_admin = stack.router_admin_url(),
