@@ -185,6 +185,26 @@ pub fn is_controlled_by(child: &DeviceProcess, uid: &str) -> bool {
         .any(|r| r.controller == Some(true) && r.uid == uid)
 }
 
+/// Whether `child` has no controller at all: its deployment was deleted with
+/// `propagationPolicy: Orphan` (the garbage collector removed the owner reference), or someone
+/// removed the reference by hand.
+pub fn is_orphan(child: &DeviceProcess) -> bool {
+    child
+        .owner_references()
+        .iter()
+        .all(|r| r.controller != Some(true))
+}
+
+/// Whether the orphan `child` is to be adopted as `want`: it holds `want`'s name and carries the
+/// same deployment label, i.e. it was made for a deployment of this name (as a DaemonSet adopts
+/// the orphaned Pods its selector matches). Without adoption the name stays taken and every
+/// create of it is refused (409).
+fn adoptable(child: &DeviceProcess, want: &DeviceProcess) -> bool {
+    is_orphan(child)
+        && child.labels().get(LABEL_DEPLOYMENT).is_some()
+        && child.labels().get(LABEL_DEPLOYMENT) == want.labels().get(LABEL_DEPLOYMENT)
+}
+
 /// The DeviceProcesses that must exist for `deployment`, keyed by name: one per switch in the
 /// deployment's namespace that its selector matches and that is not being deleted.
 pub fn desired_children<'a>(
@@ -261,8 +281,16 @@ pub struct ChildUpdate {
 }
 
 impl ChildUpdate {
+    /// Whether this update adopts an orphan (sets our controller reference on it).
+    pub fn adopts(&self) -> bool {
+        is_orphan(&self.existing)
+    }
+
     /// JSON merge patch turning `existing` into `desired`, carrying the existing
     /// `resourceVersion` so a write based on a stale cache fails with 409 instead of repeating.
+    /// Adopting an orphan adds the desired controller reference to the ones it has (a merge patch
+    /// replaces the whole list, so the list written is complete); under the `resourceVersion`,
+    /// an orphan someone else adopted meanwhile is not taken over.
     pub fn merge_patch(&self) -> Result<Value, serde_json::Error> {
         let mut desired_annotations = self.existing.annotations().clone();
         desired_annotations.extend(
@@ -286,6 +314,18 @@ impl ChildUpdate {
             "spec": serde_json::to_value(&self.desired.spec)?,
         });
         let mut patch = merge_patch_diff(&old, &new);
+        if self.adopts() {
+            let mut owners = self.existing.owner_references().to_vec();
+            owners.extend(self.desired.owner_references().iter().cloned());
+            if let Some(patch) = patch.as_object_mut() {
+                let metadata = patch
+                    .entry("metadata")
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if let Some(metadata) = metadata.as_object_mut() {
+                    metadata.insert("ownerReferences".into(), serde_json::to_value(owners)?);
+                }
+            }
+        }
         if let (Some(metadata), Some(rv)) = (
             patch.as_object_mut().map(|p| {
                 p.entry("metadata")
@@ -356,8 +396,10 @@ impl Plan {
 }
 
 /// Compare `desired` with the children that exist. `existing` may contain objects of other
-/// deployments; only those controlled by `owner_uid` are considered. A child already being deleted
-/// is left alone: it is neither deleted again nor replaced until it is gone.
+/// deployments; only those controlled by `owner_uid` are considered, and orphans that hold a
+/// desired name for a deployment of this name, which are adopted (an update that sets the
+/// controller reference). A child already being deleted is left alone: it is neither deleted
+/// again nor replaced until it is gone.
 pub fn plan(
     owner_uid: &str,
     desired: &BTreeMap<String, DeviceProcess>,
@@ -365,8 +407,21 @@ pub fn plan(
 ) -> Plan {
     let mut plan = Plan::default();
     let mut seen = std::collections::BTreeSet::new();
-    for child in existing.iter().filter(|c| is_controlled_by(c, owner_uid)) {
+    for child in existing {
         let name = child.name_any();
+        if !is_controlled_by(child, owner_uid) {
+            let Some(want) = desired.get(&name).filter(|want| adoptable(child, want)) else {
+                continue;
+            };
+            seen.insert(name);
+            if child.metadata.deletion_timestamp.is_none() {
+                plan.update.push(ChildUpdate {
+                    existing: child.clone(),
+                    desired: want.clone(),
+                });
+            }
+            continue;
+        }
         seen.insert(name.clone());
         if child.metadata.deletion_timestamp.is_some() {
             continue;
@@ -827,6 +882,77 @@ mod tests {
         let nothing = plan(UID, &new_children, &[]);
         assert_eq!(nothing.create.len(), 2);
         assert!(nothing.update.is_empty() && nothing.delete.is_empty());
+    }
+
+    #[test]
+    fn orphans_made_for_a_deployment_of_this_name_are_adopted_and_no_other() {
+        let d = deployment(&["a"]);
+        let switches = [
+            switch("tor1-01", NS, &[("role", "tor")]),
+            switch("tor1-02", NS, &[("role", "tor")]),
+            switch("tor1-03", NS, &[("role", "tor")]),
+        ];
+        let children = desired_children(&d, &switches).expect("desired");
+        let orphan = |name: &str| {
+            let mut c = (*existing(&children[name])).clone();
+            c.metadata.owner_references = None;
+            c
+        };
+        // An orphan of this deployment's name: adopted, even though already on the template.
+        let ours = orphan("logger-tor1-01");
+        // An orphan holding the name but made for another deployment: not ours to take.
+        let mut other_label = orphan("logger-tor1-02");
+        other_label
+            .labels_mut()
+            .insert(LABEL_DEPLOYMENT.into(), "someone-else".into());
+        // Controlled by another owner: never taken.
+        let mut controlled = (*existing(&children["logger-tor1-03"])).clone();
+        controlled
+            .metadata
+            .owner_references
+            .as_mut()
+            .expect("owners")[0]
+            .uid = "uid-other".into();
+        let p = plan(
+            UID,
+            &children,
+            &[Arc::new(ours), Arc::new(other_label), Arc::new(controlled)],
+        );
+        assert_eq!(p.update.len(), 1);
+        assert_eq!(p.update[0].existing.name_any(), "logger-tor1-01");
+        assert!(p.update[0].adopts());
+        let names: Vec<String> = p.create.iter().map(ResourceExt::name_any).collect();
+        assert_eq!(
+            names,
+            ["logger-tor1-02", "logger-tor1-03"],
+            "a create is refused with 409 and retried"
+        );
+        assert!(p.delete.is_empty(), "orphans are never deleted");
+
+        let patch = p.update[0].merge_patch().expect("patch");
+        assert_eq!(
+            patch,
+            json!({"metadata": {
+                "ownerReferences": [{
+                    "apiVersion": "azure.com/v1alpha1",
+                    "kind": "DeviceProcessDeployment",
+                    "name": "logger",
+                    "uid": UID,
+                    "controller": true,
+                    "blockOwnerDeletion": true
+                }],
+                "resourceVersion": "41"
+            }})
+        );
+        // An update of a child we control never touches its owner references.
+        let owned = ChildUpdate {
+            existing: existing(&children["logger-tor1-01"]),
+            desired: children["logger-tor1-01"].clone(),
+        };
+        assert!(!owned.adopts());
+        assert!(owned.merge_patch().expect("patch")["metadata"]
+            .get("ownerReferences")
+            .is_none());
     }
 
     #[test]

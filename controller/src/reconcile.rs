@@ -231,7 +231,8 @@ async fn reconcile_deployment(
         Err(other) => return Err(Error::Desired(name, other)),
     };
 
-    let existing = owned_children(ctx, &namespace, &uid);
+    // Our children, and orphans the plan may adopt.
+    let existing = children_or_orphans(ctx, &namespace, &uid);
     let plan = desired::plan(&uid, &desired, &existing);
     let children_api: Api<DeviceProcess> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut requeue_soon = false;
@@ -395,6 +396,18 @@ fn owned_children(ctx: &Context, namespace: &str, uid: &str) -> Vec<Arc<DevicePr
         .children_view(namespace, cached, |c| desired::is_controlled_by(c, uid))
 }
 
+/// Children controlled by the deployment with `uid` or by no one, as they are after our own
+/// writes.
+fn children_or_orphans(ctx: &Context, namespace: &str, uid: &str) -> Vec<Arc<DeviceProcess>> {
+    let ours_or_nobodys =
+        |c: &DeviceProcess| desired::is_controlled_by(c, uid) || desired::is_orphan(c);
+    let cached = ctx
+        .children
+        .state_filter(|c| c.metadata.namespace.as_deref() == Some(namespace) && ours_or_nobodys(c));
+    ctx.expectations
+        .children_view(namespace, cached, ours_or_nobodys)
+}
+
 /// Patch one child to the template. `Ok(None)` when our copy was stale (409): nothing was written
 /// and the watch will deliver the current object.
 async fn update_child(
@@ -417,7 +430,11 @@ async fn update_child(
         Ok(updated) => {
             ctx.metrics.write(CHILDREN, "patch", "ok");
             ctx.expectations.updated(&update.existing, &updated);
-            tracing::info!(child = %child_name, "updated DeviceProcess to the template");
+            if update.adopts() {
+                tracing::info!(child = %child_name, "adopted the orphaned DeviceProcess");
+            } else {
+                tracing::info!(child = %child_name, "updated DeviceProcess to the template");
+            }
             Ok(Some(updated))
         }
         Err(error) => {

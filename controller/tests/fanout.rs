@@ -1061,3 +1061,63 @@ async fn the_controller_rides_out_an_apiserver_restart() {
     cluster.assert_events("logger", "SuccessfulCreate", 3).await;
     cluster.wait_for_holder("controller-a").await;
 }
+
+/// `kubectl delete dpd logger --cascade=orphan`, then the deployment is created again (how one
+/// replaces a deployment without touching the running processes): kube-controller-manager's
+/// garbage collector strips the children's owner reference, and the new deployment adopts them
+/// (as a DaemonSet adopts orphaned Pods) instead of trying, and failing with 409 for as long as
+/// they exist, to create children under the names they hold.
+#[tokio::test]
+async fn children_orphaned_by_their_deleted_deployment_are_adopted_by_its_successor() {
+    let (cluster, _controller) = Cluster::with_controller().await;
+    cluster.roll_out_logger(&["tor1-01", "tor1-02"]).await;
+    let before = cluster.children_of("logger").await;
+    cluster.wait_for_garbage_collector().await;
+    let orphan = DeleteParams {
+        propagation_policy: Some(kube::api::PropagationPolicy::Orphan),
+        ..DeleteParams::default()
+    };
+    cluster
+        .deployments
+        .delete("logger", &orphan)
+        .await
+        .expect("delete deployment, orphaning its children");
+    wait_until(DEADLINE, "the children are orphaned", || async {
+        matches!(cluster.deployments.get_opt("logger").await, Ok(None))
+            && cluster
+                .children_of("logger")
+                .await
+                .iter()
+                .all(|c| c.owner_references().is_empty())
+    })
+    .await;
+    cluster.reset_requests().await;
+
+    let successor = cluster.deployment("logger", tor_selector(), &["v1"]).await;
+    cluster.converged("logger", 2).await;
+    let after = cluster.children_of("logger").await;
+    for (before, after) in before.iter().zip(&after) {
+        assert_eq!(before.uid(), after.uid(), "the same object, adopted");
+        let owners = after.owner_references();
+        assert_eq!(owners.len(), 1, "{owners:?}");
+        assert_eq!(Some(&owners[0].uid), successor.metadata.uid.as_ref());
+        assert_eq!(owners[0].controller, Some(true));
+        assert_eq!(owners[0].block_owner_deletion, Some(true));
+    }
+    let mut child_writes: Vec<_> = cluster
+        .requests()
+        .await
+        .into_iter()
+        .filter(|r| r.is_write() && r.resource == "deviceprocesses")
+        .map(|r| (r.verb, r.name, r.code))
+        .collect();
+    child_writes.sort();
+    assert_eq!(
+        child_writes,
+        [
+            ("patch".to_owned(), "logger-tor1-01".to_owned(), 200),
+            ("patch".to_owned(), "logger-tor1-02".to_owned(), 200)
+        ],
+        "one adopting patch per child, no create"
+    );
+}
