@@ -116,7 +116,7 @@ pub fn assert_needs(sa: &str, grants: &[Grant], needs: &[Need], scope: &Scope) {
 pub const GATEWAY_CLUSTER_NEEDS: &[Need] = &[
     ("azure.com", "deviceprocesses", &["get", "list", "watch"]),
     ("azure.com", "deviceprocesses/status", &["patch"]),
-    ("events.k8s.io", "events", &["create", "patch"]),
+    ("events.k8s.io", "events", &["create"]),
 ];
 /// Shard Leases: only in the gateway's own namespace.
 pub const GATEWAY_LEASE_NEEDS: &[Need] = &[(
@@ -137,7 +137,7 @@ pub const CONTROLLER_CLUSTER_NEEDS: &[Need] = &[
         &["get", "list", "watch", "create", "patch", "delete"],
     ),
     ("azure.com", "networkswitches", &["get", "list", "watch"]),
-    ("events.k8s.io", "events", &["create", "patch"]),
+    ("events.k8s.io", "events", &["create"]),
 ];
 pub const CONTROLLER_LEASE_NEEDS: &[Need] = &[(
     "coordination.k8s.io",

@@ -91,8 +91,9 @@ impl ControlPlane {
 
     /// A private control plane with extra settings.
     pub async fn start_with(options: ControlPlaneOptions) -> ControlPlane {
+        remove_abandoned_dirs();
         let tmp = tempfile::Builder::new()
-            .prefix("apollo-cp-")
+            .prefix(DIR_PREFIX)
             .tempdir()
             .expect("create a control-plane dir");
         let dir = tmp.path().to_owned();
@@ -298,6 +299,44 @@ impl ControlPlane {
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+const DIR_PREFIX: &str = "apollo-cp-";
+
+/// Removes the directories (etcd data, logs: ~100 MB each) of control planes whose processes are
+/// gone. The control plane shared by a test binary lives in a static that is never dropped: it
+/// ends with the process (parent-death signal) and leaves its directory behind, so each start
+/// collects what earlier test processes left.
+fn remove_abandoned_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let named = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(DIR_PREFIX));
+        // A directory being set up has no pid file yet: leave young ones alone.
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(120));
+        if !named || !old {
+            continue;
+        }
+        let alive = std::fs::read_to_string(path.join("pids/run"))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .is_some_and(|pid| {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+            });
+        if !alive {
+            let _ = std::fs::remove_dir_all(&path);
+        }
     }
 }
 
