@@ -205,8 +205,10 @@ async fn owner_reference_garbage_collection_is_kube_controller_managers() {
         .delete("owner", &DeleteParams::background())
         .await
         .expect("delete the owner");
+    // The garbage collector starts watching a CRD's objects at its next discovery pass (every
+    // 30 s) after the CRD appears, so on a fresh control plane this can take that long.
     wait_until(
-        DEADLINE,
+        Duration::from_secs(120),
         "kube-controller-manager collects the child",
         || async { matches!(children.get_opt("owned").await, Ok(None)) },
     )
