@@ -24,7 +24,6 @@ mod clock;
 mod events;
 mod http;
 pub mod kube;
-mod kubesim;
 pub mod metrics;
 mod process;
 mod redis;
@@ -37,7 +36,6 @@ pub use kube::{
     kubectl, kubectl_program, ApiRequest, Component, ControlPlane, ControlPlaneOptions, Fault,
     FaultProxy, TestNamespace,
 };
-pub use kubesim::{KubeSimProc, RequestCount};
 pub use process::{binary, Proc, ProcBuilder};
 pub use redis::RedisServer;
 pub use wait::{wait_for, wait_until};
