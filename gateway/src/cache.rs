@@ -15,11 +15,11 @@ use kube::Api;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::desired::{build_snapshot, DesiredSnapshot};
+use crate::api::document::{build_snapshot, DesiredSnapshot};
+use crate::cluster::ownership::OwnedSlots;
 use crate::metrics::Metrics;
 use crate::model::{CachedProcess, ObjectKey};
-use crate::ownership::OwnedSlots;
-use crate::projection::Shown;
+use crate::status::projection::Shown;
 
 /// The indexed cache of DeviceProcesses.
 pub struct Cache {

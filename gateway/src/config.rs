@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::auth::Auth;
+use crate::api::auth::Auth;
 use crate::error::Error;
 
 /// `apollo-gateway`: the device-facing HTTP API of Apollo.

@@ -14,16 +14,17 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::{admin_router, AdminState};
+use crate::api::{device_router, DeviceApi};
 use crate::cache::{run_watch, Cache};
 use crate::cluster;
+use crate::cluster::ownership::{self, OwnedSlots};
+use crate::cluster::sweep::Background;
 use crate::config::Settings;
 use crate::error::Error;
-use crate::http::{admin_router, device_router, AdminState, DeviceApi};
 use crate::metrics::Metrics;
-use crate::ownership::{self, OwnedSlots};
 use crate::state::{RedisStore, StateStore, Store};
 use crate::status::{StatusWriter, WriterConfig};
-use crate::sweep::Background;
 
 /// Desired ETags waiting to be recorded in the store.
 const ETAG_RECORD_QUEUE: usize = 4096;

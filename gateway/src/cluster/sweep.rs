@@ -11,11 +11,11 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::Cache;
+use crate::cluster::ownership::Ownership;
 use crate::metrics::Metrics;
 use crate::model::CachedProcess;
-use crate::ownership::Ownership;
-use crate::projection::{needs_write, project};
 use crate::state::{now_ms, Connection, StateStore, Store};
+use crate::status::projection::{needs_write, project};
 use crate::status::{now_rfc3339, StatusWriter};
 
 /// Devices whose state the resync reads concurrently.

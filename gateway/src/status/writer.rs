@@ -23,13 +23,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cache::Cache;
+use crate::cluster::ownership::Ownership;
 use crate::error::Error;
 use crate::metrics::{KubeWriteLabels, Metrics, QueueOutcomeLabels, TransitionLabels};
 use crate::model::{CachedProcess, ObjectKey};
-use crate::ownership::Ownership;
-use crate::projection::{event_for, needs_write, project, EventSpec, Shown, Transition};
-use crate::queue::{Next, RateLimiter, Work, WriteQueue, WriteReason};
 use crate::state::{Connection, ReportOutcome, StateStore, Store};
+use crate::status::projection::{event_for, needs_write, project, EventSpec, Shown, Transition};
+use crate::status::queue::{Next, RateLimiter, Work, WriteQueue, WriteReason};
 
 /// Field manager of every status patch.
 pub const FIELD_MANAGER: &str = "apollo-gateway";
@@ -562,7 +562,7 @@ pub fn build_event(process: &CachedProcess, spec: &EventSpec, instance: &str) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::projection::EventType;
+    use crate::status::projection::EventType;
 
     #[test]
     fn backoff_is_bounded_and_grows() {

@@ -1,4 +1,9 @@
-//! Membership and shard ownership of a replica in a gateway cluster.
+//! The gateway cluster: membership, shard ownership and the sweeps of owned shards.
+//!
+//! - this module: membership in Redis and the per-shard Leases deciding which slots this replica
+//!   owns;
+//! - [`ownership`]: the owned slots, published to the status writer and the sweeps;
+//! - [`sweep`]: the stale sweep and the level-triggered resync over the owned slots.
 //!
 //! Every second the replica (1) registers itself in Redis with its ordinal and advertised address
 //! (see [`apollo_protocol::membership`]; routers read the same hash) and reads the whole
@@ -20,6 +25,9 @@
 //! atomically in Redis anyway, so the brief overlaps a scale change can cause never produce a
 //! duplicate Event.
 
+pub mod ownership;
+pub mod sweep;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -37,7 +45,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::ownership::OwnedSlots;
+use crate::cluster::ownership::OwnedSlots;
 use crate::state;
 
 /// Prefix of the shard Leases' names.

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use crate::metrics::{Metrics, QueueOutcomeLabels};
 use crate::model::ObjectKey;
-use crate::projection::{EventSpec, Transition};
+use crate::status::projection::{EventSpec, Transition};
 
 /// Most Events an entry carries; a device flapping faster than writes drain keeps the latest.
 const MAX_EVENTS_PER_ENTRY: usize = 16;
