@@ -113,6 +113,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             client.clone(),
             settings.replicas,
             ownership_sender,
+            store.clock().clone(),
             metrics.clock_offset_seconds.clone(),
             shutdown.clone(),
         ));

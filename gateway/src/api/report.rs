@@ -18,7 +18,7 @@ use crate::api::parse::{check_device, parse_connect, parse_report};
 use crate::api::DeviceApi;
 use crate::cache::ObservationCheck;
 use crate::model::ObjectKey;
-use crate::state::{now_ms, ReportInput, StateStore};
+use crate::state::{ReportInput, StateStore};
 
 /// Reads the body up to the report limit: 413 above it.
 async fn read_body(body: Body) -> Result<Bytes, ApiError> {
@@ -114,7 +114,7 @@ async fn record(api: &DeviceApi, device: &str, report: &Report) -> Result<Respon
     }
     let input = ReportInput {
         device,
-        now_ms: now_ms(),
+        now_ms: api.store.clock().now_ms(),
         agent_version: &report.agent_version,
         observations,
     };

@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::cluster::ownership::OwnedSlots;
-use crate::state;
+use crate::state::{self, SharedClock};
 
 /// Prefix of the shard Leases' names.
 pub const SHARD_LEASE_PREFIX: &str = "apollo-gateway-shard-";
@@ -142,6 +142,7 @@ pub async fn run(
     client: kube::Client,
     initial_replicas: u32,
     ownership: watch::Sender<Arc<OwnedSlots>>,
+    clock: SharedClock,
     clock_offset: Gauge<f64, AtomicU64>,
     shutdown: CancellationToken,
 ) {
@@ -181,8 +182,8 @@ pub async fn run(
             _ = ticker.tick() => {}
         }
         // 1. Membership.
-        match refresh_membership(&redis, &mut conn, &register, &read, &config, &clock_offset).await
-        {
+        let measured = (&clock, &clock_offset);
+        match refresh_membership(&redis, &mut conn, &register, &read, &config, measured).await {
             Ok(new_view) => {
                 if new_view.replicas != view.replicas || new_view.alive != view.alive {
                     info!(
@@ -306,7 +307,7 @@ async fn refresh_membership(
     register: &redis::Script,
     read: &redis::Script,
     config: &ClusterConfig,
-    clock_offset: &Gauge<f64, AtomicU64>,
+    (clock, clock_offset): (&SharedClock, &Gauge<f64, AtomicU64>),
 ) -> Result<View, String> {
     if conn.is_none() {
         let c = tokio::time::timeout(CALL_TIMEOUT, client.get_multiplexed_async_connection())
@@ -341,6 +342,7 @@ async fn refresh_membership(
     };
     let now_ms = now.parse::<u64>().map_err(|e| e.to_string())?;
     if let Some(offset) = follow_shared_clock(
+        clock,
         sent_ms,
         i64::try_from(now_ms).unwrap_or(i64::MAX),
         received_ms,
@@ -357,13 +359,18 @@ async fn refresh_membership(
 /// How far this machine's clock may stray from Redis' before it is worth a warning.
 const CLOCK_SKEW_WARNING_MS: i64 = 1_000;
 
-/// Moves [`state::now_ms`] onto Redis' clock, from one reading of it (see
-/// [`state::offset_from_reading`]), and returns the offset taken; warns when this machine's clock
-/// is off by more than a second, and again when that changes by another second.
-fn follow_shared_clock(sent_ms: i64, redis_ms: i64, received_ms: i64) -> Option<i64> {
+/// Moves `clock` onto Redis' clock, from one reading of it (see [`state::offset_from_reading`]),
+/// and returns the offset taken; warns when this machine's clock is off by more than a second, and
+/// again when that changes by another second.
+fn follow_shared_clock(
+    clock: &SharedClock,
+    sent_ms: i64,
+    redis_ms: i64,
+    received_ms: i64,
+) -> Option<i64> {
     let offset = state::offset_from_reading(sent_ms, redis_ms, received_ms)?;
-    let previous = state::shared_clock_offset_ms();
-    state::set_shared_clock_offset_ms(offset);
+    let previous = clock.offset_ms();
+    clock.set_offset_ms(offset);
     let noteworthy =
         offset.abs() > CLOCK_SKEW_WARNING_MS && (offset - previous).abs() > CLOCK_SKEW_WARNING_MS;
     if noteworthy {

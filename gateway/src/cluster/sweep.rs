@@ -14,7 +14,7 @@ use crate::cache::Cache;
 use crate::cluster::ownership::Ownership;
 use crate::metrics::Metrics;
 use crate::model::CachedProcess;
-use crate::state::{now_ms, Connection, StateStore, Store};
+use crate::state::{Connection, StateStore, Store};
 use crate::status::projection::{needs_write, project};
 use crate::status::{now_rfc3339, StatusWriter};
 
@@ -68,7 +68,10 @@ impl Background {
             }
             match self
                 .store
-                .sweep(&slots, now_ms().saturating_sub(window_ms))
+                .sweep(
+                    &slots,
+                    self.store.clock().now_ms().saturating_sub(window_ms),
+                )
                 .await
             {
                 Ok(stale) if !stale.is_empty() => {
@@ -151,7 +154,7 @@ async fn resync_device(
     if record.connection == Connection::Unknown && shown_connected {
         // The store lost this device (e.g. Redis restarted empty) while its status says
         // connected: track it again so the sweep marks it stale if it stays silent.
-        match store.adopt_connected(&device, now_ms()).await {
+        match store.adopt_connected(&device, store.clock().now_ms()).await {
             Ok(true) => {
                 tracing::info!(%device, "re-tracking a connected device the store had lost")
             }

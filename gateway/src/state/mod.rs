@@ -144,6 +144,7 @@ pub trait StateStore: Send + Sync + 'static {
 pub struct Store {
     backend: Backend,
     metrics: Metrics,
+    clock: SharedClock,
 }
 
 #[derive(Clone)]
@@ -158,6 +159,7 @@ impl Store {
         Self {
             backend: Backend::Memory(MemoryStore::default()),
             metrics,
+            clock: SharedClock::default(),
         }
     }
 
@@ -166,7 +168,13 @@ impl Store {
         Self {
             backend: Backend::Redis(store),
             metrics,
+            clock: SharedClock::default(),
         }
+    }
+
+    /// The clock lastSeen and sweep cutoffs are taken on (see [`SharedClock`]).
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
     }
 
     /// Name of the backend, for logs.
@@ -242,34 +250,39 @@ impl StateStore for Store {
     }
 }
 
-/// How far the cluster's shared clock (Redis' `TIME`) is ahead of this machine's wall clock, in
-/// milliseconds. Measured on every membership heartbeat (see [`crate::cluster`]); 0 without Redis.
-static SHARED_CLOCK_OFFSET_MS: AtomicI64 = AtomicI64::new(0);
-
-/// Milliseconds since the Unix epoch, now, on the clock every replica shares.
+/// The clock every replica shares: this machine's wall clock corrected by how far Redis' `TIME`
+/// is ahead of it (measured by the cluster task on every membership heartbeat; 0 without Redis).
 ///
 /// lastSeen is written by whichever replica took a report and compared against a cutoff by
 /// whichever replica sweeps the shard; after a fail-over or a scale change those differ. Were
 /// each to use its own wall clock, a replica whose clock runs ahead by more than the stale window
 /// would mark every device another replica recorded disconnected. So times are taken on Redis'
-/// clock: this machine's wall clock corrected by the measured offset.
-pub fn now_ms() -> i64 {
-    wall_clock_ms() + SHARED_CLOCK_OFFSET_MS.load(Ordering::Relaxed)
+/// clock. A handle, cloned into the store and the cluster task (no process-wide state).
+#[derive(Clone, Debug, Default)]
+pub struct SharedClock {
+    offset_ms: std::sync::Arc<AtomicI64>,
+}
+
+impl SharedClock {
+    /// Milliseconds since the Unix epoch, now, on the shared clock.
+    pub fn now_ms(&self) -> i64 {
+        wall_clock_ms() + self.offset_ms.load(Ordering::Relaxed)
+    }
+
+    /// Sets how far the shared clock is ahead of this machine's.
+    pub fn set_offset_ms(&self, offset_ms: i64) {
+        self.offset_ms.store(offset_ms, Ordering::Relaxed);
+    }
+
+    /// The offset last set.
+    pub fn offset_ms(&self) -> i64 {
+        self.offset_ms.load(Ordering::Relaxed)
+    }
 }
 
 /// This machine's wall clock, milliseconds since the Unix epoch.
 pub fn wall_clock_ms() -> i64 {
     jiff::Timestamp::now().as_millisecond()
-}
-
-/// Sets the offset of the shared clock (see [`now_ms`]).
-pub fn set_shared_clock_offset_ms(offset_ms: i64) {
-    SHARED_CLOCK_OFFSET_MS.store(offset_ms, Ordering::Relaxed);
-}
-
-/// The offset of the shared clock last set.
-pub fn shared_clock_offset_ms() -> i64 {
-    SHARED_CLOCK_OFFSET_MS.load(Ordering::Relaxed)
 }
 
 /// The offset one clock reading implies: the shared clock read `shared_ms` somewhere between our
