@@ -9,8 +9,10 @@ use apollo_crds::conditions::{
 };
 use apollo_crds::{DeviceProcessStatus, PHASE_PENDING};
 
-use crate::model::CachedProcess;
-use crate::state::Connection;
+use std::collections::HashMap;
+
+use crate::model::{CachedProcess, ObjectKey};
+use crate::state::{Connection, ReportOutcome};
 
 /// The status `process` must have. `observed` is the hash the store holds for it (None when the
 /// store has none, e.g. after losing its state; the status' own observedSpecHash is kept then).
@@ -95,6 +97,42 @@ pub enum Transition {
         /// status.observedSpecHash before the report was recorded.
         shown_hash: Option<String>,
     },
+}
+
+/// The transitions one recorded report causes: `Connected` for each DeviceProcess of the device
+/// (`keys`) when the store says this report connected it, and `SpecObserved` for each changed
+/// observation. `before` is what each status showed before the report was recorded.
+pub fn report_transitions(
+    outcome: &ReportOutcome,
+    keys: &[ObjectKey],
+    before: &HashMap<ObjectKey, Shown>,
+) -> Vec<(ObjectKey, Transition)> {
+    let mut out = Vec::new();
+    if outcome.prior != Connection::Connected {
+        for key in keys {
+            let shown_connected = before.get(key).is_some_and(|s| s.connected);
+            out.push((
+                key.clone(),
+                Transition::Connected {
+                    prior: outcome.prior,
+                    shown_connected,
+                },
+            ));
+        }
+    }
+    for change in &outcome.changed {
+        out.push((
+            change.key.clone(),
+            Transition::SpecObserved {
+                hash: change.hash.clone(),
+                prior_known: change.prior_known,
+                shown_hash: before
+                    .get(&change.key)
+                    .and_then(|s| s.observed_hash.clone()),
+            },
+        ));
+    }
+    out
 }
 
 /// What a DeviceProcess's status showed before a report was recorded. Taken before the store
@@ -415,5 +453,61 @@ mod tests {
             }
         );
         assert_eq!(Shown::of(None), Shown::default());
+    }
+    #[test]
+    fn a_report_connecting_a_device_touches_each_of_its_processes_and_each_changed_hash() {
+        use crate::state::ObservedChange;
+        let a = ObjectKey::new("ns", "a");
+        let b = ObjectKey::new("ns", "b");
+        let before: HashMap<ObjectKey, Shown> = [(
+            a.clone(),
+            Shown {
+                connected: true,
+                observed_hash: Some("sha256:old".into()),
+            },
+        )]
+        .into();
+        let outcome = ReportOutcome {
+            prior: Connection::Disconnected,
+            changed: vec![ObservedChange {
+                key: a.clone(),
+                hash: "sha256:new".into(),
+                prior_known: true,
+            }],
+        };
+        let transitions = report_transitions(&outcome, &[a.clone(), b.clone()], &before);
+        assert_eq!(
+            transitions,
+            vec![
+                (
+                    a.clone(),
+                    Transition::Connected {
+                        prior: Connection::Disconnected,
+                        shown_connected: true
+                    }
+                ),
+                (
+                    b.clone(),
+                    Transition::Connected {
+                        prior: Connection::Disconnected,
+                        shown_connected: false
+                    }
+                ),
+                (
+                    a.clone(),
+                    Transition::SpecObserved {
+                        hash: "sha256:new".into(),
+                        prior_known: true,
+                        shown_hash: Some("sha256:old".into())
+                    }
+                ),
+            ]
+        );
+        // A heartbeat of a connected device with nothing new: no transition at all.
+        let quiet = ReportOutcome {
+            prior: Connection::Connected,
+            changed: Vec::new(),
+        };
+        assert!(report_transitions(&quiet, &[a, b], &before).is_empty());
     }
 }

@@ -28,7 +28,9 @@ use crate::error::Error;
 use crate::metrics::{KubeWriteLabels, Metrics, QueueOutcomeLabels, TransitionLabels};
 use crate::model::{CachedProcess, ObjectKey};
 use crate::state::{Connection, ReportOutcome, StateStore, Store};
-use crate::status::projection::{event_for, needs_write, project, EventSpec, Shown, Transition};
+use crate::status::projection::{
+    event_for, needs_write, project, report_transitions, EventSpec, Shown, Transition,
+};
 use crate::status::queue::{Next, RateLimiter, Work, WriteQueue, WriteReason};
 
 /// Field manager of every status patch.
@@ -128,31 +130,13 @@ impl StatusWriter {
         let now = Instant::now();
         if outcome.prior != Connection::Connected {
             self.count_transition("connected");
-            for key in self.cache.keys_for_device(device) {
-                let shown_connected = before.get(&key).is_some_and(|s| s.connected);
-                self.queue.push(
-                    key,
-                    now,
-                    Work::transition(Transition::Connected {
-                        prior: outcome.prior,
-                        shown_connected,
-                    }),
-                );
-            }
         }
-        for change in &outcome.changed {
-            self.count_transition("spec_observed");
-            self.queue.push(
-                change.key.clone(),
-                now,
-                Work::transition(Transition::SpecObserved {
-                    hash: change.hash.clone(),
-                    prior_known: change.prior_known,
-                    shown_hash: before
-                        .get(&change.key)
-                        .and_then(|s| s.observed_hash.clone()),
-                }),
-            );
+        let keys = self.cache.keys_for_device(device);
+        for (key, transition) in report_transitions(outcome, &keys, before) {
+            if matches!(transition, Transition::SpecObserved { .. }) {
+                self.count_transition(transition.kind());
+            }
+            self.queue.push(key, now, Work::transition(transition));
         }
     }
 
@@ -530,6 +514,15 @@ fn event_name(object: &str, suffix: &str) -> String {
 }
 
 /// An events.k8s.io/v1 Event about `process`.
+///
+/// Built by hand rather than with kube's `Recorder` because the Recorder does not fit how the
+/// gateway writes: it names Events `<object>.<hex time>`, which the apiserver refuses (422) for
+/// DeviceProcess names near the 253-character limit (see [`event_name`]); it deduplicates repeats
+/// into a `series` with PATCH requests from a per-process cache (one more verb in the RBAC, and a
+/// cache that other replicas do not share — here the state store already decides that each
+/// transition is published once, by one replica); and its calls would bypass this writer's rate
+/// limit, per-call timeout, metrics and the report's trace, which every Kubernetes write of the
+/// gateway goes through.
 pub fn build_event(process: &CachedProcess, spec: &EventSpec, instance: &str) -> Event {
     let now = k8s_openapi::jiff::Timestamp::now();
     let sequence = EVENT_SEQUENCE.fetch_add(1, Ordering::Relaxed);
