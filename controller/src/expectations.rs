@@ -20,7 +20,8 @@ use tokio::time::Instant;
 /// How long a remembered write may stand in for the cache.
 pub const EXPECTATION_TTL: Duration = Duration::from_secs(60);
 
-type Key = (String, String);
+/// Namespace and name.
+pub type Key = (String, String);
 
 struct ChildWrite {
     /// resourceVersion in the cache when we wrote; None when the object was absent (a create).
@@ -144,6 +145,25 @@ impl Expectations {
                 && w.result.is_some()
                 && w.expires > now
         })
+    }
+
+    /// Forget the status written for the deployment `namespace/name` (it was deleted), and every
+    /// remembered write that has expired.
+    pub fn forget_deployment(&self, namespace: &str, name: &str) {
+        lock(&self.statuses).remove(&(namespace.to_owned(), name.to_owned()));
+        self.prune_expired();
+    }
+
+    /// Drop every remembered write that has expired (they no longer stand in for anything).
+    pub fn prune_expired(&self) {
+        let now = Instant::now();
+        lock(&self.children).retain(|_, w| w.expires > now);
+        lock(&self.statuses).retain(|_, w| w.expires > now);
+    }
+
+    /// Deployments whose written status is remembered.
+    pub fn deployments(&self) -> BTreeSet<Key> {
+        lock(&self.statuses).keys().cloned().collect()
     }
 
     /// Remember that we wrote `status` for the deployment cached at `cached_version`.
@@ -300,6 +320,33 @@ mod tests {
             e.status_view("ns", "d", Some("9"), Some(&stale)),
             Some(stale),
             "forgotten"
+        );
+    }
+}
+
+#[cfg(test)]
+mod forgetting {
+    use super::*;
+
+    #[test]
+    fn a_deleted_deployments_status_is_forgotten() {
+        let e = Expectations::default();
+        e.status_written(
+            "ns",
+            "gone",
+            Some("1".into()),
+            DeviceProcessDeploymentStatus::default(),
+        );
+        e.status_written(
+            "ns",
+            "kept",
+            Some("1".into()),
+            DeviceProcessDeploymentStatus::default(),
+        );
+        e.forget_deployment("ns", "gone");
+        assert_eq!(
+            e.deployments(),
+            [("ns".to_owned(), "kept".to_owned())].into_iter().collect()
         );
     }
 }

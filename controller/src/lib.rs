@@ -1,26 +1,41 @@
 //! DeviceProcessDeployment controller: one DeviceProcess per selected device (DaemonSet semantics).
 //!
-//! - [`desired`]: the pure decisions (child names, desired set, diff, status).
-//! - [`selector`]: Kubernetes label selector matching.
-//! - [`reconcile`]: apply the decisions through the API, reading only from watch caches.
+//! Pure decisions, each with its unit tests:
+//! - [`names`]: child names (disambiguated when another owner holds one) and label values.
+//! - [`selector`]: label selectors (kube's matching, Kubernetes' validation).
+//! - [`plan`]: the desired set and its difference from what exists.
+//! - [`availability`]: whether one DeviceProcess is available (from the gateway's conditions).
+//! - [`rollout`]: the rollout step: which children get the new spec now, and how it stands.
+//! - [`status`]: the deployment's status and conditions.
+//!
+//! I/O at the edges:
+//! - [`reconcile`]: one deployment: read the caches, decide, write.
+//! - [`writes`]: the writes (children, status, Events), bounded, counted, remembered.
 //! - [`events`]: Events on deployments, named so the apiserver accepts them for any object name.
 //! - [`expectations`]: our own writes that the caches have not shown yet.
+//! - [`memory`]: per-deployment memory, forgotten with the deployment.
 //! - [`lease`]: leader election through a `coordination.k8s.io/v1` Lease.
 //! - [`run`]: wiring: watches, controller, elector, admin endpoints, shutdown.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod args;
-pub mod desired;
+pub mod availability;
 pub mod events;
 pub mod expectations;
 #[cfg(test)]
 mod fixtures;
 pub mod lease;
+pub mod memory;
 pub mod metrics;
+pub mod names;
+pub mod plan;
 pub mod reconcile;
+pub mod rollout;
 pub mod run;
 pub mod selector;
+pub mod status;
+pub mod writes;
 
 use std::future::Future;
 use std::time::Duration;
@@ -50,7 +65,7 @@ pub enum Error {
     ServeAdmin(#[source] std::io::Error),
     /// Computing the desired children of a deployment.
     #[error("deployment {0}: {1}")]
-    Desired(String, #[source] desired::DesiredError),
+    Desired(String, #[source] plan::DesiredError),
     /// Creating a child DeviceProcess.
     #[error("creating DeviceProcess {name}: {source}")]
     CreateChild {

@@ -34,6 +34,7 @@ pub struct Metrics {
     events: Family<ReconcileLabels, Counter>,
     leader: Gauge,
     leader_changes: Counter,
+    remembered: Gauge,
 }
 
 impl Metrics {
@@ -46,6 +47,7 @@ impl Metrics {
             events: Family::default(),
             leader: Gauge::default(),
             leader_changes: Counter::default(),
+            remembered: Gauge::default(),
         };
         let sub = registry.sub_registry_with_prefix("apollo_controller");
         sub.register(
@@ -78,7 +80,17 @@ impl Metrics {
             "Times this replica gained or lost leadership",
             metrics.leader_changes.clone(),
         );
+        sub.register(
+            "remembered_deployments",
+            "Deployments the controller keeps per-deployment memory of (follows the deployments that exist)",
+            metrics.remembered.clone(),
+        );
         metrics
+    }
+
+    /// Record how many deployments per-deployment memory is kept of.
+    pub fn set_remembered_deployments(&self, n: usize) {
+        self.remembered.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Count a reconcile and its duration.

@@ -1,30 +1,32 @@
-//! Reconcile one DeviceProcessDeployment: compute the desired children from the caches, write the
-//! difference, and publish the status. Reads come from watch caches only; a reconcile with nothing
-//! to do makes no API call at all.
+//! Reconcile one DeviceProcessDeployment: compute the desired children from the caches, take the
+//! rollout step, write the difference it allows, and publish the status. Reads come from watch
+//! caches only; a reconcile with nothing to do makes no API call at all.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use apollo_crds::{DeviceProcess, DeviceProcessDeployment, NetworkSwitch};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use jiff::Timestamp;
+use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Resource, ResourceExt};
+use kube::runtime::reflector::Store;
+use kube::ResourceExt;
 use tokio::time::Instant;
 
-use crate::desired::{self, ChildUpdate, DesiredError};
+use crate::availability::{readiness, Readiness, State};
 use crate::events::{EventRecorder, EventSpec, EventType};
 use crate::expectations::{Expectations, EXPECTATION_TTL};
 use crate::lease::Leadership;
-use crate::metrics::{outcome_of, Metrics};
-use crate::{with_timeout, Error};
+use crate::memory::{DeploymentMemory, Key};
+use crate::metrics::Metrics;
+use crate::plan::{self, ChildUpdate, DesiredError};
+use crate::rollout::{self, Member, MemberState, Policy, Step};
+use crate::status::{self, ProcessFailure};
+use crate::writes::{self, Created, StatusWrite};
+use crate::Error;
 
-/// Field manager recorded on every write.
-pub const FIELD_MANAGER: &str = "apollo-controller";
-
-const CHILDREN: &str = "deviceprocesses";
-const DEPLOYMENT_STATUS: &str = "deviceprocessdeployments/status";
+pub use crate::writes::FIELD_MANAGER;
 
 /// Timing of reconciles.
 #[derive(Debug, Clone)]
@@ -59,11 +61,9 @@ pub struct Context {
     /// Timing.
     pub config: ReconcileConfig,
     /// Our writes the caches have not shown yet.
-    expectations: Expectations,
-    /// When each deployment's status was last written, to pace agent-count-only writes.
-    status_written_at: Mutex<HashMap<(String, String), Instant>>,
-    /// Consecutive failures per deployment, for exponential backoff.
-    failures: Mutex<HashMap<ObjectRef<DeviceProcessDeployment>, u32>>,
+    pub(crate) expectations: Expectations,
+    /// Per-deployment memory (status pacing, failure counts).
+    pub(crate) memory: DeploymentMemory,
 }
 
 impl Context {
@@ -86,23 +86,40 @@ impl Context {
             metrics,
             config,
             expectations: Expectations::default(),
-            status_written_at: Mutex::new(HashMap::new()),
-            failures: Mutex::new(HashMap::new()),
+            memory: DeploymentMemory::default(),
         }
     }
 
-    fn status_written_at(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Instant>> {
-        self.status_written_at
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// Forget everything remembered about the deployment `namespace/name` (it was deleted).
+    pub fn forget(&self, namespace: &str, name: &str) {
+        self.memory.forget(&(namespace.to_owned(), name.to_owned()));
+        self.expectations.forget_deployment(namespace, name);
+        self.update_memory_gauge();
     }
 
-    fn failures(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<DeviceProcessDeployment>, u32>> {
-        self.failures
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// Keep memory only of the `existing` deployments (after a relist of the deployments).
+    pub fn retain(&self, existing: &BTreeSet<Key>) {
+        self.memory.retain(existing);
+        for key in self.expectations.deployments() {
+            if !existing.contains(&key) {
+                self.expectations.forget_deployment(&key.0, &key.1);
+            }
+        }
+        self.expectations.prune_expired();
+        self.update_memory_gauge();
+    }
+
+    /// Deployments anything is remembered about.
+    pub fn remembered_deployments(&self) -> BTreeSet<Key> {
+        let mut keys = self.memory.deployments();
+        keys.extend(self.expectations.deployments());
+        keys
+    }
+
+    /// Publish [`Context::remembered_deployments`] as a gauge.
+    pub fn update_memory_gauge(&self) {
+        self.metrics
+            .set_remembered_deployments(self.remembered_deployments().len());
     }
 }
 
@@ -118,6 +135,13 @@ pub fn backoff_delay(attempt: u32, base: Duration, max: Duration) -> Duration {
 pub fn jittered(ceiling: Duration, rng: &mut impl rand::Rng) -> Duration {
     let half = ceiling / 2;
     half + ceiling.saturating_sub(half).mul_f64(rng.random::<f64>())
+}
+
+fn key_of(deployment: &DeviceProcessDeployment) -> Key {
+    (
+        deployment.namespace().unwrap_or_default(),
+        deployment.name_any(),
+    )
 }
 
 /// Reconcile entry point for `kube::runtime::Controller`.
@@ -137,8 +161,7 @@ pub async fn reconcile(
     ctx.metrics
         .reconciled(label, started.elapsed().as_secs_f64());
     if result.is_ok() {
-        ctx.failures()
-            .remove(&ObjectRef::from_obj(deployment.as_ref()));
+        ctx.memory.succeeded(&key_of(&deployment));
     }
     result
 }
@@ -153,14 +176,8 @@ pub fn error_policy(
         // Leadership was lost mid-reconcile; gaining it again re-queues everything.
         return Action::await_change();
     }
-    let attempt = {
-        let mut failures = ctx.failures();
-        let n = failures
-            .entry(ObjectRef::from_obj(deployment.as_ref()))
-            .or_insert(0);
-        *n = n.saturating_add(1);
-        *n
-    };
+    let attempt = ctx.memory.failed(&key_of(&deployment));
+    ctx.update_memory_gauge();
     let delay = jittered(
         backoff_delay(attempt, ctx.config.backoff_base, ctx.config.backoff_max),
         &mut rand::rng(),
@@ -174,6 +191,65 @@ pub fn error_policy(
         "reconcile failed"
     );
     Action::requeue(delay)
+}
+
+/// The rollout members of `desired`, judged from the children as they are before this reconcile's
+/// writes, and the earliest moment a settling child becomes available.
+fn members(
+    desired: &plan::Desired,
+    plan: &plan::Plan,
+    policy: &Policy,
+    now: Timestamp,
+) -> (Vec<Member>, Option<Timestamp>) {
+    let mut existing: BTreeMap<String, (&DeviceProcess, bool)> = BTreeMap::new();
+    for child in &plan.unchanged {
+        existing.insert(child.name_any(), (child.as_ref(), false));
+    }
+    for update in &plan.update {
+        existing.insert(
+            update.existing.name_any(),
+            (update.existing.as_ref(), update.changes_spec()),
+        );
+    }
+    let mut settles_at: Option<Timestamp> = None;
+    let members = desired
+        .children
+        .keys()
+        .map(|name| {
+            let labels = desired.device_labels.get(name).cloned().unwrap_or_default();
+            let state = match existing.get(name) {
+                None => MemberState::Missing,
+                Some((child, outdated)) => {
+                    let Readiness {
+                        state,
+                        observed,
+                        updated_at,
+                    } = readiness(child, policy.min_ready, now);
+                    if let State::Settling { ready_at } = state {
+                        settles_at = Some(settles_at.map_or(ready_at, |t| t.min(ready_at)));
+                    }
+                    if *outdated {
+                        MemberState::Outdated {
+                            available: state.is_available(),
+                        }
+                    } else {
+                        MemberState::Current {
+                            available: state.is_available(),
+                            observed,
+                            updated_at,
+                        }
+                    }
+                }
+            };
+            Member {
+                name: name.clone(),
+                canary: policy.is_canary(&labels),
+                group: policy.group_of(&labels),
+                state,
+            }
+        })
+        .collect();
+    (members, settles_at)
 }
 
 async fn reconcile_deployment(
@@ -193,7 +269,9 @@ async fn reconcile_deployment(
         name.clone(),
         DesiredError::MissingField("metadata.uid"),
     ))?;
-    let now = jiff::Timestamp::now().to_string();
+    let now_ts = Timestamp::now();
+    let now = now_ts.to_string();
+    let generation = deployment.metadata.generation;
     let shown_status = ctx.expectations.status_view(
         &namespace,
         &name,
@@ -204,36 +282,92 @@ async fn reconcile_deployment(
     let switches = ctx
         .switches
         .state_filter(|s| s.metadata.namespace.as_deref() == Some(namespace.as_str()));
-    let desired = match desired::desired_children(deployment, switches.iter().map(AsRef::as_ref)) {
+    // Every DeviceProcess of the namespace (any owner), as it is after our own writes.
+    let in_namespace = namespace_children(ctx, &namespace);
+    let desired = match plan::desired_children(
+        deployment,
+        switches.iter().map(AsRef::as_ref),
+        &in_namespace,
+    ) {
         Ok(desired) => desired,
         Err(DesiredError::InvalidSelector(problem)) => {
             // Touch no child: an unreadable selector must not delete the fleet's processes.
-            let existing: Vec<Arc<DeviceProcess>> = owned_children(ctx, &namespace, &uid);
-            let problem = problem.to_string();
-            let mut status = desired::deployment_status(
+            let existing: Vec<&DeviceProcess> = in_namespace
+                .iter()
+                .map(AsRef::as_ref)
+                .filter(|c| plan::is_controlled_by(c, &uid))
+                .collect();
+            let mut status = status::deployment_status(
                 deployment,
                 shown_status.as_ref(),
                 &Default::default(),
-                &existing.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
-                Some(&problem),
+                &existing,
+                &|_| false,
+                Some(&problem.to_string()),
                 &now,
             );
-            desired::set_process_failure(
+            status::set_process_failure(
                 &mut status,
-                desired::recorded_failure(deployment, shown_status.as_ref()).as_ref(),
-                deployment.metadata.generation,
+                status::recorded_failure(deployment, shown_status.as_ref()).as_ref(),
+                generation,
                 &now,
             );
-            let paced =
-                write_status(deployment, &namespace, shown_status.as_ref(), status, ctx).await?;
-            return Ok(paced.map_or_else(Action::await_change, Action::requeue));
+            let written =
+                writes::write_status(deployment, &namespace, shown_status.as_ref(), status, ctx)
+                    .await?;
+            return Ok(match written {
+                StatusWrite::Paced(wait) => Action::requeue(wait),
+                _ => Action::await_change(),
+            });
         }
         Err(other) => return Err(Error::Desired(name, other)),
     };
 
     // Our children, and orphans the plan may adopt.
-    let existing = children_or_orphans(ctx, &namespace, &uid);
-    let plan = desired::plan(&uid, &desired, &existing);
+    let existing: Vec<Arc<DeviceProcess>> = in_namespace
+        .iter()
+        .filter(|c| plan::is_controlled_by(c, &uid) || plan::is_orphan(c))
+        .cloned()
+        .collect();
+    let plan = plan::plan(&uid, &desired.children, &existing);
+
+    // The rollout step decides which spec changes go out now. An invalid canary selector holds
+    // every spec change (and says why); creates and deletes go on.
+    let (policy, canary_problem) = match Policy::of(&deployment.spec, desired.children.len()) {
+        Ok(policy) => (policy, None),
+        Err(problem) => {
+            let mut spec = deployment.spec.clone();
+            spec.update_strategy.rolling_update.canary = None;
+            let policy = Policy::of(&spec, desired.children.len())
+                .map_err(|e| Error::Desired(name.clone(), DesiredError::InvalidSelector(e)))?;
+            let problem = format!("updateStrategy.rollingUpdate.canary.selector: {problem}");
+            (policy, Some(problem))
+        }
+    };
+    let (members, settles_at) = members(&desired, &plan, &policy, now_ts);
+    let previous = status::previous_rollout(shown_status.as_ref());
+    let mut step = rollout::step(&policy, &members, &previous, generation, now_ts);
+    if canary_problem.is_some() {
+        step.held += step.update.len();
+        step.update.clear();
+    }
+    let go: BTreeSet<&str> = step.update.iter().map(String::as_str).collect();
+    let updates: Vec<ChildUpdate> = plan
+        .update
+        .iter()
+        .filter_map(|u| {
+            if !u.changes_spec() || go.contains(u.existing.name_any().as_str()) {
+                Some(u.clone())
+            } else if u.adopts() {
+                // Held: adopt it now (so its name is ours), give it the spec on its turn.
+                Some(u.metadata_only())
+            } else {
+                // Held: labels and annotations go with the spec, in one write.
+                None
+            }
+        })
+        .collect();
+
     let children_api: Api<DeviceProcess> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut requeue_soon = false;
     // Children as they are once this reconcile's writes are done (shared, not copied: a
@@ -242,7 +376,7 @@ async fn reconcile_deployment(
     // The apiserver refused a child made from this generation's template as invalid: every
     // create or update from it would be refused the same way, so none is attempted until the
     // deployment changes. Deletes do not depend on the template and go ahead.
-    let mut failure = desired::recorded_failure(deployment, shown_status.as_ref());
+    let mut failure = status::recorded_failure(deployment, shown_status.as_ref());
     let refused_before = failure.is_some();
 
     for child in &plan.create {
@@ -251,51 +385,43 @@ async fn reconcile_deployment(
         }
         ctx.leadership.ensure()?;
         let child_name = child.name_any();
-        let result = with_timeout(
-            "create child",
-            ctx.config.api_timeout,
-            children_api.create(&post_params(), child),
-        )
-        .await?;
-        match result {
-            Ok(created) => {
-                ctx.metrics.write(CHILDREN, "create", "ok");
-                ctx.expectations.created(&created);
-                tracing::info!(deployment = %name, %namespace, child = %child_name, "created DeviceProcess");
-                publish(ctx, deployment, "SuccessfulCreate", "Create", &created).await;
-                after.push(Arc::new(created));
+        let device = child.spec.device_ref.name.as_str();
+        let fallback = Some(crate::names::hashed_child_name(&name, device));
+        match writes::create_child(&children_api, child, fallback, &uid, ctx).await? {
+            Created::Done(created) => {
+                tracing::info!(deployment = %name, %namespace, child = %created.name_any(), "created DeviceProcess");
+                writes::publish_child_event(
+                    ctx,
+                    deployment,
+                    "SuccessfulCreate",
+                    "Create",
+                    &created,
+                )
+                .await;
+                after.push(Arc::new(*created));
             }
-            Err(error) => {
-                ctx.metrics.write(CHILDREN, "create", outcome_of(&error));
-                if is_status(&error, 409) {
-                    // Our cache has not seen it yet, or another object holds the name: the watch
-                    // brings the truth; look again shortly.
-                    tracing::info!(child = %child_name, "DeviceProcess already exists; re-checking later");
-                    requeue_soon = true;
-                } else if let Some(answer) = invalid(&error) {
-                    tracing::warn!(deployment = %name, %namespace, child = %child_name, %answer, "the apiserver refused the DeviceProcess made from the template");
-                    failure = Some(desired::ProcessFailure::new(
-                        desired::REASON_FAILED_CREATE,
-                        &child_name,
-                        answer,
-                    ));
-                } else {
-                    return Err(Error::CreateChild {
-                        name: child_name,
-                        source: error,
-                    });
-                }
+            // Our cache has not seen it yet, or another object holds the name: the watch brings
+            // the truth; look again shortly.
+            Created::Exists => requeue_soon = true,
+            Created::Invalid(answer) => {
+                tracing::warn!(deployment = %name, %namespace, child = %child_name, %answer, "the apiserver refused the DeviceProcess made from the template");
+                failure = Some(ProcessFailure::new(
+                    status::REASON_FAILED_CREATE,
+                    &child_name,
+                    &answer,
+                ));
             }
         }
     }
 
-    for update in &plan.update {
+    let attempted: BTreeSet<String> = updates.iter().map(|u| u.existing.name_any()).collect();
+    for update in &updates {
         if failure.is_some() {
             after.push(Arc::clone(&update.existing));
             continue;
         }
         ctx.leadership.ensure()?;
-        match update_child(&children_api, update, ctx).await {
+        match writes::update_child(&children_api, update, ctx).await {
             Ok(Some(updated)) => after.push(Arc::new(updated)),
             Ok(None) => {
                 requeue_soon = true;
@@ -304,11 +430,11 @@ async fn reconcile_deployment(
             Err(Error::UpdateChild {
                 name: child,
                 source,
-            }) if invalid(&source).is_some() => {
-                let answer = invalid(&source).unwrap_or_default();
+            }) if writes::invalid(&source).is_some() => {
+                let answer = writes::invalid(&source).unwrap_or_default();
                 tracing::warn!(deployment = %name, %namespace, %child, %answer, "the apiserver refused the template's update of the DeviceProcess");
-                failure = Some(desired::ProcessFailure::new(
-                    desired::REASON_FAILED_UPDATE,
+                failure = Some(ProcessFailure::new(
+                    status::REASON_FAILED_UPDATE,
                     &child,
                     answer,
                 ));
@@ -317,298 +443,107 @@ async fn reconcile_deployment(
             Err(other) => return Err(other),
         }
     }
+    // Held back entirely: as they are.
+    for update in &plan.update {
+        if !attempted.contains(&update.existing.name_any()) {
+            after.push(Arc::clone(&update.existing));
+        }
+    }
     if let Some(failure) = failure.as_ref().filter(|_| !refused_before) {
-        publish_failure(ctx, deployment, failure).await;
+        writes::publish_failure(ctx, deployment, failure).await;
     }
 
     for child in &plan.delete {
         ctx.leadership.ensure()?;
-        let child_name = child.name_any();
-        let params = DeleteParams {
-            preconditions: Some(Preconditions {
-                uid: child.uid(),
-                resource_version: None,
-            }),
-            ..DeleteParams::default()
-        };
-        let result = with_timeout(
-            "delete child",
-            ctx.config.api_timeout,
-            children_api.delete(&child_name, &params),
-        )
-        .await?;
-        match result {
-            Ok(_) => {
-                ctx.metrics.write(CHILDREN, "delete", "ok");
-                ctx.expectations.deleted(child);
-                tracing::info!(deployment = %name, %namespace, child = %child_name, "deleted DeviceProcess");
-                publish(ctx, deployment, "SuccessfulDelete", "Delete", child).await;
+        match writes::delete_child(&children_api, child, ctx).await? {
+            Some(true) => {
+                tracing::info!(deployment = %name, %namespace, child = %child.name_any(), "deleted DeviceProcess");
+                writes::publish_child_event(ctx, deployment, "SuccessfulDelete", "Delete", child)
+                    .await;
             }
-            Err(error) if is_status(&error, 404) => {
-                ctx.metrics.write(CHILDREN, "delete", "not_found");
-            }
-            Err(error) => {
-                ctx.metrics.write(CHILDREN, "delete", outcome_of(&error));
-                if is_status(&error, 409) {
-                    requeue_soon = true;
-                } else {
-                    return Err(Error::DeleteChild {
-                        name: child_name,
-                        source: error,
-                    });
-                }
-            }
+            Some(false) => {}
+            None => requeue_soon = true,
         }
     }
 
-    let mut status = desired::deployment_status(
+    let available = |c: &DeviceProcess| readiness(c, policy.min_ready, now_ts).state.is_available();
+    let mut status = status::deployment_status(
         deployment,
         shown_status.as_ref(),
-        &desired,
+        &desired.children,
         &after.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
-        None,
+        &available,
+        canary_problem.as_deref(),
         &now,
     );
-    desired::set_process_failure(
-        &mut status,
-        failure.as_ref(),
-        deployment.metadata.generation,
-        &now,
-    );
-    let paced = write_status(deployment, &namespace, shown_status.as_ref(), status, ctx).await?;
+    status::apply_rollout(&mut status, &step, policy.max_unavailable, generation, &now);
+    status::set_process_failure(&mut status, failure.as_ref(), generation, &now);
+    let written =
+        writes::write_status(deployment, &namespace, shown_status.as_ref(), status, ctx).await?;
+    if written == StatusWrite::Written {
+        publish_rollout_event(ctx, deployment, previous.reason.as_deref(), &step, &desired).await;
+    }
 
-    let next = if requeue_soon {
+    let mut next = if requeue_soon {
         ctx.config.backoff_base
     } else if ctx.expectations.awaiting_creates(&namespace) {
         ctx.config.resync_period.min(EXPECTATION_TTL)
     } else {
         ctx.config.resync_period
     };
-    Ok(Action::requeue(paced.map_or(next, |wait| wait.min(next))))
-}
-
-/// Children controlled by the deployment with `uid`, as they are after our own writes.
-fn owned_children(ctx: &Context, namespace: &str, uid: &str) -> Vec<Arc<DeviceProcess>> {
-    let cached = ctx.children.state_filter(|c| {
-        c.metadata.namespace.as_deref() == Some(namespace) && desired::is_controlled_by(c, uid)
-    });
-    ctx.expectations
-        .children_view(namespace, cached, |c| desired::is_controlled_by(c, uid))
-}
-
-/// Children controlled by the deployment with `uid` or by no one, as they are after our own
-/// writes.
-fn children_or_orphans(ctx: &Context, namespace: &str, uid: &str) -> Vec<Arc<DeviceProcess>> {
-    let ours_or_nobodys =
-        |c: &DeviceProcess| desired::is_controlled_by(c, uid) || desired::is_orphan(c);
-    let cached = ctx
-        .children
-        .state_filter(|c| c.metadata.namespace.as_deref() == Some(namespace) && ours_or_nobodys(c));
-    ctx.expectations
-        .children_view(namespace, cached, ours_or_nobodys)
-}
-
-/// Patch one child to the template. `Ok(None)` when our copy was stale (409): nothing was written
-/// and the watch will deliver the current object.
-async fn update_child(
-    api: &Api<DeviceProcess>,
-    update: &ChildUpdate,
-    ctx: &Context,
-) -> Result<Option<DeviceProcess>, Error> {
-    let child_name = update.existing.name_any();
-    let patch = update.merge_patch().map_err(|source| Error::EncodePatch {
-        name: child_name.clone(),
-        source,
-    })?;
-    let result = with_timeout(
-        "update child",
-        ctx.config.api_timeout,
-        api.patch(&child_name, &patch_params(), &Patch::Merge(&patch)),
-    )
-    .await?;
-    match result {
-        Ok(updated) => {
-            ctx.metrics.write(CHILDREN, "patch", "ok");
-            ctx.expectations.updated(&update.existing, &updated);
-            if update.adopts() {
-                tracing::info!(child = %child_name, "adopted the orphaned DeviceProcess");
-            } else {
-                tracing::info!(child = %child_name, "updated DeviceProcess to the template");
-            }
-            Ok(Some(updated))
-        }
-        Err(error) => {
-            ctx.metrics.write(CHILDREN, "patch", outcome_of(&error));
-            if is_status(&error, 409) || is_status(&error, 404) {
-                Ok(None)
-            } else {
-                Err(Error::UpdateChild {
-                    name: child_name,
-                    source: error,
-                })
-            }
-        }
+    if let StatusWrite::Paced(wait) = written {
+        next = next.min(wait);
     }
+    // A settling child becomes available, or a deadline passes, without any event: look then.
+    for moment in [settles_at, step.next_deadline].into_iter().flatten() {
+        let wait = Duration::try_from(moment.duration_since(now_ts)).unwrap_or(Duration::ZERO);
+        next = next.min(wait + Duration::from_millis(50));
+    }
+    Ok(Action::requeue(next))
 }
 
-/// Patch `/status` when, and only when, it differs from the one shown (cache plus our writes).
-/// Returns `Some(wait)` when a change of the agent counts alone was held back to pace writes; the
-/// caller re-runs the reconcile after `wait`.
-async fn write_status(
-    deployment: &DeviceProcessDeployment,
-    namespace: &str,
-    shown: Option<&apollo_crds::DeviceProcessDeploymentStatus>,
-    status: apollo_crds::DeviceProcessDeploymentStatus,
-    ctx: &Context,
-) -> Result<Option<Duration>, Error> {
-    let name = deployment.name_any();
-    if !desired::status_changed(shown, &status) {
-        return Ok(None);
-    }
-    let key = (namespace.to_owned(), name.clone());
-    if let Some(current) = shown {
-        if desired::only_agent_counts_changed(current, &status) {
-            let since_last = ctx.status_written_at().get(&key).map(|at| at.elapsed());
-            if let Some(wait) = since_last
-                .and_then(|elapsed| ctx.config.agent_count_interval.checked_sub(elapsed))
-                .filter(|wait| !wait.is_zero())
-            {
-                return Ok(Some(wait));
-            }
-        }
-    }
-    ctx.leadership.ensure()?;
-    let api: Api<DeviceProcessDeployment> = Api::namespaced(ctx.client.clone(), namespace);
-    let body = serde_json::json!({ "status": &status });
-    let result = with_timeout(
-        "patch status",
-        ctx.config.api_timeout,
-        api.patch_status(&name, &patch_params(), &Patch::Merge(&body)),
-    )
-    .await?;
-    match result {
-        Ok(_) => {
-            ctx.metrics.write(DEPLOYMENT_STATUS, "patch", "ok");
-            ctx.expectations.status_written(
-                namespace,
-                &name,
-                deployment.metadata.resource_version.clone(),
-                status,
-            );
-            ctx.status_written_at().insert(key, Instant::now());
-            Ok(None)
-        }
-        // Deleted meanwhile: nothing to report on.
-        Err(error) if is_status(&error, 404) => {
-            ctx.metrics.write(DEPLOYMENT_STATUS, "patch", "not_found");
-            ctx.status_written_at().remove(&key);
-            Ok(None)
-        }
-        Err(error) => {
-            ctx.metrics
-                .write(DEPLOYMENT_STATUS, "patch", outcome_of(&error));
-            Err(Error::PatchStatus {
-                name,
-                source: error,
-            })
-        }
-    }
-}
-
-/// Publish a Normal Event on the deployment about `child`. Events are best effort: a failure is
-/// logged and counted, never fails the reconcile.
-async fn publish(
+/// One Event when the Progressing reason changes (start, pause, resume, halt, completion); none
+/// per device. Best effort, published once the status that records the change is written.
+async fn publish_rollout_event(
     ctx: &Context,
     deployment: &DeviceProcessDeployment,
-    reason: &str,
-    action: &str,
-    child: &DeviceProcess,
+    previous: Option<&str>,
+    step: &Step,
+    desired: &plan::Desired,
 ) {
-    let verb = if action == "Create" {
-        "Created"
-    } else {
-        "Deleted"
+    let Some(event) = rollout::transition_event(previous, step.reason) else {
+        return;
     };
-    let event = EventSpec {
-        type_: EventType::Normal,
-        reason: reason.to_owned(),
-        note: format!("{verb} DeviceProcess: {}", child.name_any()),
-        action: action.to_owned(),
-        // Distinct per child (it carries the child's uid).
-        related: Some(child.object_ref(&())),
+    let total = desired.children.len();
+    let note = match event.reason {
+        "RolloutStarted" | "RolloutResumed" => format!(
+            "{} of {total} DeviceProcesses to update ({})",
+            step.update.len() + step.held,
+            step.message
+        ),
+        "RolloutPaused" => format!("{} DeviceProcesses held: {}", step.held, step.message),
+        _ => step.message.clone(),
     };
-    emit(ctx, deployment, &event).await;
-}
-
-/// Publish `event` on the deployment, counting the outcome; a failure is logged, never fails the
-/// reconcile.
-async fn emit(ctx: &Context, deployment: &DeviceProcessDeployment, event: &EventSpec) {
-    let outcome = with_timeout(
-        "publish event",
-        ctx.config.api_timeout,
-        ctx.recorder.publish(event, &deployment.object_ref(&())),
-    )
-    .await;
-    match outcome {
-        Ok(Ok(())) => ctx.metrics.event("ok"),
-        Ok(Err(error)) => {
-            ctx.metrics.event("error");
-            tracing::warn!(%error, reason = %event.reason, "could not publish event");
-        }
-        Err(error) => {
-            ctx.metrics.event("error");
-            tracing::warn!(%error, reason = %event.reason, "could not publish event");
-        }
-    }
-}
-
-/// Publish a Warning Event on the deployment: the apiserver refused a child made from its
-/// template. Once per refused generation (the condition remembers it); best effort like
-/// [`publish`].
-async fn publish_failure(
-    ctx: &Context,
-    deployment: &DeviceProcessDeployment,
-    failure: &desired::ProcessFailure,
-) {
-    let action = if failure.reason == desired::REASON_FAILED_CREATE {
-        "Create"
-    } else {
-        "Update"
-    };
-    let event = EventSpec {
-        type_: EventType::Warning,
-        reason: failure.reason.clone(),
-        note: failure.message.clone(),
-        action: action.to_owned(),
+    let spec = EventSpec {
+        type_: if event.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: event.reason.to_owned(),
+        note,
+        action: event.action.to_owned(),
         related: None,
     };
-    emit(ctx, deployment, &event).await;
+    writes::emit(ctx, deployment, &spec).await;
 }
 
-/// The apiserver's message when it refused a write as invalid (422).
-fn invalid(error: &kube::Error) -> Option<&str> {
-    match error {
-        kube::Error::Api(status) if status.code == 422 => Some(status.message.as_str()),
-        _ => None,
-    }
-}
-
-fn post_params() -> PostParams {
-    PostParams {
-        dry_run: false,
-        field_manager: Some(FIELD_MANAGER.to_owned()),
-    }
-}
-
-fn patch_params() -> PatchParams {
-    PatchParams {
-        field_manager: Some(FIELD_MANAGER.to_owned()),
-        ..PatchParams::default()
-    }
-}
-
-fn is_status(error: &kube::Error, code: u16) -> bool {
-    matches!(error, kube::Error::Api(status) if status.code == code)
+/// Every DeviceProcess of `namespace` in the cache (any owner), as it is after our own writes.
+fn namespace_children(ctx: &Context, namespace: &str) -> Vec<Arc<DeviceProcess>> {
+    let cached = ctx
+        .children
+        .state_filter(|c| c.metadata.namespace.as_deref() == Some(namespace));
+    ctx.expectations.children_view(namespace, cached, |_| true)
 }
 
 #[cfg(test)]

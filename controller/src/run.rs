@@ -124,6 +124,29 @@ async fn wait_true(mut flag: watch::Receiver<bool>) -> Result<(), watch::error::
     flag.wait_for(|synced| *synced).await.map(|_| ())
 }
 
+/// Watcher-stream hook that forgets what the controller remembers about deleted deployments: on
+/// a deletion, and after each (re)list whatever the cache no longer holds (a deletion the watch
+/// missed while it was down).
+fn forget_deleted(
+    context: Arc<Context>,
+    deployments: Store<DeviceProcessDeployment>,
+) -> impl FnMut(&watcher::Event<DeviceProcessDeployment>) {
+    move |event| match event {
+        watcher::Event::Delete(gone) => {
+            context.forget(&gone.namespace().unwrap_or_default(), &gone.name_any());
+        }
+        watcher::Event::InitDone => {
+            let existing = deployments
+                .state()
+                .iter()
+                .map(|d| (d.namespace().unwrap_or_default(), d.name_any()))
+                .collect();
+            context.retain(&existing);
+        }
+        _ => {}
+    }
+}
+
 /// One item each time leadership is gained.
 fn leadership_gained(mut changes: watch::Receiver<bool>) -> impl Stream<Item = ()> + Send {
     changes.mark_unchanged();
@@ -176,14 +199,34 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
     let (children_synced, children_synced_rx) = watch::channel(false);
 
     let (deployment_store, deployment_writer) = reflector::store::<DeviceProcessDeployment>();
+    let (switch_store, switch_writer) = reflector::store::<NetworkSwitch>();
+    let (child_store, child_writer) = reflector::store::<DeviceProcess>();
+    let recorder = EventRecorder::new(client.clone(), CONTROLLER_NAME, &identity);
+    let context = Arc::new(Context::new(
+        client.clone(),
+        switch_store.clone(),
+        child_store.clone(),
+        leadership.clone(),
+        recorder,
+        metrics.clone(),
+        ReconcileConfig {
+            resync_period: args.resync_period,
+            backoff_base: args.backoff_base,
+            backoff_max: args.backoff_max,
+            api_timeout: args.api_timeout,
+            agent_count_interval: args.agent_count_interval,
+        },
+    ));
+    let forget_deleted = forget_deleted(context.clone(), deployment_store.clone());
+
     let deployment_events = reflector::reflector(
         deployment_writer,
         watcher(api(&client, namespace), watcher::Config::default()),
     )
     .inspect_ok(report_sync(deployments_synced))
+    .inspect_ok(forget_deleted)
     .default_backoff()
     .applied_objects();
-    let (switch_store, switch_writer) = reflector::store::<NetworkSwitch>();
     let switch_events = reflector::reflector(
         switch_writer,
         watcher(api(&client, namespace), watcher::Config::default()),
@@ -191,7 +234,6 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
     .inspect_ok(report_sync(switches_synced))
     .default_backoff()
     .touched_objects();
-    let (child_store, child_writer) = reflector::store::<DeviceProcess>();
     // Only our children: the label is set on every DeviceProcess a deployment creates.
     let child_events = reflector::reflector(
         child_writer,
@@ -245,22 +287,6 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
         .run(elector_stop.clone()),
     );
 
-    let recorder = EventRecorder::new(client.clone(), CONTROLLER_NAME, &identity);
-    let context = Arc::new(Context::new(
-        client,
-        switch_store,
-        child_store,
-        leadership,
-        recorder,
-        metrics,
-        ReconcileConfig {
-            resync_period: args.resync_period,
-            backoff_base: args.backoff_base,
-            backoff_max: args.backoff_max,
-            api_timeout: args.api_timeout,
-            agent_count_interval: args.agent_count_interval,
-        },
-    ));
     tracing::info!(%identity, scope = namespace.unwrap_or("<all namespaces>"), "controller starting");
     controller
         .run(reconcile, error_policy, context)
@@ -292,8 +318,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
 mod tests {
     use super::*;
     use apollo_crds::{
-        DeviceProcessDeploymentSpec, DeviceProcessSpec, DeviceProcessTemplate, DeviceRef,
-        NetworkSwitchSpec, TemplateMetadata, WorkloadSpec,
+        DeviceProcessSpec, DeviceProcessTemplate, DeviceRef, NetworkSwitchSpec, TemplateMetadata,
+        WorkloadSpec,
     };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 
@@ -304,16 +330,16 @@ mod tests {
     fn deployment(name: &str, namespace: &str, role: &str) -> DeviceProcessDeployment {
         let mut d = DeviceProcessDeployment::new(
             name,
-            DeviceProcessDeploymentSpec {
-                selector: LabelSelector {
+            crate::fixtures::spec(
+                LabelSelector {
                     match_labels: Some([("role".to_owned(), role.to_owned())].into()),
                     match_expressions: None,
                 },
-                template: DeviceProcessTemplate {
+                DeviceProcessTemplate {
                     metadata: TemplateMetadata::default(),
                     spec: workload(),
                 },
-            },
+            ),
         );
         d.metadata.namespace = Some(namespace.into());
         d

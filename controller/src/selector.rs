@@ -1,8 +1,13 @@
-//! Label selector matching with Kubernetes semantics (`metav1.LabelSelectorAsSelector`).
+//! Label selectors: matching is `kube::core::Selector`'s; this module adds the checks Kubernetes
+//! makes that kube's conversion does not (`metav1.LabelSelectorAsSelector` and the DaemonSet
+//! validation), so a selector the apiserver would call invalid never selects anything here:
 //!
-//! - An empty selector (no `matchLabels`, no `matchExpressions`) selects everything.
-//! - `In` / `NotIn` need at least one value; `Exists` / `DoesNotExist` take none.
-//! - `NotIn` matches objects that lack the key (as in Kubernetes).
+//! - an empty selector (no `matchLabels`, no `matchExpressions`) is invalid, as it is for a
+//!   DaemonSet: it would select every device (the CRD rejects it too, with a CEL rule; objects
+//!   stored before that rule existed are still refused here);
+//! - `In` / `NotIn` need at least one value (kube accepts an empty list);
+//! - `Exists` / `DoesNotExist` take none (kube ignores them);
+//! - the operator must be one of those four (checked first, for a message naming it).
 //!
 //! A selector is validated as a whole before any object is matched, so an invalid selector selects
 //! nothing *and* says why, instead of silently matching a subset.
@@ -10,11 +15,15 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use kube::core::{Selector as KubeSelector, SelectorExt};
 
 /// Why a selector cannot be evaluated. The message is stable for a given selector, so it can be
 /// put in a status condition without causing write churn.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SelectorError {
+    /// Neither `matchLabels` nor `matchExpressions`: it would select everything.
+    #[error("empty selector is invalid: it would select every NetworkSwitch")]
+    Empty,
     /// The operator is not one of In, NotIn, Exists, DoesNotExist.
     #[error("matchExpressions[{index}] (key {key:?}): unknown operator {operator:?}")]
     UnknownOperator {
@@ -38,71 +47,52 @@ pub enum SelectorError {
         key: String,
         operator: String,
     },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Operator {
-    In,
-    NotIn,
-    Exists,
-    DoesNotExist,
+    /// kube refused the selector for a reason not listed above.
+    #[error("{0}")]
+    Unparsable(String),
 }
 
 /// A validated selector, cheap to match against many label sets.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Selector {
-    requirements: Vec<Requirement>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Requirement {
-    key: String,
-    operator: Operator,
-    values: Vec<String>,
-}
+pub struct Selector(KubeSelector);
 
 impl Selector {
-    /// Validate `selector`.
+    /// Validate `selector` as a deployment's: empty is invalid.
     pub fn new(selector: &LabelSelector) -> Result<Self, SelectorError> {
-        let mut requirements: Vec<Requirement> = selector
+        let empty = selector
             .match_labels
-            .iter()
-            .flatten()
-            .map(|(key, value)| Requirement {
-                key: key.clone(),
-                operator: Operator::In,
-                values: vec![value.clone()],
-            })
-            .collect();
-        for (index, expr) in selector.match_expressions.iter().flatten().enumerate() {
-            requirements.push(requirement(index, expr)?);
+            .as_ref()
+            .is_none_or(BTreeMap::is_empty)
+            && selector
+                .match_expressions
+                .as_ref()
+                .is_none_or(Vec::is_empty);
+        if empty {
+            return Err(SelectorError::Empty);
         }
-        Ok(Self { requirements })
+        Self::allowing_empty(selector)
+    }
+
+    /// Validate `selector` where an empty one means "everything" (a canary selector).
+    pub fn allowing_empty(selector: &LabelSelector) -> Result<Self, SelectorError> {
+        for (index, expr) in selector.match_expressions.iter().flatten().enumerate() {
+            check(index, expr)?;
+        }
+        KubeSelector::try_from(selector.clone())
+            .map(Self)
+            .map_err(|e| SelectorError::Unparsable(e.to_string()))
     }
 
     /// Whether an object with `labels` is selected.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.requirements.iter().all(|r| {
-            let value = labels.get(&r.key);
-            match r.operator {
-                Operator::In => value.is_some_and(|v| r.values.contains(v)),
-                Operator::NotIn => value.is_none_or(|v| !r.values.contains(v)),
-                Operator::Exists => value.is_some(),
-                Operator::DoesNotExist => value.is_none(),
-            }
-        })
+        self.0.matches(labels)
     }
 }
 
-fn requirement(
-    index: usize,
-    expr: &LabelSelectorRequirement,
-) -> Result<Requirement, SelectorError> {
-    let operator = match expr.operator.as_str() {
-        "In" => Operator::In,
-        "NotIn" => Operator::NotIn,
-        "Exists" => Operator::Exists,
-        "DoesNotExist" => Operator::DoesNotExist,
+fn check(index: usize, expr: &LabelSelectorRequirement) -> Result<(), SelectorError> {
+    let needs_values = match expr.operator.as_str() {
+        "In" | "NotIn" => true,
+        "Exists" | "DoesNotExist" => false,
         other => {
             return Err(SelectorError::UnknownOperator {
                 index,
@@ -111,27 +101,27 @@ fn requirement(
             })
         }
     };
-    let values = expr.values.clone().unwrap_or_default();
-    let needs_values = matches!(operator, Operator::In | Operator::NotIn);
-    if needs_values && values.is_empty() {
-        return Err(SelectorError::MissingValues {
-            index,
-            key: expr.key.clone(),
-            operator: expr.operator.clone(),
-        });
+    let has_values = expr.values.as_ref().is_some_and(|v| !v.is_empty());
+    let fault = || (index, expr.key.clone(), expr.operator.clone());
+    match (needs_values, has_values) {
+        (true, false) => {
+            let (index, key, operator) = fault();
+            Err(SelectorError::MissingValues {
+                index,
+                key,
+                operator,
+            })
+        }
+        (false, true) => {
+            let (index, key, operator) = fault();
+            Err(SelectorError::UnexpectedValues {
+                index,
+                key,
+                operator,
+            })
+        }
+        _ => Ok(()),
     }
-    if !needs_values && !values.is_empty() {
-        return Err(SelectorError::UnexpectedValues {
-            index,
-            key: expr.key.clone(),
-            operator: expr.operator.clone(),
-        });
-    }
-    Ok(Requirement {
-        key: expr.key.clone(),
-        operator,
-        values,
-    })
 }
 
 #[cfg(test)]
@@ -168,10 +158,19 @@ mod tests {
     }
 
     #[test]
-    fn empty_selector_selects_everything() {
-        let sel = LabelSelector::default();
-        assert!(matches(&sel, &[]));
-        assert!(matches(&sel, &[("role", "tor")]));
+    fn an_empty_selector_is_invalid_for_a_deployment_and_everything_for_a_canary() {
+        for empty in [
+            LabelSelector::default(),
+            LabelSelector {
+                match_labels: Some(BTreeMap::new()),
+                match_expressions: Some(vec![]),
+            },
+        ] {
+            assert_eq!(Selector::new(&empty), Err(SelectorError::Empty));
+            let all = Selector::allowing_empty(&empty).expect("valid canary selector");
+            assert!(all.matches(&labels(&[])));
+            assert!(all.matches(&labels(&[("role", "tor")])));
+        }
     }
 
     #[test]
@@ -229,19 +228,27 @@ mod tests {
     }
 
     #[test]
-    fn invalid_expressions_are_refused_with_a_stable_message() {
+    fn what_kubernetes_refuses_is_refused_with_a_stable_message_though_kube_accepts_it() {
         let unknown = selector(&[], vec![expr("role", "Equals", Some(&["tor"]))]);
         let err = Selector::new(&unknown).expect_err("unknown operator");
         assert_eq!(
             err.to_string(),
             r#"matchExpressions[0] (key "role"): unknown operator "Equals""#
         );
+        // kube's own conversion accepts both of these; Kubernetes does not.
         let no_values = selector(&[], vec![expr("role", "In", Some(&[]))]);
+        assert!(KubeSelector::try_from(no_values.clone()).is_ok());
         assert!(matches!(
             Selector::new(&no_values),
             Err(SelectorError::MissingValues { .. })
         ));
+        let missing_list = selector(&[], vec![expr("role", "NotIn", None)]);
+        assert!(matches!(
+            Selector::new(&missing_list),
+            Err(SelectorError::MissingValues { .. })
+        ));
         let stray_values = selector(&[], vec![expr("role", "Exists", Some(&["x"]))]);
+        assert!(KubeSelector::try_from(stray_values.clone()).is_ok());
         assert!(matches!(
             Selector::new(&stray_values),
             Err(SelectorError::UnexpectedValues { .. })

@@ -340,30 +340,67 @@ async fn kubectl_get_dpd_shows_the_counts() {
     cluster.switch("spine1", &[("role", "spine")]).await;
     cluster.roll_out_logger(&["tor1-01", "tor1-02"]).await;
 
-    let output = cluster.ns.kubectl(["get", "dpd"]).await;
-    assert!(
-        output.status.success(),
-        "kubectl failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let mut lines = stdout.lines();
-    let header: Vec<&str> = lines.next().expect("header").split_whitespace().collect();
+    let table = |args: &'static [&'static str]| {
+        let cluster = &cluster;
+        async move {
+            let output = cluster.ns.kubectl(args).await;
+            assert!(
+                output.status.success(),
+                "kubectl failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        }
+    };
+    let split = |stdout: &str| -> Vec<Vec<String>> {
+        stdout
+            .lines()
+            .map(|l| l.split_whitespace().map(str::to_owned).collect())
+            .collect()
+    };
+    let stdout = table(&["get", "dpd"]).await;
+    let rows = split(&stdout);
     assert_eq!(
-        header,
+        rows[0],
         [
             "NAME",
             "DESIRED",
             "CURRENT",
             "UP-TO-DATE",
-            "CONNECTED",
-            "OBSERVED",
+            "AVAILABLE",
+            "PROGRESSING",
             "AGE"
         ],
         "{stdout}"
     );
-    let row: Vec<&str> = lines.next().expect("row").split_whitespace().collect();
-    assert_eq!(&row[..6], ["logger", "2", "2", "2", "0", "0"], "{stdout}");
+    // No agents: nothing available, the rollout in progress.
+    assert_eq!(
+        rows[1][..6],
+        ["logger", "2", "2", "2", "0", "RollingUpdate"],
+        "{stdout}"
+    );
+    let wide = table(&["get", "dpd", "-o", "wide"]).await;
+    let rows = split(&wide);
+    assert_eq!(
+        rows[0],
+        [
+            "NAME",
+            "DESIRED",
+            "CURRENT",
+            "UP-TO-DATE",
+            "AVAILABLE",
+            "CONNECTED",
+            "OBSERVED",
+            "PROGRESSING",
+            "AGE"
+        ],
+        "{wide}"
+    );
+    assert_eq!(
+        rows[1][..7],
+        ["logger", "2", "2", "2", "0", "0", "0"],
+        "{wide}"
+    );
 }
 
 #[tokio::test]
@@ -673,17 +710,17 @@ async fn the_longest_names_kubernetes_allows_still_yield_valid_children_and_even
         .await;
     cluster.converged(&deployment, 1).await;
 
-    let child_name = apollo_controller::desired::child_name(&deployment, &device);
+    let child_name = apollo_controller::names::child_name(&deployment, &device);
     let child = cluster.children.get(&child_name).await.expect("the child");
     assert!(child_name.len() <= 253, "{child_name}");
     assert_eq!(child.spec.device_ref.name, device);
     assert_eq!(
         child.labels().get(LABEL_DEPLOYMENT),
-        Some(&apollo_controller::desired::label_value(&deployment))
+        Some(&apollo_controller::names::label_value(&deployment))
     );
     assert_eq!(
         child.labels().get(LABEL_DEVICE_NAME),
-        Some(&apollo_controller::desired::label_value(&device))
+        Some(&apollo_controller::names::label_value(&device))
     );
     // The Event about the deployment is accepted too (its name derives from the deployment's).
     let events = cluster.events_for(&deployment, "SuccessfulCreate").await;

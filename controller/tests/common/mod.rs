@@ -527,6 +527,10 @@ pub fn new_deployment(
         DeviceProcessDeploymentSpec {
             selector,
             template: template(args),
+            paused: false,
+            min_ready_seconds: 0,
+            progress_deadline_seconds: apollo_crds::DEFAULT_PROGRESS_DEADLINE_SECONDS,
+            update_strategy: Default::default(),
         },
     )
 }
