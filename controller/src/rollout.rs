@@ -187,6 +187,19 @@ pub struct Step {
     pub next_deadline: Option<Timestamp>,
 }
 
+/// When an updated child that is neither available nor observed fails: `progress_deadline` after
+/// its update, or after the start (or resumption) of the rollout if that is later; `now` when
+/// neither is known.
+pub fn deadline_of(
+    updated_at: Option<Timestamp>,
+    rollout_start: Option<Timestamp>,
+    progress_deadline: SignedDuration,
+    now: Timestamp,
+) -> Timestamp {
+    let from = updated_at.max(rollout_start).unwrap_or(now);
+    from.checked_add(progress_deadline).unwrap_or(from)
+}
+
 /// Whether `reason` halts the rollout.
 pub fn is_halt(reason: &str) -> bool {
     reason == REASON_PROGRESS_DEADLINE_EXCEEDED || reason == REASON_FAILURE_BUDGET_EXCEEDED
@@ -218,8 +231,7 @@ pub fn step(
             updated_at,
         } = m.state
         {
-            let from = updated_at.max(rollout_start).unwrap_or(now);
-            let deadline = from.checked_add(policy.progress_deadline).unwrap_or(from);
+            let deadline = deadline_of(updated_at, rollout_start, policy.progress_deadline, now);
             if deadline <= now {
                 failed.push(m.name.clone());
             } else {
