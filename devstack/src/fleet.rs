@@ -30,12 +30,26 @@ pub async fn install(
     fleet: &str,
     devices: &[String],
 ) -> anyhow::Result<()> {
+    install_labelled(client, ns, fleet, devices, |_| Vec::new()).await
+}
+
+/// [`install`], each switch carrying the extra labels `labels(device)` (e.g. the redundancy
+/// `pair` it belongs to, or `canary=true`).
+pub async fn install_labelled(
+    client: &kube::Client,
+    ns: &str,
+    fleet: &str,
+    devices: &[String],
+    labels: impl Fn(&str) -> Vec<(String, String)>,
+) -> anyhow::Result<()> {
     let switches: Api<NetworkSwitch> = Api::namespaced(client.clone(), ns);
-    let results = futures::stream::iter(devices.iter().cloned())
-        .map(|d| {
+    let results = futures::stream::iter(devices.iter().map(|d| (d.clone(), labels(d))))
+        .map(|(d, extra)| {
             let switches = switches.clone();
             async move {
-                let sw = crate::samples::switch(&d, &[("fleet", fleet)]);
+                let mut pairs = vec![("fleet", fleet)];
+                pairs.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                let sw = crate::samples::switch(&d, &pairs);
                 switches.create(&PostParams::default(), &sw).await
             }
         })
