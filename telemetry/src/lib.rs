@@ -20,10 +20,13 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Log line format. With the `clap` feature it is a clap `ValueEnum`: an unknown value is a usage
+/// error naming the accepted ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum LogFormat {
     /// Human-readable lines.
+    #[default]
     Text,
     /// One JSON object per line.
     Json,
@@ -74,10 +77,18 @@ fn otlp_configured() -> bool {
 }
 
 /// Installs the global subscriber (logs, and OTLP export when configured) and the W3C propagator.
-/// `service` names this process in traces unless `OTEL_SERVICE_NAME` is set.
+/// `service` names this process in traces unless `OTEL_SERVICE_NAME` is set. Logs at `info` unless
+/// `RUST_LOG` says otherwise.
 pub fn init(service: &str, format: LogFormat) -> Guard {
+    init_with_default_filter(service, format, "info")
+}
+
+/// [`init`] with another filter than `info` when `RUST_LOG` is unset (a harness running thousands
+/// of agents in one process wants their warnings, not a line per connection).
+pub fn init_with_default_filter(service: &str, format: LogFormat, default_filter: &str) -> Guard {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let ansi = std::io::stderr().is_terminal();
     let fmt_layer = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
