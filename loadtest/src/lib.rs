@@ -11,6 +11,8 @@
 //! - `--router-url URL --secret-file F`: drives an existing deployment; agent-side numbers only.
 #![forbid(unsafe_code)]
 
+pub mod rollout;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +23,7 @@ use apollo_crds::{DeviceProcess, DeviceProcessDeployment, NetworkSwitch};
 use apollo_dev::{Kubernetes, Ports, Stack, StackConfig};
 use clap::Parser;
 use futures::StreamExt;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -53,6 +55,12 @@ pub struct Args {
     /// Skip the rollout wave (template change) measurement.
     #[arg(long, env = "APOLLO_LT_NO_ROLLOUT")]
     pub no_rollout: bool,
+    /// `maxUnavailable` of the measured rollout wave: a count or a percentage of the devices.
+    #[arg(long, env = "APOLLO_LT_MAX_UNAVAILABLE", default_value = "25%")]
+    pub max_unavailable: String,
+    /// Measure an `AllAtOnce` wave instead of a rolling update.
+    #[arg(long, env = "APOLLO_LT_ALL_AT_ONCE")]
+    pub all_at_once: bool,
     /// Drive an existing router instead of starting the local stack.
     #[arg(long, env = "APOLLO_LT_ROUTER_URL", requires = "secret_file")]
     pub router_url: Option<String>,
@@ -195,10 +203,13 @@ pub struct Results {
     pub steady: Window,
     /// Steady state, Kubernetes side (local stack).
     pub steady_api: Option<ApiCost>,
-    /// Seconds from a template change until every DeviceProcess observed the new spec.
+    /// Seconds from a template change until the controller reported the rollout complete (every
+    /// DeviceProcess on the new spec and available).
     pub rollout_seconds: Option<f64>,
     /// Kubernetes requests spent by that rollout wave (controller updates included).
     pub rollout_api: Option<ApiCost>,
+    /// The rollout wave under its strategy: budget, most unavailable at once, writes per device.
+    pub rollout: Option<rollout::RolloutWave>,
 }
 
 fn converged(dps: &[DeviceProcess], want_hash: Option<&str>) -> usize {
@@ -242,7 +253,6 @@ async fn wait_converged(
     n: usize,
     deadline: Duration,
     label: &str,
-    template_changed: bool,
 ) -> anyhow::Result<f64> {
     let start = Instant::now();
     loop {
@@ -253,15 +263,7 @@ async fn wait_converged(
             )
             .await?
             .items;
-        let done = if template_changed {
-            // Every child must carry the new template and be observed at its hash.
-            dps.iter()
-                .filter(|dp| dp.spec.execution.args.first().map(String::as_str) == Some("rollout"))
-                .count()
-                .min(converged(&dps, None))
-        } else {
-            converged(&dps, None)
-        };
+        let done = converged(&dps, None);
         if dps.len() == n && done == n {
             return Ok(start.elapsed().as_secs_f64());
         }
@@ -335,6 +337,7 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
             steady_api: None,
             rollout_seconds: None,
             rollout_api: None,
+            rollout: None,
         });
     }
 
@@ -410,7 +413,7 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
     )?;
     let deadline =
         Duration::from_secs(args.ramp_seconds) + write_budget_time(devices.len(), args.gateways);
-    let converge = wait_converged(&dps, devices.len(), deadline, &dep_name, false).await?;
+    let converge = wait_converged(&dps, devices.len(), deadline, &dep_name).await?;
     eprintln!(
         "loadtest: converged in {converge:.1}s; measuring steady state for {}s ...",
         args.duration_seconds
@@ -423,30 +426,30 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
     let steady = window(&before, &metrics.snapshot(), t.elapsed());
     let steady_api = api_cost(&stack).await;
 
-    let (rollout_seconds, rollout_api) = if args.no_rollout {
-        (None, None)
+    let (rollout_seconds, rollout_api, rollout) = if args.no_rollout {
+        (None, None, None)
     } else {
-        eprintln!("loadtest: changing the template (rollout wave) ...");
-        stack.system().reset_requests().await;
-        deps.patch(
+        let strategy = rollout::Strategy {
+            all_at_once: args.all_at_once,
+            max_unavailable: args.max_unavailable.clone(),
+        };
+        eprintln!(
+            "loadtest: changing the template (rollout wave, {}) ...",
+            if strategy.all_at_once {
+                "AllAtOnce".to_owned()
+            } else {
+                format!("RollingUpdate maxUnavailable {}", strategy.max_unavailable)
+            }
+        );
+        let wave = rollout::measure(
+            &stack,
             &dep_name,
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"spec": {"template": {"spec": {"execution": {"args": ["rollout"]}}}}}),
-            ),
-        )
-        .await?;
-        let secs = wait_converged(
-            &dps,
             devices.len(),
-            write_budget_time(devices.len(), args.gateways),
-            &dep_name,
-            true,
+            &strategy,
+            rollout_deadline(devices.len(), args.gateways, &strategy),
         )
         .await?;
-        // Let the status writers finish their queues before counting.
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        (Some(secs), Some(api_cost(&stack).await))
+        (Some(wave.seconds), Some(api_cost(&stack).await), Some(wave))
     };
 
     cancel.cancel();
@@ -460,7 +463,20 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
         steady_api: Some(steady_api),
         rollout_seconds,
         rollout_api,
+        rollout,
     })
+}
+
+/// Bound on a rollout wave: the status-write budget of the fleet, plus ten seconds per wave of
+/// the strategy (each wave waits for its devices to report before the next starts).
+fn rollout_deadline(devices: usize, gateways: u32, strategy: &rollout::Strategy) -> Duration {
+    let budget = if strategy.all_at_once {
+        devices
+    } else {
+        apollo_controller::rollout::resolve_max_unavailable(&strategy.max_unavailable(), devices)
+    };
+    let waves = devices.div_ceil(budget.max(1)) as u32;
+    write_budget_time(devices, gateways) + Duration::from_secs(10) * waves
 }
 
 /// The results as a Markdown table.
@@ -496,17 +512,8 @@ pub fn render(r: &Results) -> String {
             a.deviceprocess_writes, a.event_writes, a.lists, a.lease_writes
         ));
     }
-    if let (Some(secs), Some(a)) = (r.rollout_seconds, &r.rollout_api) {
-        let n = r.devices.max(1) as f64;
-        let spec_writes = a.deviceprocess_writes - a.status_writes;
-        out.push_str(&format!(
-            "| rollout wave: time until every device observed the new spec | {secs:.1} s |\n| rollout wave: controller spec updates | {spec_writes} ({:.2} per device) |\n| rollout wave: gateway status patches | {} ({:.2} per device) |\n| rollout wave: Event writes | {} ({:.2} per device) |\n",
-            spec_writes as f64 / n,
-            a.status_writes,
-            a.status_writes as f64 / n,
-            a.event_writes,
-            a.event_writes as f64 / n
-        ));
+    if let Some(wave) = &r.rollout {
+        out.push_str(&rollout::render(wave, r.devices));
     }
     out
 }
@@ -524,6 +531,28 @@ mod tests {
         assert!(t > base + Duration::from_secs(266) && t < base + Duration::from_secs(267));
         assert!(write_budget_time(10_000, 6) < t);
         assert!(write_budget_time(0, 0) == base);
+    }
+
+    #[test]
+    fn the_rollout_deadline_grows_with_the_number_of_waves() {
+        let rolling = |m: &str| rollout::Strategy {
+            all_at_once: false,
+            max_unavailable: m.into(),
+        };
+        let ten_waves = rollout_deadline(10_000, 3, &rolling("10%"));
+        assert_eq!(
+            ten_waves,
+            write_budget_time(10_000, 3) + Duration::from_secs(100)
+        );
+        assert!(rollout_deadline(10_000, 3, &rolling("1%")) > ten_waves);
+        let bulk = rollout::Strategy {
+            all_at_once: true,
+            max_unavailable: "1".into(),
+        };
+        assert_eq!(
+            rollout_deadline(100, 1, &bulk),
+            write_budget_time(100, 1) + Duration::from_secs(10)
+        );
     }
 
     #[test]
