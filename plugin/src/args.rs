@@ -69,9 +69,9 @@ pub struct StatusArgs {
     pub timeout: Duration,
 }
 
-/// Parse `90s`, `5m`, `1h`, `250ms` or a bare number of seconds.
+/// Parse `90s`, `5m`, `1h`, `250ms` (the project's one duration syntax).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    apollo_controller::args::parse_duration(text)
+    apollo_runtime::duration::parse_duration(text)
 }
 
 impl Args {
