@@ -1,4 +1,5 @@
-//! Exponential backoff with full jitter, `Retry-After` parsing and heartbeat spacing.
+//! The agent's retry waits (the shared exponential policy, full jitter, `Retry-After` honoured),
+//! `Retry-After` parsing and heartbeat spacing.
 //!
 //! Full jitter (a uniform draw between zero and the exponential ceiling) spreads the retries of
 //! thousands of agents that failed together, so a recovering gateway is not hit by synchronized
@@ -6,55 +7,33 @@
 
 use std::time::Duration;
 
+pub use apollo_runtime::backoff::{BackoffPolicy, Jitter};
 use rand::Rng;
 
-/// Shape of the retry waits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BackoffPolicy {
-    /// Ceiling of the first wait; each further failure doubles it.
-    pub base: Duration,
-    /// Largest ceiling.
-    pub cap: Duration,
-    /// Shortest wait ever taken, whatever the draw.
-    pub floor: Duration,
-    /// Longest `Retry-After` honoured; a larger one (or a bogus date far ahead) is cut to this.
-    pub max_retry_after: Duration,
-}
+/// The agent's default retry waits: ceilings 500ms, 1s, 2s, ... up to 30s, full jitter, at least
+/// 50ms.
+pub const DEFAULT_POLICY: BackoffPolicy = BackoffPolicy::new(
+    Duration::from_millis(500),
+    Duration::from_secs(30),
+    Jitter::Full,
+)
+.with_floor(Duration::from_millis(50));
 
-impl Default for BackoffPolicy {
-    fn default() -> Self {
-        Self {
-            base: Duration::from_millis(500),
-            cap: Duration::from_secs(30),
-            floor: Duration::from_millis(50),
-            max_retry_after: Duration::from_secs(300),
-        }
-    }
-}
+/// Longest `Retry-After` honoured; a larger one (or a bogus date far ahead) is cut to this.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
-impl BackoffPolicy {
-    /// Upper bound of the wait after `failures` consecutive failures (1 = the first failure).
-    pub fn ceiling(&self, failures: u32) -> Duration {
-        let doublings = failures.saturating_sub(1).min(31);
-        self.base.saturating_mul(1u32 << doublings).min(self.cap)
-    }
-
-    /// Wait after `failures` consecutive failures: uniform in `[0, ceiling]`, at least the floor,
-    /// and at least the (capped) `Retry-After` when the server sent one.
-    pub fn delay(
-        &self,
-        failures: u32,
-        retry_after: Option<Duration>,
-        rng: &mut impl Rng,
-    ) -> Duration {
-        let ceiling = self.ceiling(failures);
-        let ceiling_micros = u64::try_from(ceiling.as_micros()).unwrap_or(u64::MAX);
-        let drawn = Duration::from_micros(rng.random_range(0..=ceiling_micros));
-        let jittered = drawn.max(self.floor.min(ceiling));
-        match retry_after {
-            Some(asked) => jittered.max(asked.min(self.max_retry_after)),
-            None => jittered,
-        }
+/// Wait after `failures` consecutive failures for a `draw` uniform in `[0, 1]`: the policy's
+/// wait, and at least the (capped) `Retry-After` when the server sent one.
+pub fn retry_delay(
+    policy: &BackoffPolicy,
+    failures: u32,
+    retry_after: Option<Duration>,
+    draw: f64,
+) -> Duration {
+    let jittered = policy.delay(failures, draw);
+    match retry_after {
+        Some(asked) => jittered.max(asked.min(MAX_RETRY_AFTER)),
+        None => jittered,
     }
 }
 
@@ -77,8 +56,12 @@ impl Backoff {
     /// Record a failure and return how long to wait before the next attempt.
     pub fn next_delay(&mut self, retry_after: Option<Duration>) -> Duration {
         self.failures = self.failures.saturating_add(1);
-        self.policy
-            .delay(self.failures, retry_after, &mut rand::rng())
+        retry_delay(
+            &self.policy,
+            self.failures,
+            retry_after,
+            rand::rng().random(),
+        )
     }
 
     /// Record a success; returns whether the counter was in a failing streak.
@@ -122,37 +105,27 @@ mod tests {
     use rand::SeedableRng;
 
     fn policy() -> BackoffPolicy {
-        BackoffPolicy {
-            base: Duration::from_millis(100),
-            cap: Duration::from_secs(2),
-            floor: Duration::from_millis(10),
-            max_retry_after: Duration::from_secs(60),
-        }
+        BackoffPolicy::new(
+            Duration::from_millis(100),
+            Duration::from_secs(2),
+            Jitter::Full,
+        )
+        .with_floor(Duration::from_millis(10))
     }
 
     #[test]
-    fn ceiling_doubles_then_caps() {
-        let p = policy();
-        let ms: Vec<u128> = (1..=7).map(|n| p.ceiling(n).as_millis()).collect();
-        assert_eq!(ms, [100, 200, 400, 800, 1600, 2000, 2000]);
-        assert_eq!(p.ceiling(u32::MAX), Duration::from_secs(2));
-        assert_eq!(p.ceiling(0), Duration::from_millis(100));
-    }
-
-    #[test]
-    fn full_jitter_stays_within_floor_and_ceiling_and_spreads() {
-        let p = policy();
+    fn the_default_policy_is_full_jitter_from_half_a_second_to_thirty() {
+        assert_eq!(DEFAULT_POLICY.ceiling(1), Duration::from_millis(500));
+        assert_eq!(DEFAULT_POLICY.ceiling(20), Duration::from_secs(30));
+        assert_eq!(DEFAULT_POLICY.delay(1, 0.0), Duration::from_millis(50));
         let mut rng = StdRng::seed_from_u64(7);
-        for failures in 1..=10 {
-            let ceiling = p.ceiling(failures);
-            let draws: Vec<Duration> = (0..500)
-                .map(|_| p.delay(failures, None, &mut rng))
-                .collect();
-            assert!(draws.iter().all(|d| *d >= p.floor && *d <= ceiling));
-            // Full jitter covers the whole range: some draws in the lower and upper quarters.
-            assert!(draws.iter().any(|d| *d < ceiling / 4), "{failures}");
-            assert!(draws.iter().any(|d| *d > ceiling * 3 / 4), "{failures}");
-        }
+        let draws: Vec<Duration> = (0..500)
+            .map(|_| retry_delay(&DEFAULT_POLICY, 3, None, rng.random()))
+            .collect();
+        assert!(draws.iter().all(|d| *d >= Duration::from_millis(50)));
+        assert!(draws.iter().all(|d| *d <= Duration::from_secs(2)));
+        assert!(draws.iter().any(|d| *d < Duration::from_millis(500)));
+        assert!(draws.iter().any(|d| *d > Duration::from_millis(1500)));
     }
 
     #[test]
@@ -160,13 +133,11 @@ mod tests {
         let p = policy();
         let mut rng = StdRng::seed_from_u64(1);
         for _ in 0..100 {
-            assert!(p.delay(1, Some(Duration::from_secs(5)), &mut rng) >= Duration::from_secs(5));
-            assert_eq!(
-                p.delay(1, Some(Duration::from_secs(3600)), &mut rng),
-                Duration::from_secs(60)
-            );
+            let mut delay = |failures, asked| retry_delay(&p, failures, asked, rng.random());
+            assert!(delay(1, Some(Duration::from_secs(5))) >= Duration::from_secs(5));
+            assert_eq!(delay(1, Some(Duration::from_secs(3600))), MAX_RETRY_AFTER);
             // A Retry-After shorter than the backoff does not shorten it below the floor.
-            assert!(p.delay(3, Some(Duration::ZERO), &mut rng) >= p.floor);
+            assert!(delay(3, Some(Duration::ZERO)) >= p.floor);
         }
     }
 

@@ -5,9 +5,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use apollo_protocol::MAX_WAIT_SECONDS;
+use apollo_runtime::duration::{BareUnit, DurationParser, Human};
 use reqwest::Url;
 
-use crate::backoff::BackoffPolicy;
+use crate::backoff::{BackoffPolicy, DEFAULT_POLICY};
 use crate::AgentError;
 
 /// Device name (required).
@@ -18,18 +19,125 @@ pub const ENV_GATEWAY_URL: &str = "APOLLO_GATEWAY_URL";
 pub const ENV_DEVICE_TOKEN: &str = "APOLLO_DEVICE_TOKEN";
 /// A file holding the device token (surrounding whitespace ignored).
 pub const ENV_DEVICE_TOKEN_FILE: &str = "APOLLO_DEVICE_TOKEN_FILE";
-/// Long-poll wait the agent asks for.
-pub const ENV_POLL_WAIT_SECONDS: &str = "APOLLO_POLL_WAIT_SECONDS";
+/// Long-poll wait the agent asks for (whole seconds, at most a minute).
+pub const ENV_POLL_WAIT: &str = "APOLLO_POLL_WAIT";
 /// Heartbeat interval used until the gateway announces its own.
-pub const ENV_HEARTBEAT_INTERVAL_SECONDS: &str = "APOLLO_HEARTBEAT_INTERVAL_SECONDS";
+pub const ENV_HEARTBEAT_INTERVAL: &str = "APOLLO_HEARTBEAT_INTERVAL";
 /// Shortest spacing between two polls that came back unchanged.
-pub const ENV_MIN_POLL_INTERVAL_MS: &str = "APOLLO_MIN_POLL_INTERVAL_MS";
+pub const ENV_MIN_POLL_INTERVAL: &str = "APOLLO_MIN_POLL_INTERVAL";
 /// Timeout of connect and report calls (a long poll gets this on top of its wait).
-pub const ENV_REQUEST_TIMEOUT_SECONDS: &str = "APOLLO_REQUEST_TIMEOUT_SECONDS";
+pub const ENV_REQUEST_TIMEOUT: &str = "APOLLO_REQUEST_TIMEOUT";
 /// Ceiling of the first retry wait.
-pub const ENV_BACKOFF_BASE_MS: &str = "APOLLO_BACKOFF_BASE_MS";
+pub const ENV_BACKOFF_BASE: &str = "APOLLO_BACKOFF_BASE";
 /// Largest retry wait.
+pub const ENV_BACKOFF_MAX: &str = "APOLLO_BACKOFF_MAX";
+
+/// Old spelling of [`ENV_POLL_WAIT`]: a bare number is seconds.
+pub const ENV_POLL_WAIT_SECONDS: &str = "APOLLO_POLL_WAIT_SECONDS";
+/// Old spelling of [`ENV_HEARTBEAT_INTERVAL`]: a bare number is seconds.
+pub const ENV_HEARTBEAT_INTERVAL_SECONDS: &str = "APOLLO_HEARTBEAT_INTERVAL_SECONDS";
+/// Old spelling of [`ENV_MIN_POLL_INTERVAL`]: a bare number is milliseconds.
+pub const ENV_MIN_POLL_INTERVAL_MS: &str = "APOLLO_MIN_POLL_INTERVAL_MS";
+/// Old spelling of [`ENV_REQUEST_TIMEOUT`]: a bare number is seconds.
+pub const ENV_REQUEST_TIMEOUT_SECONDS: &str = "APOLLO_REQUEST_TIMEOUT_SECONDS";
+/// Old spelling of [`ENV_BACKOFF_BASE`]: a bare number is milliseconds.
+pub const ENV_BACKOFF_BASE_MS: &str = "APOLLO_BACKOFF_BASE_MS";
+/// Old spelling of [`ENV_BACKOFF_MAX`]: a bare number is seconds.
 pub const ENV_BACKOFF_MAX_SECONDS: &str = "APOLLO_BACKOFF_MAX_SECONDS";
+
+/// One duration setting: its variable, the old spelling still accepted, and the bounds both
+/// share (`apollo_runtime::duration`'s syntax: `500ms`, `15s`, `2m`; a bare number is seconds,
+/// or milliseconds for the old `*_MS` spellings).
+struct DurationSetting {
+    variable: &'static str,
+    old_variable: &'static str,
+    parser: DurationParser,
+    old_unit: BareUnit,
+}
+
+impl DurationSetting {
+    /// The value and the variable it came from, or None when neither spelling is set.
+    fn read(
+        &self,
+        value: Option<&str>,
+        old_value: Option<&str>,
+    ) -> Result<Option<(&'static str, Duration)>, AgentError> {
+        let (variable, text, parser) = match (present(value), present(old_value)) {
+            (Some(_), Some(_)) => {
+                return Err(config_error(
+                    self.variable,
+                    format!(
+                        "{} is its old spelling; set only one of them",
+                        self.old_variable
+                    ),
+                ))
+            }
+            (Some(text), None) => (self.variable, text, self.parser.bare_seconds()),
+            (None, Some(text)) => {
+                let parser = match self.old_unit {
+                    BareUnit::Seconds => self.parser.bare_seconds(),
+                    BareUnit::Millis => self.parser.bare_millis(),
+                };
+                (self.old_variable, text, parser)
+            }
+            (None, None) => return Ok(None),
+        };
+        let value = parser
+            .parse(text)
+            .map_err(|problem| config_error(variable, problem))?;
+        Ok(Some((variable, value)))
+    }
+}
+
+const POLL_WAIT: DurationSetting = DurationSetting {
+    variable: ENV_POLL_WAIT,
+    old_variable: ENV_POLL_WAIT_SECONDS,
+    // Sent as `waitSeconds`.
+    parser: DurationParser::new()
+        .at_most(Duration::from_secs(MAX_WAIT_SECONDS))
+        .whole_seconds(),
+    old_unit: BareUnit::Seconds,
+};
+const HEARTBEAT_INTERVAL: DurationSetting = DurationSetting {
+    variable: ENV_HEARTBEAT_INTERVAL,
+    old_variable: ENV_HEARTBEAT_INTERVAL_SECONDS,
+    parser: DurationParser::new()
+        .at_least(Duration::from_secs(1))
+        .at_most(Duration::from_secs(3600)),
+    old_unit: BareUnit::Seconds,
+};
+const MIN_POLL_INTERVAL: DurationSetting = DurationSetting {
+    variable: ENV_MIN_POLL_INTERVAL,
+    old_variable: ENV_MIN_POLL_INTERVAL_MS,
+    parser: DurationParser::new()
+        .at_least(Duration::from_millis(10))
+        .at_most(Duration::from_secs(600)),
+    old_unit: BareUnit::Millis,
+};
+const REQUEST_TIMEOUT: DurationSetting = DurationSetting {
+    variable: ENV_REQUEST_TIMEOUT,
+    old_variable: ENV_REQUEST_TIMEOUT_SECONDS,
+    parser: DurationParser::new()
+        .at_least(Duration::from_secs(1))
+        .at_most(Duration::from_secs(600)),
+    old_unit: BareUnit::Seconds,
+};
+const BACKOFF_BASE: DurationSetting = DurationSetting {
+    variable: ENV_BACKOFF_BASE,
+    old_variable: ENV_BACKOFF_BASE_MS,
+    parser: DurationParser::new()
+        .at_least(Duration::from_millis(10))
+        .at_most(Duration::from_secs(60)),
+    old_unit: BareUnit::Millis,
+};
+const BACKOFF_MAX: DurationSetting = DurationSetting {
+    variable: ENV_BACKOFF_MAX,
+    old_variable: ENV_BACKOFF_MAX_SECONDS,
+    parser: DurationParser::new()
+        .at_least(Duration::from_secs(1))
+        .at_most(Duration::from_secs(3600)),
+    old_unit: BareUnit::Seconds,
+};
 
 /// Gateway URL used when none is configured.
 pub const DEFAULT_GATEWAY_URL: &str = "http://127.0.0.1:8080";
@@ -76,7 +184,7 @@ impl AgentConfig {
             initial_heartbeat_interval: Duration::from_secs(15),
             min_poll_interval: Duration::from_secs(1),
             request_timeout: Duration::from_secs(10),
-            backoff: BackoffPolicy::default(),
+            backoff: DEFAULT_POLICY,
             traceparent_source: None,
         }
     }
@@ -96,35 +204,48 @@ impl AgentConfig {
             present(raw.device_token_file.as_deref()),
         )?;
 
-        if let Some(v) = present(raw.poll_wait_seconds.as_deref()) {
-            config.poll_wait =
-                Duration::from_secs(number(ENV_POLL_WAIT_SECONDS, v, 0, MAX_WAIT_SECONDS)?);
+        if let Some((_, wait)) =
+            POLL_WAIT.read(raw.poll_wait.as_deref(), raw.poll_wait_seconds.as_deref())?
+        {
+            config.poll_wait = wait;
         }
-        if let Some(v) = present(raw.heartbeat_interval_seconds.as_deref()) {
-            config.initial_heartbeat_interval =
-                Duration::from_secs(number(ENV_HEARTBEAT_INTERVAL_SECONDS, v, 1, 3600)?);
+        if let Some((_, interval)) = HEARTBEAT_INTERVAL.read(
+            raw.heartbeat_interval.as_deref(),
+            raw.heartbeat_interval_seconds.as_deref(),
+        )? {
+            config.initial_heartbeat_interval = interval;
         }
-        if let Some(v) = present(raw.min_poll_interval_ms.as_deref()) {
-            config.min_poll_interval =
-                Duration::from_millis(number(ENV_MIN_POLL_INTERVAL_MS, v, 10, 600_000)?);
+        if let Some((_, interval)) = MIN_POLL_INTERVAL.read(
+            raw.min_poll_interval.as_deref(),
+            raw.min_poll_interval_ms.as_deref(),
+        )? {
+            config.min_poll_interval = interval;
         }
-        if let Some(v) = present(raw.request_timeout_seconds.as_deref()) {
-            config.request_timeout =
-                Duration::from_secs(number(ENV_REQUEST_TIMEOUT_SECONDS, v, 1, 600)?);
+        if let Some((_, timeout)) = REQUEST_TIMEOUT.read(
+            raw.request_timeout.as_deref(),
+            raw.request_timeout_seconds.as_deref(),
+        )? {
+            config.request_timeout = timeout;
         }
-        if let Some(v) = present(raw.backoff_base_ms.as_deref()) {
-            config.backoff.base =
-                Duration::from_millis(number(ENV_BACKOFF_BASE_MS, v, 10, 60_000)?);
+        let base =
+            BACKOFF_BASE.read(raw.backoff_base.as_deref(), raw.backoff_base_ms.as_deref())?;
+        if let Some((_, base)) = base {
+            config.backoff.base = base;
         }
-        if let Some(v) = present(raw.backoff_max_seconds.as_deref()) {
-            config.backoff.cap = Duration::from_secs(number(ENV_BACKOFF_MAX_SECONDS, v, 1, 3600)?);
+        let max = BACKOFF_MAX.read(
+            raw.backoff_max.as_deref(),
+            raw.backoff_max_seconds.as_deref(),
+        )?;
+        if let Some((_, cap)) = max {
+            config.backoff.cap = cap;
         }
         if config.backoff.cap < config.backoff.base {
+            let base_variable = base.map_or(ENV_BACKOFF_BASE, |(variable, _)| variable);
             return Err(config_error(
-                ENV_BACKOFF_MAX_SECONDS,
+                max.map_or(ENV_BACKOFF_MAX, |(variable, _)| variable),
                 format!(
-                    "must not be below {ENV_BACKOFF_BASE_MS} ({} ms)",
-                    config.backoff.base.as_millis()
+                    "must not be below {base_variable} ({})",
+                    Human(config.backoff.base)
                 ),
             ));
         }
@@ -143,17 +264,29 @@ pub struct RawConfig {
     pub device_token: Option<String>,
     /// [`ENV_DEVICE_TOKEN_FILE`].
     pub device_token_file: Option<String>,
-    /// [`ENV_POLL_WAIT_SECONDS`].
+    /// [`ENV_POLL_WAIT`].
+    pub poll_wait: Option<String>,
+    /// [`ENV_HEARTBEAT_INTERVAL`].
+    pub heartbeat_interval: Option<String>,
+    /// [`ENV_MIN_POLL_INTERVAL`].
+    pub min_poll_interval: Option<String>,
+    /// [`ENV_REQUEST_TIMEOUT`].
+    pub request_timeout: Option<String>,
+    /// [`ENV_BACKOFF_BASE`].
+    pub backoff_base: Option<String>,
+    /// [`ENV_BACKOFF_MAX`].
+    pub backoff_max: Option<String>,
+    /// [`ENV_POLL_WAIT_SECONDS`] (old spelling of [`ENV_POLL_WAIT`]).
     pub poll_wait_seconds: Option<String>,
-    /// [`ENV_HEARTBEAT_INTERVAL_SECONDS`].
+    /// [`ENV_HEARTBEAT_INTERVAL_SECONDS`] (old spelling of [`ENV_HEARTBEAT_INTERVAL`]).
     pub heartbeat_interval_seconds: Option<String>,
-    /// [`ENV_MIN_POLL_INTERVAL_MS`].
+    /// [`ENV_MIN_POLL_INTERVAL_MS`] (old spelling of [`ENV_MIN_POLL_INTERVAL`]).
     pub min_poll_interval_ms: Option<String>,
-    /// [`ENV_REQUEST_TIMEOUT_SECONDS`].
+    /// [`ENV_REQUEST_TIMEOUT_SECONDS`] (old spelling of [`ENV_REQUEST_TIMEOUT`]).
     pub request_timeout_seconds: Option<String>,
-    /// [`ENV_BACKOFF_BASE_MS`].
+    /// [`ENV_BACKOFF_BASE_MS`] (old spelling of [`ENV_BACKOFF_BASE`]).
     pub backoff_base_ms: Option<String>,
-    /// [`ENV_BACKOFF_MAX_SECONDS`].
+    /// [`ENV_BACKOFF_MAX_SECONDS`] (old spelling of [`ENV_BACKOFF_MAX`]).
     pub backoff_max_seconds: Option<String>,
 }
 
@@ -168,22 +301,6 @@ fn config_error(variable: &'static str, problem: impl Into<String>) -> AgentErro
 /// "nothing here" to most operators.
 fn present(value: Option<&str>) -> Option<&str> {
     value.map(str::trim).filter(|v| !v.is_empty())
-}
-
-fn number(variable: &'static str, value: &str, min: u64, max: u64) -> Result<u64, AgentError> {
-    let n: u64 = value.parse().map_err(|_| {
-        config_error(
-            variable,
-            format!("{value:?} is not a whole number between {min} and {max}"),
-        )
-    })?;
-    if !(min..=max).contains(&n) {
-        return Err(config_error(
-            variable,
-            format!("{n} is outside {min}..={max}"),
-        ));
-    }
-    Ok(n)
 }
 
 /// Device names are Kubernetes object names (RFC 1123 subdomains); anything else could never
@@ -365,6 +482,61 @@ mod tests {
         assert_eq!(
             variable_of(AgentConfig::from_raw(&r)),
             ENV_BACKOFF_MAX_SECONDS
+        );
+    }
+
+    #[test]
+    fn durations_take_the_shared_syntax_and_old_variables_keep_their_units() {
+        let mut r = raw("d");
+        r.poll_wait = Some("45s".into());
+        r.heartbeat_interval = Some("1m".into());
+        r.min_poll_interval = Some("250ms".into());
+        r.request_timeout = Some("5s".into());
+        r.backoff_base = Some("100ms".into());
+        r.backoff_max = Some("2m".into());
+        let c = AgentConfig::from_raw(&r).expect("config");
+        assert_eq!(c.poll_wait, Duration::from_secs(45));
+        assert_eq!(c.initial_heartbeat_interval, Duration::from_secs(60));
+        assert_eq!(c.min_poll_interval, Duration::from_millis(250));
+        assert_eq!(c.request_timeout, Duration::from_secs(5));
+        assert_eq!(c.backoff.base, Duration::from_millis(100));
+        assert_eq!(c.backoff.cap, Duration::from_secs(120));
+
+        // The old spellings: a bare number in seconds, or milliseconds for *_MS.
+        let mut r = raw("d");
+        r.poll_wait_seconds = Some("5".into());
+        r.request_timeout_seconds = Some("3".into());
+        r.min_poll_interval_ms = Some("100".into());
+        r.backoff_base_ms = Some("20".into());
+        let c = AgentConfig::from_raw(&r).expect("config");
+        assert_eq!(c.poll_wait, Duration::from_secs(5));
+        assert_eq!(c.request_timeout, Duration::from_secs(3));
+        assert_eq!(c.min_poll_interval, Duration::from_millis(100));
+        assert_eq!(c.backoff.base, Duration::from_millis(20));
+
+        let mut r = raw("d");
+        r.poll_wait = Some("5s".into());
+        r.poll_wait_seconds = Some("5".into());
+        let e = AgentConfig::from_raw(&r).expect_err("both spellings");
+        assert!(e.to_string().contains(ENV_POLL_WAIT_SECONDS), "{e}");
+        assert_eq!(variable_of(Err(e)), ENV_POLL_WAIT);
+
+        let mut r = raw("d");
+        r.poll_wait = Some("1500ms".into());
+        assert_eq!(variable_of(AgentConfig::from_raw(&r)), ENV_POLL_WAIT);
+        let mut r = raw("d");
+        r.min_poll_interval = Some("5ms".into());
+        assert_eq!(
+            variable_of(AgentConfig::from_raw(&r)),
+            ENV_MIN_POLL_INTERVAL
+        );
+        let mut r = raw("d");
+        r.backoff_base = Some("10s".into());
+        r.backoff_max = Some("5s".into());
+        let e = AgentConfig::from_raw(&r).expect_err("max below base");
+        assert_eq!(
+            e.to_string(),
+            "APOLLO_BACKOFF_MAX: must not be below APOLLO_BACKOFF_BASE (10s)"
         );
     }
 

@@ -19,6 +19,13 @@ const VARIABLES: &[&str] = &[
     "APOLLO_REQUEST_TIMEOUT_SECONDS",
     "APOLLO_BACKOFF_BASE_MS",
     "APOLLO_BACKOFF_MAX_SECONDS",
+    "APOLLO_POLL_WAIT",
+    "APOLLO_HEARTBEAT_INTERVAL",
+    "APOLLO_MIN_POLL_INTERVAL",
+    "APOLLO_REQUEST_TIMEOUT",
+    "APOLLO_BACKOFF_BASE",
+    "APOLLO_BACKOFF_MAX",
+    "APOLLO_LOG_FORMAT",
 ];
 
 /// The agent binary with none of our variables inherited from the test's environment.
@@ -68,6 +75,59 @@ async fn invalid_values_exit_2_naming_the_variable() {
         )
         .await;
     }
+}
+
+#[tokio::test]
+async fn an_unknown_log_format_is_a_usage_error_naming_the_accepted_ones() {
+    let mut proc = agent()
+        .env("APOLLO_DEVICE_NAME", DEVICE)
+        .args(["--log-format", "bogus"])
+        .spawn();
+    let status = proc
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("exits on a bad flag");
+    assert_eq!(status.code(), Some(2), "{}", proc.logs());
+    assert!(
+        proc.logs().contains("[possible values: text, json]"),
+        "{}",
+        proc.logs()
+    );
+}
+
+#[tokio::test]
+async fn old_and_new_duration_spellings_both_configure_the_binary() {
+    let gw = FakeGateway::start(Behaviour::default(), &[("a", 'a')]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).expect("write token");
+    // APOLLO_POLL_WAIT_SECONDS keeps its meaning (a bare number of seconds) beside the new
+    // syntax of APOLLO_REQUEST_TIMEOUT.
+    let mut proc = agent()
+        .env("APOLLO_DEVICE_NAME", DEVICE)
+        .env("APOLLO_GATEWAY_URL", &gw.url)
+        .env("APOLLO_DEVICE_TOKEN_FILE", &token_file)
+        .env("APOLLO_POLL_WAIT_SECONDS", "7")
+        .env("APOLLO_REQUEST_TIMEOUT", "2s")
+        .spawn();
+    wait_until(
+        Duration::from_secs(10),
+        "a long poll asking to wait 7 s",
+        || async {
+            gw.seen_kind("desired")
+                .iter()
+                .any(|s| s.wait_seconds == Some(7))
+        },
+    )
+    .await;
+    stops_within_a_second(&mut proc, Signal::SIGTERM).await;
+
+    // Both spellings at once is a configuration error naming both.
+    let both = agent()
+        .env("APOLLO_DEVICE_NAME", DEVICE)
+        .env("APOLLO_POLL_WAIT", "5s")
+        .env("APOLLO_POLL_WAIT_SECONDS", "5");
+    exits_with_config_error(both, "APOLLO_POLL_WAIT").await;
 }
 
 async fn stops_within_a_second(proc: &mut Proc, signal: Signal) {

@@ -12,9 +12,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
 use apollo_agent::config::{
-    ENV_BACKOFF_BASE_MS, ENV_BACKOFF_MAX_SECONDS, ENV_DEVICE_NAME, ENV_DEVICE_TOKEN,
-    ENV_DEVICE_TOKEN_FILE, ENV_GATEWAY_URL, ENV_HEARTBEAT_INTERVAL_SECONDS,
-    ENV_MIN_POLL_INTERVAL_MS, ENV_POLL_WAIT_SECONDS, ENV_REQUEST_TIMEOUT_SECONDS,
+    ENV_BACKOFF_BASE, ENV_BACKOFF_BASE_MS, ENV_BACKOFF_MAX, ENV_BACKOFF_MAX_SECONDS,
+    ENV_DEVICE_NAME, ENV_DEVICE_TOKEN, ENV_DEVICE_TOKEN_FILE, ENV_GATEWAY_URL,
+    ENV_HEARTBEAT_INTERVAL, ENV_HEARTBEAT_INTERVAL_SECONDS, ENV_MIN_POLL_INTERVAL,
+    ENV_MIN_POLL_INTERVAL_MS, ENV_POLL_WAIT, ENV_POLL_WAIT_SECONDS, ENV_REQUEST_TIMEOUT,
+    ENV_REQUEST_TIMEOUT_SECONDS,
 };
 use apollo_agent::{AgentConfig, RawConfig};
 use clap::{CommandFactory, Parser};
@@ -245,6 +247,12 @@ fn compose_services_use_flags_our_binaries_accept() {
                     ENV_GATEWAY_URL,
                     ENV_DEVICE_TOKEN,
                     ENV_DEVICE_TOKEN_FILE,
+                    ENV_POLL_WAIT,
+                    ENV_HEARTBEAT_INTERVAL,
+                    ENV_MIN_POLL_INTERVAL,
+                    ENV_REQUEST_TIMEOUT,
+                    ENV_BACKOFF_BASE,
+                    ENV_BACKOFF_MAX,
                     ENV_POLL_WAIT_SECONDS,
                     ENV_HEARTBEAT_INTERVAL_SECONDS,
                     ENV_MIN_POLL_INTERVAL_MS,
@@ -278,6 +286,12 @@ fn compose_services_use_flags_our_binaries_accept() {
                     gateway_url: get(ENV_GATEWAY_URL),
                     device_token: None,
                     device_token_file: Some(stand_in.to_string_lossy().into_owned()),
+                    poll_wait: get(ENV_POLL_WAIT),
+                    heartbeat_interval: get(ENV_HEARTBEAT_INTERVAL),
+                    min_poll_interval: get(ENV_MIN_POLL_INTERVAL),
+                    request_timeout: get(ENV_REQUEST_TIMEOUT),
+                    backoff_base: get(ENV_BACKOFF_BASE),
+                    backoff_max: get(ENV_BACKOFF_MAX),
                     poll_wait_seconds: get(ENV_POLL_WAIT_SECONDS),
                     heartbeat_interval_seconds: get(ENV_HEARTBEAT_INTERVAL_SECONDS),
                     min_poll_interval_ms: get(ENV_MIN_POLL_INTERVAL_MS),
