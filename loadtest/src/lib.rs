@@ -21,6 +21,8 @@ use anyhow::{bail, Context};
 use apollo_agent::{Agent, AgentConfig, AgentMetrics, MetricsSnapshot, RequestCounts};
 use apollo_crds::{DeviceProcess, DeviceProcessDeployment, NetworkSwitch};
 use apollo_dev::{Kubernetes, Ports, Stack, StackConfig};
+use apollo_runtime::duration::{DurationParser, Human};
+use apollo_runtime::shell::LogArgs;
 use clap::Parser;
 use futures::StreamExt;
 use kube::api::{Api, ListParams, PostParams};
@@ -37,21 +39,38 @@ pub struct Args {
     /// Simulated devices (one agent each).
     #[arg(long, env = "APOLLO_LT_DEVICES", default_value_t = 2000)]
     pub devices: usize,
-    /// Steady-state measurement window, in seconds.
-    #[arg(long, env = "APOLLO_LT_DURATION_SECONDS", default_value_t = 60)]
-    pub duration_seconds: u64,
-    /// Agents are started evenly over this many seconds.
-    #[arg(long, env = "APOLLO_LT_RAMP_SECONDS", default_value_t = 10)]
-    pub ramp_seconds: u64,
+    /// Steady-state measurement window (`60s`, `5m`).
+    #[arg(long, env = "APOLLO_LT_DURATION", default_value = "60s", value_parser = WINDOW)]
+    pub duration: Duration,
+    /// Agents are started evenly over this long.
+    #[arg(long, env = "APOLLO_LT_RAMP", default_value = "10s", value_parser = WINDOW)]
+    pub ramp: Duration,
     /// Gateway replicas of the local stack.
     #[arg(long, env = "APOLLO_LT_GATEWAYS", default_value_t = 3)]
     pub gateways: u32,
-    /// Heartbeat interval the gateways announce (local stack).
-    #[arg(long, env = "APOLLO_LT_HEARTBEAT_SECONDS", default_value_t = 15)]
-    pub heartbeat_interval_seconds: u64,
-    /// Long-poll wait of each agent, in seconds.
-    #[arg(long, env = "APOLLO_LT_POLL_WAIT_SECONDS", default_value_t = 30)]
-    pub poll_wait_seconds: u64,
+    /// Heartbeat interval the gateways announce (local stack), whole seconds.
+    #[arg(long, env = "APOLLO_LT_HEARTBEAT_INTERVAL", default_value = "15s",
+          value_parser = HEARTBEAT)]
+    pub heartbeat_interval: Duration,
+    /// Long-poll wait of each agent, whole seconds.
+    #[arg(long, env = "APOLLO_LT_POLL_WAIT", default_value = "30s", value_parser = POLL_WAIT)]
+    pub poll_wait: Duration,
+    /// Old spelling of --duration: seconds.
+    #[arg(long, env = "APOLLO_LT_DURATION_SECONDS", hide = true, conflicts_with = "duration",
+          value_parser = WINDOW)]
+    duration_seconds: Option<Duration>,
+    /// Old spelling of --ramp: seconds.
+    #[arg(long, env = "APOLLO_LT_RAMP_SECONDS", hide = true, conflicts_with = "ramp",
+          value_parser = WINDOW)]
+    ramp_seconds: Option<Duration>,
+    /// Old spelling of --heartbeat-interval: seconds.
+    #[arg(long, env = "APOLLO_LT_HEARTBEAT_SECONDS", hide = true,
+          conflicts_with = "heartbeat_interval", value_parser = HEARTBEAT)]
+    heartbeat_interval_seconds: Option<Duration>,
+    /// Old spelling of --poll-wait: seconds.
+    #[arg(long, env = "APOLLO_LT_POLL_WAIT_SECONDS", hide = true, conflicts_with = "poll_wait",
+          value_parser = POLL_WAIT)]
+    poll_wait_seconds: Option<Duration>,
     /// Skip the rollout wave (template change) measurement.
     #[arg(long, env = "APOLLO_LT_NO_ROLLOUT")]
     pub no_rollout: bool,
@@ -76,6 +95,44 @@ pub struct Args {
     /// Also write the results as JSON here.
     #[arg(long, env = "APOLLO_LT_JSON")]
     pub json: Option<PathBuf>,
+    /// Warnings of the agents and the harness go to stderr (`RUST_LOG` for more).
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Measurement windows and ramps.
+const WINDOW: DurationParser = DurationParser::new().at_most(Duration::from_secs(24 * 3600));
+/// The gateways announce whole seconds.
+const HEARTBEAT: DurationParser = DurationParser::new()
+    .at_least(Duration::from_secs(1))
+    .at_most(Duration::from_secs(3600))
+    .whole_seconds();
+/// Sent as `waitSeconds`.
+const POLL_WAIT: DurationParser = DurationParser::new()
+    .at_most(Duration::from_secs(apollo_protocol::MAX_WAIT_SECONDS))
+    .whole_seconds();
+
+impl Args {
+    /// Steady-state measurement window (`--duration`, or its old spelling).
+    pub fn duration(&self) -> Duration {
+        self.duration_seconds.unwrap_or(self.duration)
+    }
+
+    /// Ramp of the agents' start (`--ramp`, or its old spelling).
+    pub fn ramp(&self) -> Duration {
+        self.ramp_seconds.unwrap_or(self.ramp)
+    }
+
+    /// Heartbeat interval of the local stack (`--heartbeat-interval`, or its old spelling).
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat_interval_seconds
+            .unwrap_or(self.heartbeat_interval)
+    }
+
+    /// Long-poll wait of each agent (`--poll-wait`, or its old spelling).
+    pub fn poll_wait(&self) -> Duration {
+        self.poll_wait_seconds.unwrap_or(self.poll_wait)
+    }
 }
 
 /// Device names of the run.
@@ -284,14 +341,14 @@ fn spawn_agents(
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let http = apollo_agent::http_client()?;
     let url: reqwest::Url = router.parse().context("router URL")?;
-    let ramp = Duration::from_secs(args.ramp_seconds);
+    let ramp = args.ramp();
     let n = devices.len().max(1) as u32;
     let mut handles = Vec::with_capacity(devices.len());
     for (i, device) in devices.iter().enumerate() {
         let mut config = AgentConfig::new(device.clone(), url.clone());
         config.device_token = Some(token(device));
-        config.poll_wait = Duration::from_secs(args.poll_wait_seconds);
-        config.initial_heartbeat_interval = Duration::from_secs(args.heartbeat_interval_seconds);
+        config.poll_wait = args.poll_wait();
+        config.initial_heartbeat_interval = args.heartbeat_interval();
         let agent = Agent::new(config, http.clone(), metrics.clone())?;
         let delay = ramp * i as u32 / n;
         let cancel = cancel.clone();
@@ -322,10 +379,10 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
             metrics.clone(),
             cancel.clone(),
         )?;
-        tokio::time::sleep(Duration::from_secs(args.ramp_seconds + 5)).await;
+        tokio::time::sleep(args.ramp() + Duration::from_secs(5)).await;
         let before = metrics.snapshot();
         let t = Instant::now();
-        tokio::time::sleep(Duration::from_secs(args.duration_seconds)).await;
+        tokio::time::sleep(args.duration()).await;
         let steady = window(&before, &metrics.snapshot(), t.elapsed());
         cancel.cancel();
         futures::future::join_all(handles).await;
@@ -359,7 +416,7 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
     cfg.devices = Vec::new();
     cfg.run_agents = false;
     cfg.install_samples = false;
-    cfg.heartbeat_interval_seconds = args.heartbeat_interval_seconds;
+    cfg.heartbeat_interval_seconds = args.heartbeat_interval().as_secs();
     cfg.sweep_interval_seconds = 5;
     cfg.ports = Ports::ephemeral();
     eprintln!(
@@ -399,9 +456,9 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
     let dps: Api<DeviceProcess> = Api::namespaced(client.clone(), &ns);
 
     eprintln!(
-        "loadtest: starting {} agents over {}s ...",
+        "loadtest: starting {} agents over {} ...",
         devices.len(),
-        args.ramp_seconds
+        Human(args.ramp())
     );
     let handles = spawn_agents(
         &devices,
@@ -411,18 +468,17 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
         metrics.clone(),
         cancel.clone(),
     )?;
-    let deadline =
-        Duration::from_secs(args.ramp_seconds) + write_budget_time(devices.len(), args.gateways);
+    let deadline = args.ramp() + write_budget_time(devices.len(), args.gateways);
     let converge = wait_converged(&dps, devices.len(), deadline, &dep_name).await?;
     eprintln!(
-        "loadtest: converged in {converge:.1}s; measuring steady state for {}s ...",
-        args.duration_seconds
+        "loadtest: converged in {converge:.1}s; measuring steady state for {} ...",
+        Human(args.duration())
     );
 
     stack.system().reset_requests().await;
     let before = metrics.snapshot();
     let t = Instant::now();
-    tokio::time::sleep(Duration::from_secs(args.duration_seconds)).await;
+    tokio::time::sleep(args.duration()).await;
     let steady = window(&before, &metrics.snapshot(), t.elapsed());
     let steady_api = api_cost(&stack).await;
 
@@ -558,6 +614,53 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Args::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_take_the_shared_syntax_and_the_old_spellings_their_seconds() {
+        let args = Args::try_parse_from(["loadtest"]).expect("defaults");
+        assert_eq!(args.duration(), Duration::from_secs(60));
+        assert_eq!(args.ramp(), Duration::from_secs(10));
+        assert_eq!(args.heartbeat_interval(), Duration::from_secs(15));
+        assert_eq!(args.poll_wait(), Duration::from_secs(30));
+        let args = Args::try_parse_from([
+            "loadtest",
+            "--duration",
+            "2m",
+            "--ramp",
+            "1500ms",
+            "--heartbeat-interval",
+            "5s",
+        ])
+        .expect("new spellings");
+        assert_eq!(args.duration(), Duration::from_secs(120));
+        assert_eq!(args.ramp(), Duration::from_millis(1500));
+        assert_eq!(args.heartbeat_interval(), Duration::from_secs(5));
+        let args = Args::try_parse_from([
+            "loadtest",
+            "--duration-seconds",
+            "90",
+            "--heartbeat-interval-seconds",
+            "1",
+            "--poll-wait-seconds",
+            "20",
+        ])
+        .expect("old spellings");
+        assert_eq!(args.duration(), Duration::from_secs(90));
+        assert_eq!(args.heartbeat_interval(), Duration::from_secs(1));
+        assert_eq!(args.poll_wait(), Duration::from_secs(20));
+        assert!(Args::try_parse_from(["loadtest", "--poll-wait", "1500ms"]).is_err());
+        assert!(Args::try_parse_from(["loadtest", "--ramp", "5s", "--ramp-seconds", "5"]).is_err());
+    }
+
+    #[test]
+    fn an_unknown_log_format_is_refused() {
+        let error =
+            Args::try_parse_from(["loadtest", "--log-format", "bogus"]).expect_err("refused");
+        assert!(
+            error.to_string().contains("[possible values: text, json]"),
+            "{error}"
+        );
     }
 
     #[test]

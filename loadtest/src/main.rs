@@ -1,31 +1,33 @@
 //! `loadtest`: see the library docs. Prints a Markdown table of results (and JSON with --json).
 #![forbid(unsafe_code)]
 
+use std::process::ExitCode;
+
+use apollo_runtime::shell::{self, Failure};
 use clap::Parser;
 
+const PROGRAM: &str = "loadtest";
+
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn main() -> ExitCode {
     let args = apollo_loadtest::Args::parse();
+    // Thousands of agents log a line each when they connect: warnings only unless RUST_LOG says.
+    let _telemetry = args.log.init_with_default_filter(PROGRAM, "warn");
+    shell::exit(PROGRAM, run(args).await)
+}
+
+async fn run(args: apollo_loadtest::Args) -> Result<(), Failure> {
     let json = args.json.clone();
-    match apollo_loadtest::run(args).await {
-        Ok(results) => {
-            println!("{}", apollo_loadtest::render(&results));
-            if let Some(path) = json {
-                match serde_json::to_vec_pretty(&results) {
-                    Ok(bytes) => {
-                        if let Err(e) = std::fs::write(&path, bytes) {
-                            eprintln!("loadtest: cannot write {}: {e}", path.display());
-                            return std::process::ExitCode::FAILURE;
-                        }
-                    }
-                    Err(e) => eprintln!("loadtest: cannot encode results: {e}"),
-                }
-            }
-            std::process::ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("loadtest: {e:#}");
-            std::process::ExitCode::FAILURE
+    let results = apollo_loadtest::run(args)
+        .await
+        .map_err(|e| Failure::runtime(format!("{e:#}")))?;
+    println!("{}", apollo_loadtest::render(&results));
+    if let Some(path) = json {
+        match serde_json::to_vec_pretty(&results) {
+            Ok(bytes) => std::fs::write(&path, bytes)
+                .map_err(|e| Failure::runtime(format!("cannot write {}: {e}", path.display())))?,
+            Err(e) => eprintln!("loadtest: cannot encode results: {e}"),
         }
     }
+    Ok(())
 }
