@@ -1,9 +1,22 @@
 //! Command line of `apollo-router`. Every flag can also be set through its `APOLLO_*` variable.
+//! Durations take the shared syntax (`250ms`, `5s`); the old `--*-ms` / `--drain-seconds`
+//! spellings and their variables stay accepted, hidden, a bare number in their old unit.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use apollo_runtime::duration::DurationParser;
+use apollo_runtime::shell::{AdminArgs, LogArgs};
 use clap::Parser;
+
+const MEMBERSHIP_REFRESH: DurationParser = DurationParser::new()
+    .at_least(Duration::from_millis(10))
+    .at_most(Duration::from_secs(10));
+const UPSTREAM_CONNECT_TIMEOUT: DurationParser = DurationParser::new()
+    .at_least(Duration::from_millis(10))
+    .at_most(Duration::from_secs(30));
+const FALLBACK_HOLD: DurationParser = DurationParser::new().at_most(Duration::from_secs(60));
+const DRAIN: DurationParser = DurationParser::new().at_most(Duration::from_secs(120));
 
 /// Consistent-hash L7 router in front of the Apollo gateway replicas.
 #[derive(Parser, Debug, Clone)]
@@ -13,59 +26,78 @@ pub struct Args {
     #[arg(long, env = "APOLLO_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
 
-    /// Address of /healthz, /readyz and /metrics.
-    #[arg(long, env = "APOLLO_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
-    pub admin_listen: SocketAddr,
+    #[command(flatten)]
+    pub admin: AdminArgs,
 
     /// Redis holding the gateway membership (the same Redis the gateways use).
     #[arg(long, env = "APOLLO_REDIS_URL")]
     pub redis_url: String,
 
-    /// How often the membership is re-read from Redis, in milliseconds.
-    #[arg(long, env = "APOLLO_MEMBERSHIP_REFRESH_MS", default_value_t = 250,
-          value_parser = clap::value_parser!(u64).range(10..=10_000))]
-    pub membership_refresh_ms: u64,
+    /// How often the membership is re-read from Redis (10ms..10s).
+    #[arg(long, env = "APOLLO_MEMBERSHIP_REFRESH", default_value = "250ms",
+          value_parser = MEMBERSHIP_REFRESH)]
+    membership_refresh: Duration,
 
-    /// Connect timeout to a gateway replica, in milliseconds; past it the fallback is tried.
-    #[arg(long, env = "APOLLO_UPSTREAM_CONNECT_TIMEOUT_MS", default_value_t = 500,
-          value_parser = clap::value_parser!(u64).range(10..=30_000))]
-    pub upstream_connect_timeout_ms: u64,
+    /// Connect timeout to a gateway replica (10ms..30s); past it the fallback is tried.
+    #[arg(long, env = "APOLLO_UPSTREAM_CONNECT_TIMEOUT", default_value = "500ms",
+          value_parser = UPSTREAM_CONNECT_TIMEOUT)]
+    upstream_connect_timeout: Duration,
 
-    /// After a replica fails a request, send its devices to the fallback for this long (ms)
-    /// without trying it first, until the membership shows it alive and healthy again.
-    #[arg(long, env = "APOLLO_FALLBACK_HOLD_MS", default_value_t = 2_000,
-          value_parser = clap::value_parser!(u64).range(0..=60_000))]
-    pub fallback_hold_ms: u64,
+    /// After a replica fails a request, send its devices to the fallback for this long (up to
+    /// 1m) without trying it first, until the membership shows it alive and healthy again.
+    #[arg(long, env = "APOLLO_FALLBACK_HOLD", default_value = "2s", value_parser = FALLBACK_HOLD)]
+    fallback_hold: Duration,
 
-    /// On shutdown, how long in-flight requests (long polls) may take to finish, in seconds.
-    #[arg(long, env = "APOLLO_DRAIN_SECONDS", default_value_t = 5,
-          value_parser = clap::value_parser!(u64).range(0..=120))]
-    pub drain_seconds: u64,
+    /// On shutdown, how long in-flight requests (long polls) may take to finish (up to 2m).
+    #[arg(long, env = "APOLLO_DRAIN", default_value = "5s", value_parser = DRAIN)]
+    drain: Duration,
 
-    /// Log format: `text` or `json`.
-    #[arg(long, env = "APOLLO_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    pub log_format: String,
+    /// Old spelling of --membership-refresh: milliseconds.
+    #[arg(long, env = "APOLLO_MEMBERSHIP_REFRESH_MS", hide = true,
+          conflicts_with = "membership_refresh", value_parser = MEMBERSHIP_REFRESH.bare_millis())]
+    membership_refresh_ms: Option<Duration>,
+
+    /// Old spelling of --upstream-connect-timeout: milliseconds.
+    #[arg(long, env = "APOLLO_UPSTREAM_CONNECT_TIMEOUT_MS", hide = true,
+          conflicts_with = "upstream_connect_timeout",
+          value_parser = UPSTREAM_CONNECT_TIMEOUT.bare_millis())]
+    upstream_connect_timeout_ms: Option<Duration>,
+
+    /// Old spelling of --fallback-hold: milliseconds.
+    #[arg(long, env = "APOLLO_FALLBACK_HOLD_MS", hide = true, conflicts_with = "fallback_hold",
+          value_parser = FALLBACK_HOLD.bare_millis())]
+    fallback_hold_ms: Option<Duration>,
+
+    /// Old spelling of --drain: seconds.
+    #[arg(long, env = "APOLLO_DRAIN_SECONDS", hide = true, conflicts_with = "drain",
+          value_parser = DRAIN)]
+    drain_seconds: Option<Duration>,
+
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 impl Args {
     /// Membership refresh period.
     pub fn membership_refresh(&self) -> Duration {
-        Duration::from_millis(self.membership_refresh_ms)
+        self.membership_refresh_ms
+            .unwrap_or(self.membership_refresh)
     }
 
     /// Upstream connect timeout.
     pub fn upstream_connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.upstream_connect_timeout_ms)
+        self.upstream_connect_timeout_ms
+            .unwrap_or(self.upstream_connect_timeout)
     }
 
     /// How long a failed replica is skipped.
     pub fn fallback_hold(&self) -> Duration {
-        Duration::from_millis(self.fallback_hold_ms)
+        self.fallback_hold_ms.unwrap_or(self.fallback_hold)
     }
 
     /// Drain period on shutdown.
     pub fn drain(&self) -> Duration {
-        Duration::from_secs(self.drain_seconds)
+        self.drain_seconds.unwrap_or(self.drain)
     }
 }
 
@@ -92,13 +124,76 @@ mod tests {
         ])
         .expect("parse");
         assert_eq!(a.listen.port(), 1);
-        assert_eq!(a.admin_listen.port(), 2);
+        assert_eq!(a.admin.listen.port(), 2);
         assert_eq!(a.membership_refresh(), Duration::from_millis(250));
+        assert_eq!(a.upstream_connect_timeout(), Duration::from_millis(500));
+        assert_eq!(a.fallback_hold(), Duration::from_secs(2));
+        assert_eq!(a.drain(), Duration::from_secs(5));
     }
 
     #[test]
     fn redis_url_is_required() {
         let err = Args::try_parse_from(["apollo-router"]).expect_err("must fail");
         assert!(err.to_string().contains("--redis-url"), "{err}");
+    }
+
+    fn parse(extra: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(
+            ["apollo-router", "--redis-url", "redis://127.0.0.1:3/"]
+                .into_iter()
+                .chain(extra.iter().copied()),
+        )
+    }
+
+    #[test]
+    fn durations_take_the_shared_syntax_and_old_spellings_their_old_units() {
+        let a = parse(&[
+            "--membership-refresh",
+            "100ms",
+            "--upstream-connect-timeout",
+            "1s",
+            "--fallback-hold",
+            "0s",
+            "--drain",
+            "1m",
+        ])
+        .expect("new spellings");
+        assert_eq!(a.membership_refresh(), Duration::from_millis(100));
+        assert_eq!(a.upstream_connect_timeout(), Duration::from_secs(1));
+        assert_eq!(a.fallback_hold(), Duration::ZERO);
+        assert_eq!(a.drain(), Duration::from_secs(60));
+
+        let a = parse(&[
+            "--membership-refresh-ms",
+            "100",
+            "--upstream-connect-timeout-ms",
+            "250",
+            "--fallback-hold-ms",
+            "0",
+            "--drain-seconds",
+            "7",
+        ])
+        .expect("old spellings");
+        assert_eq!(a.membership_refresh(), Duration::from_millis(100));
+        assert_eq!(a.upstream_connect_timeout(), Duration::from_millis(250));
+        assert_eq!(a.fallback_hold(), Duration::ZERO);
+        assert_eq!(a.drain(), Duration::from_secs(7));
+
+        // The old spelling keeps the bounds: 5 ms is below the 10 ms floor.
+        assert!(parse(&["--membership-refresh-ms", "5"]).is_err());
+        assert!(parse(&["--membership-refresh", "20s"]).is_err());
+        assert!(parse(&["--drain", "1s", "--drain-seconds", "1"]).is_err());
+        let help = Args::command().render_long_help().to_string();
+        assert!(!help.contains("-ms"), "{help}");
+    }
+
+    #[test]
+    fn an_unknown_log_format_is_refused_naming_the_accepted_ones() {
+        let error = parse(&["--log-format", "bogus"]).expect_err("refused");
+        assert_eq!(error.exit_code(), 2);
+        assert!(
+            error.to_string().contains("[possible values: text, json]"),
+            "{error}"
+        );
     }
 }

@@ -10,6 +10,7 @@
 //! Several routers can run side by side: they share nothing but the membership in Redis.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod error;
 pub mod membership;
@@ -19,7 +20,6 @@ pub mod proxy;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use apollo_runtime::ServeOptions;
 use tokio::net::TcpListener;
@@ -30,8 +30,8 @@ pub use config::Args;
 pub use error::Error;
 
 /// Binds both listeners (failing at once if either address is taken), then serves until
-/// `shutdown` is cancelled. In-flight requests (long polls included) are given
-/// `args.drain_seconds` to finish.
+/// `shutdown` is cancelled. In-flight requests (long polls included) are given `args.drain()` to
+/// finish.
 pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
     let listener = TcpListener::bind(args.listen)
         .await
@@ -39,10 +39,10 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
             addr: args.listen,
             source,
         })?;
-    let admin_listener = TcpListener::bind(args.admin_listen)
+    let admin_listener = TcpListener::bind(args.admin.listen)
         .await
         .map_err(|source| Error::Bind {
-            addr: args.admin_listen,
+            addr: args.admin.listen,
             source,
         })?;
     let local = listener.local_addr().map_err(Error::LocalAddr)?;
@@ -62,23 +62,13 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
         args.upstream_connect_timeout(),
         args.fallback_hold(),
     ));
-    let admin = Arc::new(proxy::Admin::new(membership, Arc::new(registry)));
+    let admin = admin::router(membership, Arc::new(registry));
 
     info!(listen = %local, admin = %admin_local, redis = %redact(&args.redis_url), "apollo-router listening");
 
-    let admin_task = tokio::spawn(apollo_runtime::serve(
+    let admin_task = tokio::spawn(apollo_runtime::shell::admin::serve(
         admin_listener,
-        move |_peer| {
-            let admin = admin.clone();
-            hyper::service::service_fn(move |req| {
-                let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.handle(req)) }
-            })
-        },
-        ServeOptions {
-            drain: Duration::from_secs(1),
-            ..ServeOptions::default()
-        },
+        admin,
         shutdown.clone(),
     ));
     apollo_runtime::serve(

@@ -1,4 +1,4 @@
-//! The proxy itself and the admin endpoints.
+//! The proxy itself.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -233,21 +233,23 @@ pub fn device_of(path: &str) -> Option<String> {
     percent_decode(raw)
 }
 
+/// Decodes `%XX` escapes; None for a malformed escape (percent-encoding would pass `%zz` through
+/// as it is, and no device name holds a `%`) or bytes that are not UTF-8.
 fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    let escapes_well_formed = bytes.iter().enumerate().all(|(i, b)| {
+        *b != b'%'
+            || bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !escapes_well_formed {
+        return None;
     }
-    String::from_utf8(out).ok()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .ok()
+        .map(|decoded| decoded.into_owned())
 }
 
 async fn read_body(headers: &HeaderMap, body: Incoming) -> Result<Bytes, Response<Body>> {
@@ -359,75 +361,6 @@ pub fn error(code: StatusCode, kind: &str, message: impl Into<String>) -> Respon
 
 fn full(bytes: Bytes) -> Body {
     Full::new(bytes).map_err(|never| match never {}).boxed()
-}
-
-/// `/healthz`, `/readyz` and `/metrics`.
-pub struct Admin {
-    membership: Membership,
-    registry: Arc<prometheus_client::registry::Registry>,
-}
-
-impl Admin {
-    /// Admin endpoints over `membership` and `registry`.
-    pub fn new(
-        membership: Membership,
-        registry: Arc<prometheus_client::registry::Registry>,
-    ) -> Self {
-        Self {
-            membership,
-            registry,
-        }
-    }
-
-    /// Handles one admin request.
-    pub fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        match req.uri().path() {
-            "/healthz" => text(StatusCode::OK, "ok\n".into()),
-            "/readyz" => {
-                let snap = self.membership.current();
-                if snap.refreshed_at.is_none() {
-                    text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "membership not read from Redis yet\n".into(),
-                    )
-                } else if snap.view.alive.is_empty() {
-                    text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "no gateway replica alive\n".into(),
-                    )
-                } else {
-                    text(StatusCode::OK, "ok\n".into())
-                }
-            }
-            "/metrics" => {
-                let mut out = String::new();
-                match prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-                    Ok(()) => {
-                        let mut resp = text(StatusCode::OK, out);
-                        resp.headers_mut().insert(
-                            header::CONTENT_TYPE,
-                            HeaderValue::from_static(
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            ),
-                        );
-                        resp
-                    }
-                    Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "encode failed\n".into()),
-                }
-            }
-            _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
-        }
-    }
-}
-
-fn text(code: StatusCode, body: String) -> Response<Body> {
-    let mut resp = Response::new(full(Bytes::from(body)));
-    *resp.status_mut() = code;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
 }
 
 #[cfg(test)]

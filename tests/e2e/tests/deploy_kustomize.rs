@@ -79,7 +79,7 @@ fn every_rendered_container_of_ours_parses_with_the_binary_cli() {
                     let args = apollo_router::Args::try_parse_from(&argv)
                         .unwrap_or_else(|e| panic!("{who}: {argv:?}\n{e}"));
                     assert_eq!(named_port(&c, "http"), Some(args.listen.port()), "{who}");
-                    assert_probes_hit_admin(&w, &c, args.admin_listen.port());
+                    assert_probes_hit_admin(&w, &c, args.admin.listen.port());
                     assert_redis_is_the_rendered_service(&who, &args.redis_url);
                     assert_exports_traces_to_jaeger(&who, &env, "apollo-jaeger");
                 }
