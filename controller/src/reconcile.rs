@@ -517,7 +517,7 @@ async fn publish_rollout_event(
     let total = desired.children.len();
     let note = match event.reason {
         "RolloutStarted" | "RolloutResumed" => format!(
-            "{} of {total} DeviceProcesses to update ({})",
+            "rolling out to {total} DeviceProcesses, {} of them on an older spec ({})",
             step.update.len() + step.held,
             step.message
         ),

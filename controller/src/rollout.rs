@@ -213,13 +213,16 @@ pub fn step(
     generation: Option<i64>,
     now: Timestamp,
 ) -> Step {
-    let continuing = previous.reason.as_deref() == Some(REASON_ROLLING_UPDATE);
+    let same_generation = previous.generation.is_some() && previous.generation == generation;
+    let halted_before = same_generation && previous.reason.as_deref().is_some_and(is_halt);
+    // The clock keeps running while the rollout goes on or stays halted; it restarts when the
+    // rollout (re)starts: a new template after completion, a resume, a halt lifted.
+    let continuing = previous.reason.as_deref() == Some(REASON_ROLLING_UPDATE) || halted_before;
     let rollout_start = if continuing {
         previous.rollout_start.or(Some(now))
     } else {
         Some(now)
     };
-    let same_generation = previous.generation.is_some() && previous.generation == generation;
 
     // Failures: updated, neither available nor observed, past the deadline.
     let mut failed = Vec::new();
@@ -247,7 +250,6 @@ pub fn step(
     let all_available = members.iter().all(|m| m.state.available());
     let was_complete = same_generation && previous.reason.as_deref() == Some(REASON_COMPLETE);
     let complete = all_current && (all_available || was_complete);
-    let halted_before = same_generation && previous.reason.as_deref().is_some_and(is_halt);
     let halted = halted_before || failed.len() > policy.max_failed;
 
     let (reason, message) = if policy.paused {

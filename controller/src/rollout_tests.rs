@@ -166,6 +166,13 @@ fn a_child_missing_its_deadline_halts_the_rollout_and_nothing_more_is_updated() 
         generation: GEN,
         rollout_start: s.rollout_start,
     };
+    let still = step(&p, &members, &halted, GEN, t(75));
+    assert_eq!(
+        still.failed,
+        ["d00"],
+        "the deadline clock does not restart while halted"
+    );
+    assert_eq!(still.rollout_start, Some(t(0)));
     members[0].state = current(true, true, 10);
     let again = step(&p, &members, &halted, GEN, t(80));
     assert_eq!(again.reason, REASON_PROGRESS_DEADLINE_EXCEEDED);

@@ -440,8 +440,12 @@ async fn a_stalled_agent_halts_the_rollout_after_the_deadline_and_nothing_more_i
         })
         .await;
     assert_eq!(
-        settled.status.as_ref().map(|s| s.number_held_by_strategy),
-        Some(i32::try_from(held).expect("held"))
+        settled
+            .status
+            .as_ref()
+            .map(|s| (s.number_held_by_strategy, s.number_failed)),
+        Some((i32::try_from(held).expect("held"), 1)),
+        "still halted, still one failure"
     );
     assert_eq!(fleet.controller_patches().await, patched_at_halt);
     assert_eq!(patched_at_halt.len(), 8 - held, "{patched_at_halt:?}");
