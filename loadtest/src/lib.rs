@@ -41,20 +41,20 @@ pub struct Args {
     pub devices: usize,
     /// Steady-state measurement window (`60s`, `5m`).
     #[arg(long, env = "APOLLO_LT_DURATION", default_value = "60s", value_parser = WINDOW)]
-    pub duration: Duration,
+    duration: Duration,
     /// Agents are started evenly over this long.
     #[arg(long, env = "APOLLO_LT_RAMP", default_value = "10s", value_parser = WINDOW)]
-    pub ramp: Duration,
+    ramp: Duration,
     /// Gateway replicas of the local stack.
     #[arg(long, env = "APOLLO_LT_GATEWAYS", default_value_t = 3)]
     pub gateways: u32,
     /// Heartbeat interval the gateways announce (local stack), whole seconds.
     #[arg(long, env = "APOLLO_LT_HEARTBEAT_INTERVAL", default_value = "15s",
           value_parser = HEARTBEAT)]
-    pub heartbeat_interval: Duration,
+    heartbeat_interval: Duration,
     /// Long-poll wait of each agent, whole seconds.
     #[arg(long, env = "APOLLO_LT_POLL_WAIT", default_value = "30s", value_parser = POLL_WAIT)]
-    pub poll_wait: Duration,
+    poll_wait: Duration,
     /// Old spelling of --duration: seconds.
     #[arg(long, env = "APOLLO_LT_DURATION_SECONDS", hide = true, conflicts_with = "duration",
           value_parser = WINDOW)]
