@@ -1,58 +1,26 @@
-//! Admin endpoints: `/healthz` (the process serves), `/readyz` (every watch cache has synced),
-//! `/metrics` (Prometheus text).
+//! Admin endpoints: the shared admin router, ready once every watch cache has synced
+//! (`/readyz` body `{"ready": .., "cachesSynced": ..}`).
 
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
-use axum::routing::get;
+use apollo_runtime::shell::admin::{self, Readiness};
 use axum::Router;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
-/// Content type of the OpenMetrics text exposition.
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-#[derive(Clone)]
-struct AdminState {
-    registry: Arc<Registry>,
-    ready: watch::Receiver<bool>,
-}
-
-/// The admin router. `ready` turns true once the caches have synced.
+/// `/healthz`, `/readyz` and `/metrics`. `ready` turns true once the caches have synced.
 pub fn router(registry: Arc<Registry>, ready: watch::Receiver<bool>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(AdminState { registry, ready })
-}
-
-async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    if *state.ready.borrow() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced\n")
-    }
-}
-
-async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
-    let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
-        Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, OPENMETRICS)], body).into_response(),
-        Err(error) => {
-            tracing::warn!(%error, "encoding metrics failed");
-            StatusCode::INTERNAL_SERVER_ERROR.into_response()
-        }
-    }
+    admin::router(registry, move || {
+        let readiness = Readiness::new().check("cachesSynced", *ready.borrow());
+        async move { readiness }
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use axum::body::Body;
-    use axum::http::Request;
+    use axum::http::{Request, StatusCode};
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 

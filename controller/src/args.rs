@@ -1,26 +1,25 @@
-//! Command line and environment (`APOLLO_*`) of `apollo-controller`.
+//! Command line and environment (`APOLLO_*`) of `apollo-controller`. Durations take the syntax
+//! every Apollo binary shares (`500ms`, `15s`, `5m`; a bare number is seconds).
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use apollo_runtime::duration::parse_duration;
+use apollo_runtime::shell::{AdminArgs, KubeArgs, LogArgs};
+use clap::Parser;
 
 /// DeviceProcessDeployment controller: keeps one DeviceProcess per selected NetworkSwitch.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "apollo-controller", version, about)]
 pub struct Args {
-    /// Kubeconfig file. Without it: $KUBECONFIG, ~/.kube/config, then in-cluster configuration.
-    #[arg(long, env = "APOLLO_KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub kube: KubeArgs,
 
     /// Watch and manage only this namespace (default: all namespaces).
     #[arg(long, env = "APOLLO_NAMESPACE")]
     pub namespace: Option<String>,
 
-    /// Address of /healthz, /readyz and /metrics.
-    #[arg(long, env = "APOLLO_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
-    pub admin_listen: SocketAddr,
+    #[command(flatten)]
+    pub admin: AdminArgs,
 
     /// Identity written into the leader Lease. Default: $POD_NAME, else the hostname, plus a
     /// per-process suffix so two processes on one host never share an identity.
@@ -69,18 +68,8 @@ pub struct Args {
     #[arg(long, env = "APOLLO_BACKOFF_MAX", default_value = "5m", value_parser = parse_duration)]
     pub backoff_max: Duration,
 
-    /// Log format.
-    #[arg(long, env = "APOLLO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 impl Args {
@@ -108,30 +97,6 @@ impl Args {
     }
 }
 
-/// Parse `250ms`, `2s`, `5m`, `1h` or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration (e.g. 500ms, 15s, 5m)"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => {
-            return Err(format!(
-                "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
-            ))
-        }
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,14 +108,36 @@ mod tests {
     }
 
     #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_duration("5d").is_err());
-        assert!(parse_duration("soon").is_err());
+    fn shared_flags_parse_from_the_flattened_groups() {
+        let args = Args::parse_from([
+            "apollo-controller",
+            "--kubeconfig",
+            "/etc/apollo/kubeconfig",
+            "--admin-listen",
+            "127.0.0.1:9999",
+            "--log-format",
+            "json",
+            "--lease-renew-deadline",
+            "1500ms",
+            "--lease-retry-period",
+            "1",
+        ]);
+        assert_eq!(
+            args.kube.kubeconfig.as_deref(),
+            Some(std::path::Path::new("/etc/apollo/kubeconfig"))
+        );
+        assert_eq!(args.admin.listen.port(), 9999);
+        assert_eq!(args.log.log_format, apollo_runtime::shell::LogFormat::Json);
+        assert_eq!(args.lease_renew_deadline, Duration::from_millis(1500));
+        assert_eq!(args.lease_retry_period, Duration::from_secs(1));
+        let error = Args::try_parse_from(["apollo-controller", "--log-format", "bogus"])
+            .expect_err("refused");
+        assert_eq!(error.exit_code(), 2);
+        assert!(
+            error.to_string().contains("[possible values: text, json]"),
+            "{error}"
+        );
+        assert!(Args::try_parse_from(["apollo-controller", "--resync-period", "5d"]).is_err());
     }
 
     #[test]

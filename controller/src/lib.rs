@@ -60,9 +60,6 @@ pub enum Error {
         /// Cause.
         source: std::io::Error,
     },
-    /// Serving the admin endpoints.
-    #[error("serving admin endpoints: {0}")]
-    ServeAdmin(#[source] std::io::Error),
     /// Computing the desired children of a deployment.
     #[error("deployment {0}: {1}")]
     Desired(String, #[source] plan::DesiredError),

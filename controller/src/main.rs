@@ -1,27 +1,22 @@
 //! `apollo-controller`: keeps one DeviceProcess per NetworkSwitch selected by each
-//! DeviceProcessDeployment.
+//! DeviceProcessDeployment. Runs in the shared process shell: logging, one shutdown signal, exit
+//! status 2 for bad flags, 1 when running fails.
 #![forbid(unsafe_code)]
 
-use anyhow::Context as _;
-use apollo_controller::args::{Args, LogFormat};
+use std::process::ExitCode;
+
+use apollo_controller::args::Args;
+use apollo_runtime::shell::{self, Failure};
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let args = Args::parse();
-    let format = match args.log_format {
-        LogFormat::Text => apollo_telemetry::LogFormat::Text,
-        LogFormat::Json => apollo_telemetry::LogFormat::Json,
-    };
-    // Logs to stderr; spans over OTLP/HTTP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
-    let _telemetry = apollo_telemetry::init("apollo-controller", format);
-    args.validate().map_err(anyhow::Error::msg)?;
-
-    let shutdown = CancellationToken::new();
-    apollo_runtime::cancel_on_signals(shutdown.clone())
-        .context("installing the SIGTERM/SIGINT handlers")?;
-    apollo_controller::run(args, shutdown)
-        .await
-        .context("apollo-controller failed")
+    shell::run("apollo-controller", args.log, |shutdown| async move {
+        args.validate().map_err(Failure::config)?;
+        apollo_controller::run(args, shutdown)
+            .await
+            .map_err(Failure::runtime)
+    })
+    .await
 }

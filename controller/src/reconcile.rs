@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apollo_crds::{DeviceProcess, DeviceProcessDeployment, NetworkSwitch};
+use apollo_runtime::backoff::{BackoffPolicy, Jitter};
 use jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::Action;
@@ -123,20 +124,6 @@ impl Context {
     }
 }
 
-/// Ceiling for retry number `attempt` (1-based): `base * 2^(attempt-1)`, capped at `max`.
-pub fn backoff_delay(attempt: u32, base: Duration, max: Duration) -> Duration {
-    let factor = 2u32.saturating_pow(attempt.saturating_sub(1));
-    base.saturating_mul(factor).min(max)
-}
-
-/// "Equal jitter": a uniform draw in `[ceiling/2, ceiling]`. Deployments that failed together
-/// (an API server outage fails all of them at once) retry spread over half the window instead of
-/// in one burst, and the delay still grows with every attempt.
-pub fn jittered(ceiling: Duration, rng: &mut impl rand::Rng) -> Duration {
-    let half = ceiling / 2;
-    half + ceiling.saturating_sub(half).mul_f64(rng.random::<f64>())
-}
-
 fn key_of(deployment: &DeviceProcessDeployment) -> Key {
     (
         deployment.namespace().unwrap_or_default(),
@@ -166,6 +153,14 @@ pub async fn reconcile(
     result
 }
 
+/// Retries of a failed reconcile: `--backoff-base` doubling to `--backoff-max`, with "equal
+/// jitter" (a draw in the upper half of the window). Deployments that failed together (an API
+/// server outage fails all of them at once) retry spread over half the window instead of in one
+/// burst, and the delay still grows with every attempt.
+fn retry_policy(base: Duration, max: Duration) -> BackoffPolicy {
+    BackoffPolicy::new(base, max, Jitter::Equal)
+}
+
 /// Error policy for `kube::runtime::Controller`: exponential backoff per deployment.
 pub fn error_policy(
     deployment: Arc<DeviceProcessDeployment>,
@@ -178,10 +173,8 @@ pub fn error_policy(
     }
     let attempt = ctx.memory.failed(&key_of(&deployment));
     ctx.update_memory_gauge();
-    let delay = jittered(
-        backoff_delay(attempt, ctx.config.backoff_base, ctx.config.backoff_max),
-        &mut rand::rng(),
-    );
+    let delay = retry_policy(ctx.config.backoff_base, ctx.config.backoff_max)
+        .delay(attempt, rand::random());
     tracing::warn!(
         deployment = %deployment.name_any(),
         namespace = deployment.namespace().unwrap_or_default(),
@@ -551,27 +544,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn jitter_spreads_over_the_upper_half() {
-        let mut rng = rand::rng();
-        let ceiling = Duration::from_secs(8);
-        let draws: Vec<Duration> = (0..2000).map(|_| jittered(ceiling, &mut rng)).collect();
-        assert!(draws
-            .iter()
-            .all(|d| *d >= Duration::from_secs(4) && *d <= ceiling));
-        // Spread, not a constant: both quarters of the range are hit.
-        assert!(draws.iter().any(|d| *d < Duration::from_secs(5)));
-        assert!(draws.iter().any(|d| *d > Duration::from_secs(7)));
-        assert_eq!(jittered(Duration::ZERO, &mut rng), Duration::ZERO);
-    }
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        let base = Duration::from_millis(500);
-        let max = Duration::from_secs(60);
-        assert_eq!(backoff_delay(1, base, max), base);
-        assert_eq!(backoff_delay(2, base, max), Duration::from_secs(1));
-        assert_eq!(backoff_delay(4, base, max), Duration::from_secs(4));
-        assert_eq!(backoff_delay(30, base, max), max);
-        assert_eq!(backoff_delay(u32::MAX, base, max), max);
+    fn failed_reconciles_retry_in_the_upper_half_of_a_doubling_window() {
+        let policy = retry_policy(Duration::from_millis(500), Duration::from_secs(60));
+        assert_eq!(policy.ceiling(1), Duration::from_millis(500));
+        assert_eq!(policy.ceiling(4), Duration::from_secs(4));
+        assert_eq!(policy.ceiling(u32::MAX), Duration::from_secs(60));
+        assert_eq!(policy.delay(4, 0.0), Duration::from_secs(2));
+        assert_eq!(policy.delay(4, 1.0), Duration::from_secs(4));
     }
 }

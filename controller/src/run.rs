@@ -6,7 +6,6 @@ use std::sync::Arc;
 use apollo_crds::{DeviceProcess, DeviceProcessDeployment, NetworkSwitch, LABEL_DEPLOYMENT};
 use futures::{Stream, StreamExt, TryStreamExt};
 use kube::api::Api;
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::controller::Controller;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -45,18 +44,11 @@ pub fn default_identity() -> String {
 }
 
 async fn client(args: &Args) -> Result<Client, Error> {
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            let kubeconfig =
-                Kubeconfig::read_from(path).map_err(|e| Error::LoadConfig(e.to_string()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                .await
-                .map_err(|e| Error::LoadConfig(e.to_string()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| Error::LoadConfig(e.to_string()))?,
-    };
+    let config = args
+        .kube
+        .config()
+        .await
+        .map_err(|e| Error::LoadConfig(e.to_string()))?;
     Client::try_from(config).map_err(Error::BuildClient)
 }
 
@@ -178,20 +170,18 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
     let leadership = Leadership::new();
 
     let (ready_tx, ready_rx) = watch::channel(false);
-    let listener = tokio::net::TcpListener::bind(args.admin_listen)
+    let listener = tokio::net::TcpListener::bind(args.admin.listen)
         .await
         .map_err(|source| Error::BindAdmin {
-            addr: args.admin_listen,
+            addr: args.admin.listen,
             source,
         })?;
-    tracing::info!(addr = %args.admin_listen, "admin endpoints listening");
-    let admin_stop = shutdown.clone();
-    let admin_app = admin::router(registry.clone(), ready_rx);
-    let admin_server = tokio::spawn(async move {
-        axum::serve(listener, admin_app)
-            .with_graceful_shutdown(async move { admin_stop.cancelled().await })
-            .await
-    });
+    tracing::info!(addr = %args.admin.listen, "admin endpoints listening");
+    let admin_server = tokio::spawn(apollo_runtime::shell::admin::serve(
+        listener,
+        admin::router(registry.clone(), ready_rx),
+        shutdown.clone(),
+    ));
 
     // Each cache reports its first complete list on its own channel; /readyz waits for all three.
     let (deployments_synced, deployments_synced_rx) = watch::channel(false);
@@ -305,10 +295,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
     if let Err(error) = elector.await {
         tracing::warn!(%error, "lease elector task failed");
     }
-    match admin_server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => return Err(Error::ServeAdmin(error)),
-        Err(error) => tracing::warn!(%error, "admin server task failed"),
+    if let Err(error) = admin_server.await {
+        tracing::warn!(%error, "admin server task failed");
     }
     tracing::info!("controller stopped");
     Ok(())

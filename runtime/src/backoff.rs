@@ -106,6 +106,17 @@ mod tests {
         assert_eq!(ms, [100, 200, 400, 800, 1600, 2000, 2000]);
         assert_eq!(p.ceiling(u32::MAX), Duration::from_secs(2));
         assert_eq!(p.ceiling(0), Duration::from_millis(100));
+        // The controller's defaults.
+        let p = BackoffPolicy::new(
+            Duration::from_millis(500),
+            Duration::from_secs(60),
+            Jitter::Equal,
+        );
+        assert_eq!(p.ceiling(1), Duration::from_millis(500));
+        assert_eq!(p.ceiling(2), Duration::from_secs(1));
+        assert_eq!(p.ceiling(4), Duration::from_secs(4));
+        assert_eq!(p.ceiling(30), Duration::from_secs(60));
+        assert_eq!(p.ceiling(u32::MAX), Duration::from_secs(60));
     }
 
     #[test]

@@ -90,7 +90,7 @@ fn every_rendered_container_of_ours_parses_with_the_binary_cli() {
                         .unwrap_or_else(|e| panic!("{who}: {argv:?}\n{e}"));
                     args.validate().unwrap_or_else(|e| panic!("{who}: {e}"));
                     assert_eq!(args.lease_namespace.as_deref(), Some(NAMESPACE), "{who}");
-                    assert_probes_hit_admin(&w, &c, args.admin_listen.port());
+                    assert_probes_hit_admin(&w, &c, args.admin.listen.port());
                     assert_exports_traces_to_jaeger(&who, &env, "apollo-jaeger");
                 }
                 other => panic!("{who}: runs {other}, which this test does not know"),
