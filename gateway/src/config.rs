@@ -132,6 +132,25 @@ pub struct Args {
     #[arg(long, env = "APOLLO_SWEEP_GRACE_SECONDS", value_parser = parse_seconds_or_zero)]
     pub sweep_grace_seconds: Option<Duration>,
 
+    /// Mass-staleness breaker: when more than this share (0..1) of a shard's connected devices
+    /// would go stale in one sweep, their disconnection is held (one Warning Event on the
+    /// shard's Lease, `apollo_gateway_stale_breaker_open`) until they report again or stay quiet
+    /// for another stale window. A partition or a broken path looks like this; dead devices
+    /// rarely do.
+    #[arg(long, env = "APOLLO_STALE_BREAKER_SHARE", default_value_t = 0.2,
+          value_parser = parse_share)]
+    pub stale_breaker_share: f64,
+
+    /// The breaker never opens for fewer stale devices than this.
+    #[arg(long, env = "APOLLO_STALE_BREAKER_MIN_DEVICES", default_value_t = 10)]
+    pub stale_breaker_min_devices: u64,
+
+    /// A transition decided by the store but not delivered (status patch and Event) this long
+    /// after it was decided is replayed by the shard's owner (the replica that decided it died,
+    /// gave up or was shut down).
+    #[arg(long, env = "APOLLO_PENDING_REPLAY_GRACE_SECONDS", default_value = "10", value_parser = parse_seconds)]
+    pub pending_replay_grace_seconds: Duration,
+
     /// Log one line per device request (`GET /v1/devices/tor1-01/desired 304 0.4ms`) at info
     /// level under the `apollo_gateway::access` target. Off by default: at fleet scale it is noise.
     #[arg(long, env = "APOLLO_ACCESS_LOG")]
@@ -140,6 +159,18 @@ pub struct Args {
     /// Log format: `text` or `json`.
     #[arg(long, env = "APOLLO_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+}
+
+/// A share between 0 and 1.
+pub fn parse_share(s: &str) -> Result<f64, String> {
+    let value: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number"))?;
+    if !(0.0..=1.0).contains(&value) {
+        return Err(format!("{s:?} must be between 0 and 1"));
+    }
+    Ok(value)
 }
 
 /// Like [`parse_seconds`], but also accepts 0.
@@ -209,6 +240,10 @@ pub struct Settings {
     pub access_log: bool,
     /// Delay of the first stale sweep after start-up.
     pub sweep_grace: Duration,
+    /// The mass-staleness breaker.
+    pub breaker: crate::cluster::sweep::Breaker,
+    /// Age after which undelivered transitions are replayed.
+    pub pending_replay_grace: Duration,
 }
 
 /// The ordinal at the end of a StatefulSet pod name (`apollo-gateway-2` -> 2).
@@ -309,6 +344,11 @@ impl Settings {
             sweep_grace: args
                 .sweep_grace_seconds
                 .unwrap_or(heartbeat * args.stale_multiplier),
+            breaker: crate::cluster::sweep::Breaker {
+                share: args.stale_breaker_share,
+                min_devices: args.stale_breaker_min_devices,
+            },
+            pending_replay_grace: args.pending_replay_grace_seconds,
         })
     }
 }

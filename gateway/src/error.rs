@@ -121,6 +121,32 @@ impl Error {
         matches!(self.kube_status(), Some(400 | 422))
     }
 
+    /// Whether Kubernetes refused the request for lack of rights (401, 403).
+    pub fn is_forbidden(&self) -> bool {
+        matches!(self.kube_status(), Some(401 | 403))
+    }
+
+    /// Whether Kubernetes throttled the request (429).
+    pub fn is_throttled(&self) -> bool {
+        self.kube_status() == Some(429)
+    }
+
+    /// The `retryAfterSeconds` Kubernetes asked for, if any (429s, some 5xx).
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Error::KubeCall { source, .. } => match source.as_ref() {
+                kube::Error::Api(status) => status
+                    .details
+                    .as_ref()
+                    .map(|d| d.retry_after_seconds)
+                    .filter(|s| *s > 0)
+                    .map(|s| std::time::Duration::from_secs(u64::from(s))),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     fn kube_status(&self) -> Option<u16> {
         match self {
             Error::KubeCall { source, .. } => match source.as_ref() {

@@ -91,6 +91,34 @@ pub struct Metrics {
     pub resyncs: Counter,
     /// How far Redis' clock (the cluster's shared clock) is ahead of this machine's, in seconds.
     pub clock_offset_seconds: Gauge<f64, AtomicU64>,
+    /// Pending transitions replayed (decided, but not delivered by the replica that decided them).
+    pub pending_replayed: Counter,
+    /// Pending transitions in the owned slots at the last scan.
+    pub pending_transitions: Gauge,
+    /// Age of the oldest pending transition in the owned slots at the last scan, in seconds.
+    pub pending_oldest_seconds: Gauge<f64, AtomicU64>,
+    /// Stale sweeps skipped, by reason (`grace`, `reception`, `breaker`).
+    pub sweeps_skipped: Family<SkipLabels, Counter>,
+    /// 1 while the mass-staleness breaker holds transitions back.
+    pub stale_breaker_open: Gauge,
+    /// Devices the breaker holds back (stale, not marked disconnected).
+    pub stale_held: Gauge,
+    /// 1 for each shard whose Lease this replica holds.
+    pub shard_held: Family<ShardLabels, Gauge>,
+}
+
+/// Label of [`Metrics::sweeps_skipped`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SkipLabels {
+    /// Why the sweep did not flip anything.
+    pub reason: &'static str,
+}
+
+/// Label of [`Metrics::shard_held`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabels {
+    /// The shard.
+    pub shard: u32,
 }
 
 fn latency_histogram() -> Histogram {
@@ -117,6 +145,13 @@ impl Metrics {
             sweeps: Counter::default(),
             resyncs: Counter::default(),
             clock_offset_seconds: Gauge::default(),
+            pending_replayed: Counter::default(),
+            pending_transitions: Gauge::default(),
+            pending_oldest_seconds: Gauge::default(),
+            sweeps_skipped: Family::default(),
+            stale_breaker_open: Gauge::default(),
+            stale_held: Gauge::default(),
+            shard_held: Family::default(),
         };
         registry.register(
             "http_requests",
@@ -195,6 +230,42 @@ impl Metrics {
             "How far Redis' clock, on which lastSeen and stale sweeps run, is ahead of this machine's wall clock",
             Unit::Seconds,
             metrics.clock_offset_seconds.clone(),
+        );
+        registry.register(
+            "pending_replayed",
+            "Pending transitions replayed by this replica (decided but not delivered by the replica that decided them)",
+            metrics.pending_replayed.clone(),
+        );
+        registry.register(
+            "pending_transitions",
+            "Transitions decided but not yet delivered (status patch and Event) in the owned slots",
+            metrics.pending_transitions.clone(),
+        );
+        registry.register_with_unit(
+            "pending_oldest",
+            "Age of the oldest undelivered transition in the owned slots",
+            Unit::Seconds,
+            metrics.pending_oldest_seconds.clone(),
+        );
+        registry.register(
+            "stale_sweeps_skipped",
+            "Stale sweeps that flipped nothing, by reason (grace: after start-up; reception: the state store or the watch was unreachable within a stale window; breaker: too many devices at once)",
+            metrics.sweeps_skipped.clone(),
+        );
+        registry.register(
+            "stale_breaker_open",
+            "1 while the mass-staleness breaker holds stale transitions back",
+            metrics.stale_breaker_open.clone(),
+        );
+        registry.register(
+            "stale_held",
+            "Devices the mass-staleness breaker holds back from being marked disconnected",
+            metrics.stale_held.clone(),
+        );
+        registry.register(
+            "shard_held",
+            "1 for each shard whose Lease this replica holds (and so sweeps)",
+            metrics.shard_held.clone(),
         );
         metrics
     }

@@ -19,7 +19,7 @@ use crate::api::{device_router, DeviceApi};
 use crate::cache::{run_watch, Cache};
 use crate::cluster;
 use crate::cluster::ownership::{self, OwnedSlots};
-use crate::cluster::sweep::Background;
+use crate::cluster::sweep::{Background, BreakerAlerts};
 use crate::config::Settings;
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -143,11 +143,22 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         store: store.clone(),
         writer: writer.clone(),
         ownership: ownership.clone(),
+        alerts: BreakerAlerts {
+            client: Some(client.clone()),
+            lease_namespace: settings.lease_namespace.clone(),
+            instance: format!("apollo-gateway-{}", settings.ordinal),
+        },
     };
     tasks.spawn(background.clone().run_sweeper(
         settings.stale_window,
         settings.sweep_interval,
         settings.sweep_grace,
+        settings.breaker,
+        shutdown.clone(),
+    ));
+    tasks.spawn(background.clone().run_replay(
+        settings.pending_replay_grace,
+        settings.sweep_interval.max(Duration::from_secs(1)),
         shutdown.clone(),
     ));
     tasks.spawn(background.run_resync(settings.resync_interval, shutdown.clone()));

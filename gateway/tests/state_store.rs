@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apollo_gateway::model::ObjectKey;
-use apollo_gateway::state::{Connection, MemoryStore, RedisStore, ReportInput, StateStore};
+use apollo_gateway::state::{
+    Connection, MemoryStore, Pending, PendingKind, RedisStore, ReportInput, ShownBefore, StaleCount,
+    StateStore,
+};
 use apollo_protocol::shard::slot;
 use apollo_test_support::{wait_until, RedisServer};
 
@@ -23,11 +26,26 @@ fn report<'a>(device: &'a str, now_ms: i64, observations: &[(&str, char)]) -> Re
             .iter()
             .map(|(name, h)| (ObjectKey::new("ns", *name), hash(*h)))
             .collect(),
+        shown: ShownBefore::default(),
     }
 }
 
 fn all_slots() -> Vec<u16> {
     (0..apollo_protocol::shard::SLOT_COUNT).collect()
+}
+
+/// Sweeps every slot at `cutoff` (the decision time just after it) and returns the devices.
+async fn sweep(store: &impl StateStore, slots: &[u16], cutoff: i64) -> Vec<String> {
+    store
+        .sweep(slots, cutoff, cutoff + 1)
+        .await
+        .expect("sweep")
+        .into_iter()
+        .map(|p| {
+            assert_eq!(p.kind, PendingKind::Disconnected);
+            p.device
+        })
+        .collect()
 }
 
 async fn first_report_connects_and_records_observations(store: impl StateStore) {
@@ -88,21 +106,10 @@ async fn sweep_flips_stale_devices_once_and_a_report_flips_back(store: impl Stat
         .record_report(&report("fresh", 5_000, &[]))
         .await
         .expect("report");
-    assert!(store
-        .sweep(&all_slots(), 999)
-        .await
-        .expect("sweep")
-        .is_empty());
-    assert_eq!(
-        store.sweep(&all_slots(), 1_000).await.expect("sweep"),
-        ["old"]
-    );
+    assert!(sweep(&store, &all_slots(), 999).await.is_empty());
+    assert_eq!(sweep(&store, &all_slots(), 1_000).await, ["old"]);
     assert!(
-        store
-            .sweep(&all_slots(), 1_000)
-            .await
-            .expect("sweep")
-            .is_empty(),
+        sweep(&store, &all_slots(), 1_000).await.is_empty(),
         "a flip is returned once"
     );
     assert_eq!(
@@ -131,11 +138,8 @@ async fn sweep_touches_only_the_given_slots(store: impl StateStore) {
         .expect("report");
     let own = slot("tor1-01");
     let others: Vec<u16> = all_slots().into_iter().filter(|s| *s != own).collect();
-    assert!(store.sweep(&others, 2_000).await.expect("sweep").is_empty());
-    assert_eq!(
-        store.sweep(&[own], 2_000).await.expect("sweep"),
-        ["tor1-01"]
-    );
+    assert!(sweep(&store, &others, 2_000).await.is_empty());
+    assert_eq!(sweep(&store, &[own], 2_000).await, ["tor1-01"]);
 }
 
 async fn concurrent_reports_and_sweeps_decide_each_transition_once<S: StateStore>(store: Arc<S>) {
@@ -169,7 +173,7 @@ async fn concurrent_reports_and_sweeps_decide_each_transition_once<S: StateStore
     // Three sweepers at once: every stale device is returned to exactly one of them.
     let sweeps = (0..3).map(|_| {
         let store = store.clone();
-        tokio::spawn(async move { store.sweep(&all_slots(), 10_000).await.expect("sweep") })
+        tokio::spawn(async move { sweep(store.as_ref(), &all_slots(), 10_000).await })
     });
     let mut seen = Vec::new();
     for flipped in futures::future::join_all(sweeps).await {
@@ -190,10 +194,7 @@ async fn adopt_tracks_only_unknown_devices(store: impl StateStore) {
         !store.adopt_connected("lost", 2_000).await.expect("adopt"),
         "already known"
     );
-    assert_eq!(
-        store.sweep(&all_slots(), 1_500).await.expect("sweep"),
-        ["lost"]
-    );
+    assert_eq!(sweep(&store, &all_slots(), 1_500).await, ["lost"]);
     assert!(
         !store.adopt_connected("lost", 3_000).await.expect("adopt"),
         "disconnected is known"
@@ -221,6 +222,125 @@ async fn desired_etag_round_trips(store: impl StateStore) {
         Connection::Unknown
     );
     store.ping().await.expect("ping");
+}
+
+/// Every transition the store decides stays pending, with what it was, until cleared; each has
+/// an id of its own; a heartbeat decides nothing.
+async fn decided_transitions_stay_pending_until_cleared(store: impl StateStore) {
+    let slots = vec![slot("p-1")];
+    // What the statuses showed is kept with the transitions (a store that lost its state).
+    let mut input = report("p-1", 1_000, &[("a", 'a')]);
+    input.shown = ShownBefore {
+        connected: true,
+        observed: vec![ObjectKey::new("ns", "a")],
+    };
+    let first = store.record_report(&input).await.expect("report");
+    assert_eq!(first.pending.len(), 2, "{first:?}");
+    assert_eq!(
+        first.pending[0].kind,
+        PendingKind::Connected {
+            prior: Connection::Unknown,
+            shown: true,
+        }
+    );
+    assert_eq!(
+        first.pending[1].kind,
+        PendingKind::Observed {
+            key: ObjectKey::new("ns", "a"),
+            hash: hash('a'),
+            prior_known: false,
+            shown: true,
+        }
+    );
+    let heartbeat = store
+        .record_report(&report("p-1", 1_500, &[("a", 'a')]))
+        .await
+        .expect("report");
+    assert!(heartbeat.pending.is_empty(), "{heartbeat:?}");
+    let flips = store.sweep(&slots, 2_000, 2_001).await.expect("sweep");
+    assert_eq!(flips.len(), 1);
+    let mut stored = store.pending(&slots).await.expect("pending");
+    stored.sort_by(|a, b| (a.decided_ms, &a.id).cmp(&(b.decided_ms, &b.id)));
+    let mut expected: Vec<Pending> = first.pending.clone();
+    expected.extend(flips.clone());
+    assert_eq!(stored, expected, "what was decided is what is kept");
+    let ids: HashSet<&String> = stored.iter().map(|p| &p.id).collect();
+    assert_eq!(ids.len(), 3, "each transition has an id of its own");
+    // Reconnecting after the flip is a transition of its own, decided again.
+    let back = store
+        .record_report(&report("p-1", 3_000, &[]))
+        .await
+        .expect("report");
+    assert_eq!(
+        back.pending[0].kind,
+        PendingKind::Connected {
+            prior: Connection::Disconnected,
+            shown: false,
+        }
+    );
+    store
+        .clear_pending(&first.pending)
+        .await
+        .expect("clear");
+    let left = store.pending(&slots).await.expect("pending");
+    assert_eq!(left.len(), 2);
+    assert!(left.contains(&flips[0]) && left.contains(&back.pending[0]));
+    store.clear_pending(&left).await.expect("clear");
+    assert!(store.pending(&slots).await.expect("pending").is_empty());
+    // Other slots hold nothing of it.
+    let others: Vec<u16> = all_slots().into_iter().filter(|s| *s != slots[0]).collect();
+    assert!(store.pending(&others).await.expect("pending").is_empty());
+}
+
+async fn stale_count_counts_without_flipping(store: impl StateStore) {
+    for (device, seen) in [("c-1", 1_000), ("c-2", 1_000), ("c-3", 5_000)] {
+        store
+            .record_report(&report(device, seen, &[]))
+            .await
+            .expect("report");
+    }
+    let count = store
+        .stale_count(&all_slots(), 2_000, 4_000)
+        .await
+        .expect("count");
+    assert_eq!(
+        count,
+        StaleCount {
+            stale: 2,
+            quiet: 2,
+            connected: 3
+        }
+    );
+    assert_eq!(
+        store
+            .stale_count(&all_slots(), 2_000, 6_000)
+            .await
+            .expect("count"),
+        StaleCount {
+            stale: 2,
+            quiet: 3,
+            connected: 3
+        },
+        "counting flips nothing"
+    );
+}
+
+async fn a_forgotten_observation_is_decided_again(store: impl StateStore) {
+    store
+        .record_report(&report("f-1", 1_000, &[("a", 'a')]))
+        .await
+        .expect("report");
+    store
+        .forget_observed("f-1", &ObjectKey::new("ns", "a"))
+        .await
+        .expect("forget");
+    assert!(store.device("f-1").await.expect("device").observed.is_empty());
+    let again = store
+        .record_report(&report("f-1", 2_000, &[("a", 'a')]))
+        .await
+        .expect("report");
+    assert_eq!(again.changed.len(), 1, "a new object of the name is observed afresh");
+    assert!(!again.changed[0].prior_known);
 }
 
 macro_rules! suite {
@@ -263,6 +383,9 @@ suite!(
     sweep_touches_only_the_given_slots,
     adopt_tracks_only_unknown_devices,
     desired_etag_round_trips,
+    decided_transitions_stay_pending_until_cleared,
+    stale_count_counts_without_flipping,
+    a_forgotten_observation_is_decided_again,
 );
 
 #[tokio::test]
@@ -279,6 +402,8 @@ async fn redis_keys_carry_the_slot_hash_tag() {
         format!("apollo:{tag}:device:tor1-01"),
         format!("apollo:{tag}:observed:tor1-01"),
         format!("apollo:{tag}:connected"),
+        format!("apollo:{tag}:pending"),
+        format!("apollo:{tag}:seq"),
     ] {
         assert!(keys.contains(&expected), "{expected} missing from {keys}");
     }

@@ -59,8 +59,9 @@ pub trait ReportSink: Send + Sync + 'static {
 }
 
 impl ReportSink for crate::status::StatusWriter {
-    fn on_report(&self, device: &str, outcome: &ReportOutcome, before: &HashMap<ObjectKey, Shown>) {
-        crate::status::StatusWriter::on_report(self, device, outcome, before);
+    fn on_report(&self, _device: &str, outcome: &ReportOutcome, before: &HashMap<ObjectKey, Shown>) {
+        let _ = before; // kept in the pending records by the store (see ShownBefore)
+        crate::status::StatusWriter::on_report(self, outcome);
     }
 }
 

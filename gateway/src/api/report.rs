@@ -18,7 +18,7 @@ use crate::api::parse::{check_device, parse_connect, parse_report};
 use crate::api::DeviceApi;
 use crate::cache::ObservationCheck;
 use crate::model::ObjectKey;
-use crate::state::{ReportInput, StateStore};
+use crate::state::{ReportInput, ShownBefore, StateStore};
 
 /// Reads the body up to the report limit: 413 above it.
 async fn read_body(body: Body) -> Result<Bytes, ApiError> {
@@ -112,13 +112,29 @@ async fn record(api: &DeviceApi, device: &str, report: &Report) -> Result<Respon
         observations.retain(|(k, _)| *k != key);
         observations.push((key, o.observed_spec_hash.clone()));
     }
+    // What the statuses showed before this report: kept with the transitions it decides, so
+    // their Events are decided on this evidence however late they are delivered.
+    let before = api.cache.shown_for_device(device);
+    let shown = ShownBefore {
+        connected: !before.is_empty() && before.values().all(|s| s.connected),
+        observed: observations
+            .iter()
+            .filter(|(key, hash)| {
+                before
+                    .get(key)
+                    .and_then(|s| s.observed_hash.as_ref())
+                    == Some(hash)
+            })
+            .map(|(key, _)| key.clone())
+            .collect(),
+    };
     let input = ReportInput {
         device,
         now_ms: api.store.clock().now_ms(),
         agent_version: &report.agent_version,
         observations,
+        shown,
     };
-    let before = api.cache.shown_for_device(device);
     let outcome = api.store.record_report(&input).await.map_err(|error| {
         tracing::warn!(%device, %error, "recording a report failed");
         ApiError::unavailable("the state store is unavailable")

@@ -2,18 +2,20 @@
 //! the status changes those find. Requests are served for every device regardless (all state is
 //! shared), so ownership never decides correctness of an answer, only who does background work.
 //!
-//! Today the assignment is static (shard `ordinal` of `replicas`); per-shard Leases later publish
-//! changes through the same `watch` channel.
+//! Without Redis the assignment is static (every slot); in a cluster the per-shard Leases publish
+//! changes through the `watch` channel (see [`crate::cluster`]).
 
 use std::sync::Arc;
 
 use apollo_protocol::shard::{shard, slot, SLOT_COUNT};
 use tokio::sync::watch;
 
-/// A set of slots.
+/// A set of slots, and the shards they make up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnedSlots {
     owned: Vec<bool>,
+    shards: Vec<u32>,
+    replicas: u32,
 }
 
 /// The current set of owned slots; changes when shard ownership changes.
@@ -22,25 +24,39 @@ pub type Ownership = watch::Receiver<Arc<OwnedSlots>>;
 impl OwnedSlots {
     /// Every slot (a single replica).
     pub fn all() -> Self {
-        Self {
-            owned: vec![true; usize::from(SLOT_COUNT)],
-        }
+        Self::of_shards(&[0], 1)
     }
 
     /// No slot.
     pub fn none() -> Self {
-        Self {
-            owned: vec![false; usize::from(SLOT_COUNT)],
-        }
+        Self::of_shards(&[], 1)
     }
 
     /// The slots of `shards` when the device space is split over `replicas` replicas.
     pub fn of_shards(shards: &[u32], replicas: u32) -> Self {
+        let mut shards = shards.to_vec();
+        shards.sort_unstable();
+        shards.dedup();
         Self {
             owned: (0..SLOT_COUNT)
                 .map(|s| shards.contains(&shard(s, replicas)))
                 .collect(),
+            shards,
+            replicas,
         }
+    }
+
+    /// The owned shards and their slots.
+    pub fn by_shard(&self) -> Vec<(u32, Vec<u16>)> {
+        self.shards
+            .iter()
+            .map(|&sh| {
+                let slots = (0..SLOT_COUNT)
+                    .filter(|s| shard(*s, self.replicas) == sh)
+                    .collect();
+                (sh, slots)
+            })
+            .collect()
     }
 
     /// Whether `slot` is owned.
@@ -87,5 +103,12 @@ mod tests {
         assert!(OwnedSlots::none().slots().is_empty());
         assert!(OwnedSlots::all().owns_device("anything"));
         assert!(!OwnedSlots::all().owns_slot(SLOT_COUNT));
+        let two = OwnedSlots::of_shards(&[2, 0], 3);
+        let by_shard = two.by_shard();
+        assert_eq!(by_shard.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [0, 2]);
+        assert_eq!(
+            by_shard.iter().map(|(_, v)| v.len()).sum::<usize>(),
+            two.slots().len()
+        );
     }
 }

@@ -1,7 +1,15 @@
 //! Background work over the slots this replica owns: the stale sweep (connected devices without
-//! a report within the stale window flip to disconnected, once) and the slow level-triggered
-//! resync (repairs any status that disagrees with the shared state, writes nothing otherwise).
+//! a report within the stale window flip to disconnected, once), the replay of transitions
+//! decided but never delivered, and the slow level-triggered resync (repairs any status that
+//! disagrees with the shared state, writes nothing otherwise).
+//!
+//! The sweep only judges staleness over time in which reports could be heard (see
+//! [`crate::state::Reception`]), and a mass-staleness breaker holds the flips back when a large
+//! share of a shard goes quiet at once — a partition or a broken path, not dead devices — until
+//! the evidence changes: devices report again (then nothing was ever flipped), or the condition
+//! persists for another stale window (then they are flipped).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,9 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::Cache;
 use crate::cluster::ownership::Ownership;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ShardLabels, SkipLabels};
 use crate::model::CachedProcess;
-use crate::state::{Connection, StateStore, Store};
+use crate::state::{Connection, StaleCount, StateStore, Store};
 use crate::status::projection::{needs_write, project};
 use crate::status::{now_rfc3339, StatusWriter};
 
@@ -34,6 +42,119 @@ pub struct Background {
     pub writer: Arc<StatusWriter>,
     /// The slots this replica sweeps and resyncs.
     pub ownership: Ownership,
+    /// Where the breaker's Warning goes.
+    pub alerts: BreakerAlerts,
+}
+
+/// The mass-staleness breaker's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Breaker {
+    /// Share of a shard's connected devices that may go stale in one sweep (0..=1).
+    pub share: f64,
+    /// The breaker never opens for fewer stale devices than this.
+    pub min_devices: u64,
+}
+
+/// What the breaker decides for one shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerDecision {
+    /// Flip the stale devices (the breaker is or stays closed).
+    Sweep,
+    /// Too many at once: hold the flips.
+    Hold,
+    /// Held for a whole second window: the condition persists; flip them now.
+    Release,
+}
+
+/// The breaker's decision for a shard whose count is `count`, open since `opened` (None when
+/// closed) at `now`: it opens when the devices quiet for half a stale window or more are too
+/// many (a partition silences them together, although they cross the stale cutoff spread over a
+/// heartbeat interval). Pure.
+pub fn breaker_decision(
+    breaker: Breaker,
+    count: StaleCount,
+    opened: Option<tokio::time::Instant>,
+    now: tokio::time::Instant,
+    window: Duration,
+) -> BreakerDecision {
+    let too_many = count.quiet >= breaker.min_devices.max(1)
+        && count.connected > 0
+        && (count.quiet as f64) > breaker.share * count.connected as f64;
+    match (too_many, opened) {
+        (false, _) => BreakerDecision::Sweep,
+        (true, Some(at)) if now.saturating_duration_since(at) >= window => {
+            BreakerDecision::Release
+        }
+        (true, _) => BreakerDecision::Hold,
+    }
+}
+
+/// Publishes the breaker's Warning Event, once per opening, about the shard's Lease object
+/// (`apollo-gateway-shard-<i>` in the Lease namespace).
+#[derive(Clone)]
+pub struct BreakerAlerts {
+    /// Kubernetes client (the gateway's identity).
+    pub client: Option<kube::Client>,
+    /// Namespace of the shard Leases.
+    pub lease_namespace: String,
+    /// `reportingInstance` of the Event.
+    pub instance: String,
+}
+
+impl BreakerAlerts {
+    async fn opened(&self, shard: u32, count: StaleCount, window: Duration) {
+        tracing::warn!(
+            shard,
+            stale = count.stale,
+            connected = count.connected,
+            "mass-staleness breaker open: too many devices of the shard went quiet at once; \
+             holding their disconnection for one more stale window"
+        );
+        let Some(client) = &self.client else { return };
+        let lease = format!("{}{shard}", crate::cluster::SHARD_LEASE_PREFIX);
+        let note = format!(
+            "{} of {} connected devices of shard {shard} stopped reporting at once; their \
+             disconnection is held for {}s (a partition or a broken path rather than dead \
+             devices); devices that report again are not affected",
+            count.stale,
+            count.connected,
+            window.as_secs()
+        );
+        // An explicit name: the apiserver refuses a generateName ending in '.' (kube's
+        // Recorder style), and the time makes it unique per opening.
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let event = k8s_openapi::api::events::v1::Event {
+            metadata: kube::api::ObjectMeta {
+                name: Some(format!("{lease}.{:x}", now.as_nanosecond())),
+                namespace: Some(self.lease_namespace.clone()),
+                ..Default::default()
+            },
+            event_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now)),
+            action: Some("StaleSweep".into()),
+            reason: Some("MassStaleness".into()),
+            note: Some(note),
+            type_: Some("Warning".into()),
+            regarding: Some(k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some("coordination.k8s.io/v1".into()),
+                kind: Some("Lease".into()),
+                name: Some(lease),
+                namespace: Some(self.lease_namespace.clone()),
+                ..Default::default()
+            }),
+            reporting_controller: Some(crate::status::writer::REPORTING_CONTROLLER.into()),
+            reporting_instance: Some(self.instance.clone()),
+            ..Default::default()
+        };
+        let api: kube::Api<k8s_openapi::api::events::v1::Event> =
+            kube::Api::namespaced(client.clone(), &self.lease_namespace);
+        let params = kube::api::PostParams::default();
+        let create = api.create(&params, &event);
+        match tokio::time::timeout(Duration::from_secs(10), create).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "could not publish the breaker's Warning"),
+            Err(_) => tracing::warn!("publishing the breaker's Warning timed out"),
+        }
+    }
 }
 
 impl Background {
@@ -44,48 +165,186 @@ impl Background {
         stale_window: Duration,
         interval: Duration,
         grace: Duration,
+        breaker: Breaker,
         shutdown: CancellationToken,
     ) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let window_ms = i64::try_from(stale_window.as_millis()).unwrap_or(i64::MAX);
+        let quiet_ms = window_ms / 2;
         // After an outage of every replica, each device's last report is older than the window
         // although its agent is fine and only retrying. Sweeping at once would mark the whole
         // fleet disconnected (a patch and a Warning per DeviceProcess), so the first sweep waits
         // for the grace period (one stale window by default), by which live agents have reported.
         let started = tokio::time::Instant::now();
+        let mut opened: HashMap<u32, tokio::time::Instant> = HashMap::new();
+        loop {
+            let waiting_since = tokio::time::Instant::now();
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            if waiting_since.elapsed() > interval + Duration::from_secs(2) {
+                // This process did not run (SIGSTOP, a frozen VM, a long pause): no report
+                // could be heard meanwhile, so the lastSeen values say nothing about agents.
+                tracing::warn!(
+                    paused = ?waiting_since.elapsed(),
+                    "the sweeper woke up late; judging staleness only after another stale window"
+                );
+                self.store.reception().outage();
+            }
+            if started.elapsed() < grace {
+                self.skipped("grace");
+                continue;
+            }
+            if !self.cache.is_synced() {
+                // Reports are refused until the cache has synced: they cannot be heard.
+                self.store.reception().outage();
+            }
+            if self
+                .store
+                .reception()
+                .heard_for()
+                .is_some_and(|heard| heard < stale_window)
+            {
+                self.skipped("reception");
+                continue;
+            }
+            let owned = self.ownership.borrow().clone();
+            let now_ms = self.store.clock().now_ms();
+            let cutoff_ms = now_ms.saturating_sub(window_ms);
+            let mut held = 0;
+            let mut failed = false;
+            for (shard, slots) in owned.by_shard() {
+                if slots.is_empty() {
+                    continue;
+                }
+                let quiet_cutoff_ms = now_ms.saturating_sub(quiet_ms);
+                let count = match self.store.stale_count(&slots, cutoff_ms, quiet_cutoff_ms).await {
+                    Ok(count) => count,
+                    Err(error) => {
+                        tracing::warn!(%error, "stale count failed; retrying next tick");
+                        failed = true;
+                        break;
+                    }
+                };
+                if count.stale == 0 {
+                    opened.remove(&shard);
+                    continue;
+                }
+                let now = tokio::time::Instant::now();
+                match breaker_decision(breaker, count, opened.get(&shard).copied(), now, stale_window) {
+                    BreakerDecision::Hold => {
+                        if !opened.contains_key(&shard) {
+                            opened.insert(shard, now);
+                            self.alerts.opened(shard, count, stale_window).await;
+                        }
+                        held += count.stale;
+                        self.skipped("breaker");
+                        continue;
+                    }
+                    BreakerDecision::Release => {
+                        tracing::warn!(
+                            shard,
+                            stale = count.stale,
+                            "mass-staleness breaker: the devices stayed quiet for another stale \
+                             window; marking them disconnected"
+                        );
+                        opened.remove(&shard);
+                    }
+                    BreakerDecision::Sweep => {
+                        if opened.remove(&shard).is_some() {
+                            tracing::info!(shard, "mass-staleness breaker closed: devices report again");
+                        }
+                    }
+                }
+                match self.store.sweep(&slots, cutoff_ms, now_ms).await {
+                    Ok(stale) if !stale.is_empty() => {
+                        tracing::info!(shard, devices = stale.len(), "devices went stale");
+                        self.writer.on_stale(&stale);
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        // Flips made before the failure are pending in the store: replayed.
+                        tracing::warn!(%error, "stale sweep failed; retrying next tick");
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            opened.retain(|shard, _| owned.by_shard().iter().any(|(s, _)| s == shard));
+            self.metrics.stale_held.set(held as i64);
+            self.metrics
+                .stale_breaker_open
+                .set(i64::from(!opened.is_empty()));
+            if failed {
+                continue;
+            }
+            self.cache.prune_idle_devices();
+            self.metrics.sweeps.inc();
+        }
+    }
+
+    fn skipped(&self, reason: &'static str) {
+        self.metrics
+            .sweeps_skipped
+            .get_or_create(&SkipLabels { reason })
+            .inc();
+    }
+
+    /// Replays, every `interval`, the transitions pending in the owned slots that nobody is
+    /// delivering and that were decided at least `grace` ago (the replica that decided one had
+    /// that long to deliver it), until shutdown.
+    pub async fn run_replay(self, grace: Duration, interval: Duration, shutdown: CancellationToken) {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = self.cache.wait_synced() => {}
+        }
+        let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            if started.elapsed() < grace {
-                continue;
-            }
             let slots = self.ownership.borrow().slots();
-            if slots.is_empty() {
-                continue;
-            }
-            match self
-                .store
-                .sweep(
-                    &slots,
-                    self.store.clock().now_ms().saturating_sub(window_ms),
-                )
-                .await
-            {
-                Ok(stale) if !stale.is_empty() => {
-                    tracing::info!(devices = stale.len(), "devices went stale");
-                    self.writer.on_stale(&stale);
-                }
-                Ok(_) => {}
+            let pending = match self.store.pending(&slots).await {
+                Ok(pending) => pending,
                 Err(error) => {
-                    tracing::warn!(%error, "stale sweep failed; retrying next tick");
+                    tracing::warn!(%error, "reading pending transitions failed; retrying next tick");
                     continue;
                 }
+            };
+            let now_ms = self.store.clock().now_ms();
+            let oldest = pending.iter().map(|p| p.decided_ms).min();
+            self.metrics.pending_transitions.set(pending.len() as i64);
+            self.metrics.pending_oldest_seconds.set(
+                oldest.map_or(0.0, |t| (now_ms.saturating_sub(t)).max(0) as f64 / 1000.0),
+            );
+            self.writer.queue_unqueued();
+            let mut due: Vec<_> = pending
+                .into_iter()
+                .filter(|p| now_ms.saturating_sub(p.decided_ms) >= grace_ms)
+                .filter(|p| !self.writer.is_delivering(p))
+                .collect();
+            // In the order they were decided.
+            due.sort_by(|a, b| (a.decided_ms, &a.id).cmp(&(b.decided_ms, &b.id)));
+            if !due.is_empty() {
+                self.writer.replay(&due);
             }
-            self.cache.prune_idle_devices();
-            self.metrics.sweeps.inc();
+        }
+    }
+
+    /// Publishes which shards this replica holds.
+    pub fn publish_shards(&self) {
+        let owned = self.ownership.borrow().clone();
+        self.metrics.shard_held.clear();
+        for (shard, _) in owned.by_shard() {
+            self.metrics
+                .shard_held
+                .get_or_create(&ShardLabels { shard })
+                .set(1);
         }
     }
 

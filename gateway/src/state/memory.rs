@@ -1,19 +1,60 @@
 //! In-memory state for a single replica (the default without `--redis-url`). The same semantics
 //! as Redis; atomicity comes from one mutex.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use apollo_protocol::shard::{slot, SLOT_COUNT};
 
-use super::{Connection, DeviceRecord, ObservedChange, ReportInput, ReportOutcome, StateStore};
+use super::{
+    Connection, DeviceRecord, ObservedChange, Pending, PendingKind, ReportInput, ReportOutcome,
+    StaleCount, StateStore,
+};
 use crate::error::Error;
 use crate::model::ObjectKey;
 
 /// State held in this process.
 #[derive(Clone, Default)]
 pub struct MemoryStore {
-    devices: Arc<Mutex<HashMap<String, MemoryDevice>>>,
+    state: Arc<Mutex<MemoryState>>,
+}
+
+#[derive(Default)]
+struct MemoryState {
+    devices: HashMap<String, MemoryDevice>,
+    /// Pending transitions by slot, then id.
+    pending: BTreeMap<u16, BTreeMap<String, Pending>>,
+    /// Per-slot sequence of pending ids.
+    seq: HashMap<u16, u64>,
+}
+
+impl MemoryState {
+    fn pend(&mut self, device: &str, decided_ms: i64, kind: PendingKind) -> Pending {
+        let slot = slot(device);
+        let seq = self.seq.entry(slot).or_default();
+        *seq += 1;
+        let pending = Pending {
+            id: format!("{decided_ms}-{seq}"),
+            device: device.to_owned(),
+            decided_ms,
+            kind,
+        };
+        self.pending
+            .entry(slot)
+            .or_default()
+            .insert(pending.id.clone(), pending.clone());
+        pending
+    }
+}
+
+fn slot_set(slots: &[u16]) -> Vec<bool> {
+    let mut wanted = vec![false; usize::from(SLOT_COUNT)];
+    for s in slots {
+        if let Some(w) = wanted.get_mut(usize::from(*s)) {
+            *w = true;
+        }
+    }
+    wanted
 }
 
 #[derive(Default)]
@@ -36,15 +77,15 @@ impl MemoryDevice {
 }
 
 impl MemoryStore {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, MemoryDevice>> {
-        self.devices.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, MemoryState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl StateStore for MemoryStore {
     async fn record_report(&self, input: &ReportInput<'_>) -> Result<ReportOutcome, Error> {
-        let mut devices = self.lock();
-        let device = devices.entry(input.device.to_owned()).or_default();
+        let mut state = self.lock();
+        let device = state.devices.entry(input.device.to_owned()).or_default();
         let prior = device.connection();
         device.connected = true;
         device.last_seen_ms = Some(input.now_ms);
@@ -60,29 +101,108 @@ impl StateStore for MemoryStore {
                 });
             }
         }
-        Ok(ReportOutcome { prior, changed })
+        let mut pending = Vec::new();
+        if prior != Connection::Connected {
+            pending.push(state.pend(
+                input.device,
+                input.now_ms,
+                PendingKind::Connected {
+                    prior,
+                    shown: input.shown.connected,
+                },
+            ));
+        }
+        for c in &changed {
+            pending.push(state.pend(
+                input.device,
+                input.now_ms,
+                PendingKind::Observed {
+                    key: c.key.clone(),
+                    hash: c.hash.clone(),
+                    prior_known: c.prior_known,
+                    shown: input.shown.observed.contains(&c.key),
+                },
+            ));
+        }
+        Ok(ReportOutcome {
+            prior,
+            changed,
+            pending,
+        })
     }
 
-    async fn sweep(&self, slots: &[u16], cutoff_ms: i64) -> Result<Vec<String>, Error> {
-        let mut wanted = vec![false; usize::from(SLOT_COUNT)];
-        for s in slots {
-            if let Some(w) = wanted.get_mut(usize::from(*s)) {
-                *w = true;
-            }
-        }
-        let mut flipped = Vec::new();
-        for (name, device) in self.lock().iter_mut() {
-            let stale = device.connected && device.last_seen_ms.is_some_and(|t| t <= cutoff_ms);
-            if stale && wanted[usize::from(slot(name))] {
+    async fn sweep(
+        &self,
+        slots: &[u16],
+        cutoff_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<Pending>, Error> {
+        let wanted = slot_set(slots);
+        let mut state = self.lock();
+        let mut stale = Vec::new();
+        for (name, device) in state.devices.iter_mut() {
+            let is_stale = device.connected && device.last_seen_ms.is_some_and(|t| t <= cutoff_ms);
+            if is_stale && wanted[usize::from(slot(name))] {
                 device.connected = false;
-                flipped.push(name.clone());
+                stale.push(name.clone());
             }
         }
-        Ok(flipped)
+        Ok(stale
+            .into_iter()
+            .map(|name| state.pend(&name, now_ms, PendingKind::Disconnected))
+            .collect())
+    }
+
+    async fn stale_count(
+        &self,
+        slots: &[u16],
+        cutoff_ms: i64,
+        quiet_cutoff_ms: i64,
+    ) -> Result<StaleCount, Error> {
+        let wanted = slot_set(slots);
+        let mut count = StaleCount::default();
+        for (name, device) in &self.lock().devices {
+            if device.connected && wanted[usize::from(slot(name))] {
+                count.connected += 1;
+                if device.last_seen_ms.is_some_and(|t| t <= cutoff_ms) {
+                    count.stale += 1;
+                }
+                if device.last_seen_ms.is_some_and(|t| t <= quiet_cutoff_ms) {
+                    count.quiet += 1;
+                }
+            }
+        }
+        Ok(count)
+    }
+
+    async fn pending(&self, slots: &[u16]) -> Result<Vec<Pending>, Error> {
+        let state = self.lock();
+        Ok(slots
+            .iter()
+            .filter_map(|s| state.pending.get(s))
+            .flat_map(|m| m.values().cloned())
+            .collect())
+    }
+
+    async fn clear_pending(&self, delivered: &[Pending]) -> Result<(), Error> {
+        let mut state = self.lock();
+        for p in delivered {
+            if let Some(m) = state.pending.get_mut(&p.slot()) {
+                m.remove(&p.id);
+            }
+        }
+        Ok(())
+    }
+
+    async fn forget_observed(&self, device: &str, key: &ObjectKey) -> Result<(), Error> {
+        if let Some(d) = self.lock().devices.get_mut(device) {
+            d.observed.remove(key);
+        }
+        Ok(())
     }
 
     async fn device(&self, device: &str) -> Result<DeviceRecord, Error> {
-        Ok(match self.lock().get(device) {
+        Ok(match self.lock().devices.get(device) {
             None => DeviceRecord::unknown(),
             Some(d) => DeviceRecord {
                 connection: d.connection(),
@@ -94,8 +214,8 @@ impl StateStore for MemoryStore {
     }
 
     async fn adopt_connected(&self, device: &str, now_ms: i64) -> Result<bool, Error> {
-        let mut devices = self.lock();
-        let entry = devices.entry(device.to_owned()).or_default();
+        let mut state = self.lock();
+        let entry = state.devices.entry(device.to_owned()).or_default();
         if entry.last_seen_ms.is_some() {
             return Ok(false);
         }
@@ -106,6 +226,7 @@ impl StateStore for MemoryStore {
 
     async fn record_desired_etag(&self, device: &str, etag: &str) -> Result<(), Error> {
         self.lock()
+            .devices
             .entry(device.to_owned())
             .or_default()
             .desired_etag = Some(etag.to_owned());
@@ -113,7 +234,11 @@ impl StateStore for MemoryStore {
     }
 
     async fn desired_etag(&self, device: &str) -> Result<Option<String>, Error> {
-        Ok(self.lock().get(device).and_then(|d| d.desired_etag.clone()))
+        Ok(self
+            .lock()
+            .devices
+            .get(device)
+            .and_then(|d| d.desired_etag.clone()))
     }
 
     async fn ping(&self) -> Result<(), Error> {

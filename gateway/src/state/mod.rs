@@ -46,6 +46,19 @@ pub struct ReportInput<'a> {
     pub agent_version: &'a str,
     /// Observed spec hash per DeviceProcess (already checked to belong to the device).
     pub observations: Vec<(ObjectKey, String)>,
+    /// What the statuses showed before this report (from the cache): kept with the
+    /// transitions it decides, so that whoever delivers them, now or in a replay, decides
+    /// their Events against the same evidence (see [`crate::status::projection::event_for`]).
+    pub shown: ShownBefore,
+}
+
+/// What a device's statuses showed before a report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShownBefore {
+    /// Every DeviceProcess of the device showed AgentConnected=True.
+    pub connected: bool,
+    /// DeviceProcesses whose status already showed the hash now reported.
+    pub observed: Vec<ObjectKey>,
 }
 
 /// What a report changed, decided atomically.
@@ -56,6 +69,152 @@ pub struct ReportOutcome {
     pub prior: Connection,
     /// Observations whose hash differs from the stored one.
     pub changed: Vec<ObservedChange>,
+    /// The transitions above, as the store recorded them until they are delivered.
+    pub pending: Vec<Pending>,
+}
+
+/// What a pending transition is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PendingKind {
+    /// A report connected the device; `prior` is Disconnected or Unknown.
+    Connected {
+        /// What the store held before.
+        prior: Connection,
+        /// The statuses already showed the device connected.
+        shown: bool,
+    },
+    /// The sweep found the device stale.
+    Disconnected,
+    /// A report changed the observed hash of one DeviceProcess.
+    Observed {
+        /// The DeviceProcess.
+        key: ObjectKey,
+        /// The new hash.
+        hash: String,
+        /// Whether the store held an earlier hash.
+        prior_known: bool,
+        /// The status already showed this hash.
+        shown: bool,
+    },
+}
+
+/// A transition decided by the store and kept there, in the device's slot, until it has been
+/// delivered (status patch and Event): the same script that decides a transition records it, so
+/// a replica that dies, times out or gives up after the decision loses nothing; the shard's
+/// owner replays what is pending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// Unique within the slot: `<decided ms>-<per-slot sequence>`.
+    pub id: String,
+    /// The device.
+    pub device: String,
+    /// When the store decided it (shared clock, ms since the Unix epoch).
+    pub decided_ms: i64,
+    /// What happened.
+    pub kind: PendingKind,
+}
+
+impl Pending {
+    /// The slot the transition is kept in (its device's).
+    pub fn slot(&self) -> u16 {
+        apollo_protocol::shard::slot(&self.device)
+    }
+
+    /// A name fragment unique to this transition across slots and store restarts (Event names
+    /// are derived from it, so a replayed Event is refused as a duplicate, never published
+    /// twice).
+    pub fn unique_suffix(&self) -> String {
+        format!("{}-{:x}", self.id, self.slot())
+    }
+
+    /// The stored value (`|`-separated; device names and object keys never contain `|`).
+    pub fn encode(&self) -> String {
+        match &self.kind {
+            PendingKind::Connected { prior, shown } => format!(
+                "c|{}|{}|{}",
+                self.device,
+                connection_code(*prior),
+                u8::from(*shown)
+            ),
+            PendingKind::Disconnected => format!("d|{}", self.device),
+            PendingKind::Observed {
+                key,
+                hash,
+                prior_known,
+                shown,
+            } => format!(
+                "o|{}|{key}|{hash}|{}|{}",
+                self.device,
+                u8::from(*prior_known),
+                u8::from(*shown)
+            ),
+        }
+    }
+
+    /// Parses a stored field (`id`) and value; None for anything malformed.
+    pub fn decode(id: &str, value: &str) -> Option<Pending> {
+        let decided_ms = id.split_once('-')?.0.parse().ok()?;
+        let parts: Vec<&str> = value.split('|').collect();
+        let (device, kind) = match parts.as_slice() {
+            ["c", device, prior, shown] => (
+                *device,
+                PendingKind::Connected {
+                    prior: parse_connection_code(prior)?,
+                    shown: *shown == "1",
+                },
+            ),
+            ["d", device] => (*device, PendingKind::Disconnected),
+            ["o", device, key, hash, known, shown] => (
+                *device,
+                PendingKind::Observed {
+                    key: ObjectKey::parse(key)?,
+                    hash: (*hash).to_owned(),
+                    prior_known: *known == "1",
+                    shown: *shown == "1",
+                },
+            ),
+            _ => return None,
+        };
+        Some(Pending {
+            id: id.to_owned(),
+            device: device.to_owned(),
+            decided_ms,
+            kind,
+        })
+    }
+}
+
+/// The one-letter code of a connection state in the store (`c`, `d`, `u`).
+pub fn connection_code(connection: Connection) -> &'static str {
+    match connection {
+        Connection::Connected => "c",
+        Connection::Disconnected => "d",
+        Connection::Unknown => "u",
+    }
+}
+
+/// See [`connection_code`].
+pub fn parse_connection_code(code: &str) -> Option<Connection> {
+    match code {
+        "c" => Some(Connection::Connected),
+        "d" => Some(Connection::Disconnected),
+        "u" => Some(Connection::Unknown),
+        _ => None,
+    }
+}
+
+/// How many connected devices of some slots are stale, how many have been quiet for a while,
+/// and how many are connected at all.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StaleCount {
+    /// Connected devices whose last report is at or before the stale cutoff.
+    pub stale: u64,
+    /// Connected devices whose last report is at or before the (later) quiet cutoff: stale, or
+    /// about to be. Devices of a partition go quiet together but cross the stale cutoff spread
+    /// over a heartbeat interval; this sees them all at once.
+    pub quiet: u64,
+    /// Connected devices.
+    pub connected: u64,
 }
 
 /// An observed hash that changed with a report.
@@ -103,12 +262,39 @@ pub trait StateStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<ReportOutcome, Error>> + Send;
 
     /// Flips every connected device of `slots` whose last report is at or before `cutoff_ms` to
-    /// disconnected and returns them. Each flip is returned to exactly one caller.
+    /// disconnected, recording each flip as pending (decided at `now_ms`), and returns those. Each flip is returned to
+    /// exactly one caller; a flip whose answer is lost (a slot failing after others succeeded, a
+    /// timeout after the script ran) stays pending and is replayed.
     fn sweep(
         &self,
         slots: &[u16],
         cutoff_ms: i64,
-    ) -> impl Future<Output = Result<Vec<String>, Error>> + Send;
+        now_ms: i64,
+    ) -> impl Future<Output = Result<Vec<Pending>, Error>> + Send;
+
+    /// How many connected devices of `slots` a sweep at `cutoff_ms` would flip, how many have
+    /// not reported since `quiet_cutoff_ms`, and how many are connected (the mass-staleness
+    /// breaker's evidence).
+    fn stale_count(
+        &self,
+        slots: &[u16],
+        cutoff_ms: i64,
+        quiet_cutoff_ms: i64,
+    ) -> impl Future<Output = Result<StaleCount, Error>> + Send;
+
+    /// Every transition still pending in `slots`.
+    fn pending(&self, slots: &[u16]) -> impl Future<Output = Result<Vec<Pending>, Error>> + Send;
+
+    /// Forgets delivered transitions.
+    fn clear_pending(&self, delivered: &[Pending]) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Forgets the observed hash of a DeviceProcess that was deleted (so a new object of the
+    /// same name does not inherit it).
+    fn forget_observed(
+        &self,
+        device: &str,
+        key: &ObjectKey,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
 
     /// Everything the store holds about `device`.
     fn device(&self, device: &str) -> impl Future<Output = Result<DeviceRecord, Error>> + Send;
@@ -145,6 +331,32 @@ pub struct Store {
     backend: Backend,
     metrics: Metrics,
     clock: SharedClock,
+    reception: Reception,
+}
+
+/// When reports last could not be heard. Staleness is judged only over time in which reports
+/// could be heard: after the state store was unreachable (any failed call, the report path's
+/// included) or the watch cache was not synced (reports refused), no device is marked stale
+/// until a whole stale window of working reception has passed; its agents were fine, only
+/// unheard.
+#[derive(Clone, Debug, Default)]
+pub struct Reception {
+    last_outage: std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
+}
+
+impl Reception {
+    /// Reports cannot be heard right now.
+    pub fn outage(&self) {
+        *self.last_outage.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// How long reports have been heard since the last outage; None if there was none.
+    pub fn heard_for(&self) -> Option<std::time::Duration> {
+        self.last_outage
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|t| t.elapsed())
+    }
 }
 
 #[derive(Clone)]
@@ -160,6 +372,7 @@ impl Store {
             backend: Backend::Memory(MemoryStore::default()),
             metrics,
             clock: SharedClock::default(),
+            reception: Reception::default(),
         }
     }
 
@@ -169,12 +382,18 @@ impl Store {
             backend: Backend::Redis(store),
             metrics,
             clock: SharedClock::default(),
+            reception: Reception::default(),
         }
     }
 
     /// The clock lastSeen and sweep cutoffs are taken on (see [`SharedClock`]).
     pub fn clock(&self) -> &SharedClock {
         &self.clock
+    }
+
+    /// When the store was last unreachable (see [`Reception`]).
+    pub fn reception(&self) -> &Reception {
+        &self.reception
     }
 
     /// Name of the backend, for logs.
@@ -205,6 +424,7 @@ impl Store {
             .get_or_create(&labels)
             .observe(start.elapsed().as_secs_f64());
         if result.is_err() {
+            self.reception.outage();
             self.metrics.store_errors.get_or_create(&labels).inc();
         }
         result
@@ -225,8 +445,34 @@ impl StateStore for Store {
         dispatch!(self, "report", s => s.record_report(input))
     }
 
-    async fn sweep(&self, slots: &[u16], cutoff_ms: i64) -> Result<Vec<String>, Error> {
-        dispatch!(self, "sweep", s => s.sweep(slots, cutoff_ms))
+    async fn sweep(
+        &self,
+        slots: &[u16],
+        cutoff_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<Pending>, Error> {
+        dispatch!(self, "sweep", s => s.sweep(slots, cutoff_ms, now_ms))
+    }
+
+    async fn stale_count(
+        &self,
+        slots: &[u16],
+        cutoff_ms: i64,
+        quiet_cutoff_ms: i64,
+    ) -> Result<StaleCount, Error> {
+        dispatch!(self, "stale_count", s => s.stale_count(slots, cutoff_ms, quiet_cutoff_ms))
+    }
+
+    async fn pending(&self, slots: &[u16]) -> Result<Vec<Pending>, Error> {
+        dispatch!(self, "pending", s => s.pending(slots))
+    }
+
+    async fn clear_pending(&self, delivered: &[Pending]) -> Result<(), Error> {
+        dispatch!(self, "clear_pending", s => s.clear_pending(delivered))
+    }
+
+    async fn forget_observed(&self, device: &str, key: &ObjectKey) -> Result<(), Error> {
+        dispatch!(self, "forget_observed", s => s.forget_observed(device, key))
     }
 
     async fn device(&self, device: &str) -> Result<DeviceRecord, Error> {

@@ -9,10 +9,8 @@ use apollo_crds::conditions::{
 };
 use apollo_crds::{DeviceProcessStatus, PHASE_PENDING};
 
-use std::collections::HashMap;
-
 use crate::model::{CachedProcess, ObjectKey};
-use crate::state::{Connection, ReportOutcome};
+use crate::state::{Connection, Pending, PendingKind};
 
 /// The status `process` must have. `observed` is the hash the store holds for it (None when the
 /// store has none, e.g. after losing its state; the status' own observedSpecHash is kept then).
@@ -99,40 +97,33 @@ pub enum Transition {
     },
 }
 
-/// The transitions one recorded report causes: `Connected` for each DeviceProcess of the device
-/// (`keys`) when the store says this report connected it, and `SpecObserved` for each changed
-/// observation. `before` is what each status showed before the report was recorded.
-pub fn report_transitions(
-    outcome: &ReportOutcome,
-    keys: &[ObjectKey],
-    before: &HashMap<ObjectKey, Shown>,
-) -> Vec<(ObjectKey, Transition)> {
-    let mut out = Vec::new();
-    if outcome.prior != Connection::Connected {
-        for key in keys {
-            let shown_connected = before.get(key).is_some_and(|s| s.connected);
-            out.push((
-                key.clone(),
-                Transition::Connected {
-                    prior: outcome.prior,
-                    shown_connected,
+/// The transition a pending record means for each of `keys` (the DeviceProcesses it concerns):
+/// `Connected` and `Disconnected` for every DeviceProcess of the device, `SpecObserved` for the
+/// one observed, with what the statuses showed when the store decided it (kept in the record,
+/// so a replay decides Events on the same evidence as the replica that decided it).
+pub fn transitions_of(pending: &Pending, keys: &[ObjectKey]) -> Vec<(ObjectKey, Transition)> {
+    keys.iter()
+        .map(|key| {
+            let transition = match &pending.kind {
+                PendingKind::Connected { prior, shown } => Transition::Connected {
+                    prior: *prior,
+                    shown_connected: *shown,
                 },
-            ));
-        }
-    }
-    for change in &outcome.changed {
-        out.push((
-            change.key.clone(),
-            Transition::SpecObserved {
-                hash: change.hash.clone(),
-                prior_known: change.prior_known,
-                shown_hash: before
-                    .get(&change.key)
-                    .and_then(|s| s.observed_hash.clone()),
-            },
-        ));
-    }
-    out
+                PendingKind::Disconnected => Transition::Disconnected,
+                PendingKind::Observed {
+                    hash,
+                    prior_known,
+                    shown,
+                    ..
+                } => Transition::SpecObserved {
+                    hash: hash.clone(),
+                    prior_known: *prior_known,
+                    shown_hash: shown.then(|| hash.clone()),
+                },
+            };
+            (key.clone(), transition)
+        })
+        .collect()
 }
 
 /// What a DeviceProcess's status showed before a report was recorded. Taken before the store
@@ -144,6 +135,7 @@ pub struct Shown {
     /// status.observedSpecHash.
     pub observed_hash: Option<String>,
 }
+
 
 impl Shown {
     /// What `status` shows.
@@ -455,59 +447,49 @@ mod tests {
         assert_eq!(Shown::of(None), Shown::default());
     }
     #[test]
-    fn a_report_connecting_a_device_touches_each_of_its_processes_and_each_changed_hash() {
-        use crate::state::ObservedChange;
+    fn a_pending_transition_reaches_each_process_it_concerns_with_what_was_shown() {
         let a = ObjectKey::new("ns", "a");
         let b = ObjectKey::new("ns", "b");
-        let before: HashMap<ObjectKey, Shown> = [(
-            a.clone(),
-            Shown {
-                connected: true,
-                observed_hash: Some("sha256:old".into()),
-            },
-        )]
-        .into();
-        let outcome = ReportOutcome {
-            prior: Connection::Disconnected,
-            changed: vec![ObservedChange {
-                key: a.clone(),
-                hash: "sha256:new".into(),
-                prior_known: true,
-            }],
+        let pending = |kind| Pending {
+            id: "1-1".into(),
+            device: "d".into(),
+            decided_ms: 1,
+            kind,
         };
-        let transitions = report_transitions(&outcome, &[a.clone(), b.clone()], &before);
+        let connected = pending(PendingKind::Connected {
+            prior: Connection::Unknown,
+            shown: true,
+        });
+        let expected = Transition::Connected {
+            prior: Connection::Unknown,
+            shown_connected: true,
+        };
+        assert_eq!(
+            transitions_of(&connected, &[a.clone(), b.clone()]),
+            vec![(a.clone(), expected.clone()), (b.clone(), expected.clone())]
+        );
+        // A store that lost its state while the status showed the device connected: no Event.
+        assert_eq!(event_for(&expected, "d"), None);
+        let observed = pending(PendingKind::Observed {
+            key: a.clone(),
+            hash: "sha256:new".into(),
+            prior_known: false,
+            shown: false,
+        });
+        let transitions = transitions_of(&observed, std::slice::from_ref(&a));
         assert_eq!(
             transitions,
-            vec![
-                (
-                    a.clone(),
-                    Transition::Connected {
-                        prior: Connection::Disconnected,
-                        shown_connected: true
-                    }
-                ),
-                (
-                    b.clone(),
-                    Transition::Connected {
-                        prior: Connection::Disconnected,
-                        shown_connected: false
-                    }
-                ),
-                (
-                    a.clone(),
-                    Transition::SpecObserved {
-                        hash: "sha256:new".into(),
-                        prior_known: true,
-                        shown_hash: Some("sha256:old".into())
-                    }
-                ),
-            ]
+            vec![(
+                a.clone(),
+                Transition::SpecObserved {
+                    hash: "sha256:new".into(),
+                    prior_known: false,
+                    shown_hash: None
+                }
+            )]
         );
-        // A heartbeat of a connected device with nothing new: no transition at all.
-        let quiet = ReportOutcome {
-            prior: Connection::Connected,
-            changed: Vec::new(),
-        };
-        assert!(report_transitions(&quiet, &[a, b], &before).is_empty());
+        // A first observation the status did not show yet: an Event, whenever delivered.
+        assert!(event_for(&transitions[0].1, "d").is_some());
+        assert!(transitions_of(&pending(PendingKind::Disconnected), &[]).is_empty());
     }
 }

@@ -27,11 +27,9 @@ use crate::cluster::ownership::Ownership;
 use crate::error::Error;
 use crate::metrics::{KubeWriteLabels, Metrics, QueueOutcomeLabels, TransitionLabels};
 use crate::model::{CachedProcess, ObjectKey};
-use crate::state::{Connection, ReportOutcome, StateStore, Store};
-use crate::status::projection::{
-    event_for, needs_write, project, report_transitions, EventSpec, Shown, Transition,
-};
-use crate::status::queue::{Next, RateLimiter, Work, WriteQueue, WriteReason};
+use crate::state::{Pending, PendingKind, ReportOutcome, StateStore, Store};
+use crate::status::projection::{event_for, needs_write, project, transitions_of, EventSpec};
+use crate::status::queue::{Delivery, EventState, Next, RateLimiter, Work, WriteQueue, WriteReason};
 
 /// Field manager of every status patch.
 pub const FIELD_MANAGER: &str = "apollo-gateway";
@@ -41,8 +39,12 @@ pub const REPORTING_CONTROLLER: &str = "apollo.azure.com/gateway";
 const PATCH_ATTEMPTS: u32 = 6;
 /// Attempts of one Event creation.
 const EVENT_ATTEMPTS: u32 = 4;
-/// Delay before an object whose write gave up is tried again.
+/// Delay before an object whose write gave up is tried again (doubled per failure in a row).
 const REQUEUE_DELAY: Duration = Duration::from_secs(5);
+/// Longest wait of an object whose writes keep failing for transient reasons.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(60);
+/// Longest wait of an object whose writes the apiserver refuses (403, 422).
+const MAX_REFUSED_BACKOFF: Duration = Duration::from_secs(300);
 /// How long pending writes may still be flushed after shutdown was requested.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -73,6 +75,18 @@ pub struct StatusWriter {
     ownership: Ownership,
     config: WriterConfig,
     metrics: Metrics,
+    /// Transitions this replica is delivering: the objects each still has to reach. A pending
+    /// transition tracked here is not replayed; once its last object has it (status and Event),
+    /// it is cleared from the store.
+    delivering: std::sync::Mutex<HashMap<(u16, String), Tracked>>,
+}
+
+struct Tracked {
+    pending: Pending,
+    /// Objects that have not got it yet.
+    remaining: std::collections::HashSet<ObjectKey>,
+    /// Deliveries not yet queued (the queue was full).
+    unqueued: Vec<(ObjectKey, crate::status::projection::Transition)>,
 }
 
 enum WriteResult {
@@ -102,6 +116,7 @@ impl StatusWriter {
             ownership,
             config,
             metrics,
+            delivering: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -117,39 +132,130 @@ impl StatusWriter {
             .inc();
     }
 
-    /// Queues the writes a report decided; `before` is what the statuses of the device's
-    /// DeviceProcesses showed before the report was recorded. The replica that recorded the
-    /// report acts on its transitions whether or not it owns the device's shard: the store told
-    /// only it.
-    pub fn on_report(
-        &self,
-        device: &str,
-        outcome: &ReportOutcome,
-        before: &HashMap<ObjectKey, Shown>,
-    ) {
-        let now = Instant::now();
-        if outcome.prior != Connection::Connected {
-            self.count_transition("connected");
+    /// Queues the deliveries of the transitions a report decided. The replica that recorded the
+    /// report delivers its transitions whether or not it owns the device's shard: it knows
+    /// first. The store keeps them pending until delivered, so the shard's owner replays them if
+    /// this replica cannot ([`StatusWriter::replay`]).
+    pub fn on_report(&self, outcome: &ReportOutcome) {
+        self.deliver(&outcome.pending, true);
+    }
+
+    /// Queues the deliveries of the devices the sweep found stale.
+    pub fn on_stale(&self, flips: &[Pending]) {
+        self.deliver(flips, true);
+    }
+
+    /// Queues the deliveries of pending transitions nobody delivered (the replica that decided
+    /// them died, gave up, was shut down, or found its queue full). Transitions this replica is
+    /// delivering already are skipped. Returns how many it took on.
+    pub fn replay(&self, pending: &[Pending]) -> usize {
+        let fresh: Vec<Pending> = {
+            let delivering = self.lock_delivering();
+            pending
+                .iter()
+                .filter(|p| !delivering.contains_key(&(p.slot(), p.id.clone())))
+                .cloned()
+                .collect()
+        };
+        if !fresh.is_empty() {
+            tracing::info!(transitions = fresh.len(), "replaying pending transitions");
+            self.metrics.pending_replayed.inc_by(fresh.len() as u64);
         }
-        let keys = self.cache.keys_for_device(device);
-        for (key, transition) in report_transitions(outcome, &keys, before) {
-            if matches!(transition, Transition::SpecObserved { .. }) {
-                self.count_transition(transition.kind());
+        self.deliver(&fresh, false);
+        fresh.len()
+    }
+
+    /// Whether this replica is delivering `pending`.
+    pub fn is_delivering(&self, pending: &Pending) -> bool {
+        self.lock_delivering()
+            .contains_key(&(pending.slot(), pending.id.clone()))
+    }
+
+    fn lock_delivering(&self) -> std::sync::MutexGuard<'_, HashMap<(u16, String), Tracked>> {
+        self.delivering.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn deliver(&self, pending: &[Pending], count: bool) {
+        let mut nothing_to_do = Vec::new();
+        for p in pending {
+            if count {
+                self.count_transition(pending_kind_label(&p.kind));
             }
-            self.queue.push(key, now, Work::transition(transition));
+            let keys: Vec<ObjectKey> = match &p.kind {
+                PendingKind::Observed { key, .. } => self
+                    .cache
+                    .get(key)
+                    .filter(|process| process.device == p.device)
+                    .map(|_| vec![key.clone()])
+                    .unwrap_or_default(),
+                _ => self.cache.keys_for_device(&p.device),
+            };
+            let deliveries = transitions_of(p, &keys);
+            if deliveries.is_empty() {
+                nothing_to_do.push(p.clone());
+                continue;
+            }
+            self.lock_delivering().insert(
+                (p.slot(), p.id.clone()),
+                Tracked {
+                    pending: p.clone(),
+                    remaining: deliveries.iter().map(|(k, _)| k.clone()).collect(),
+                    unqueued: deliveries,
+                },
+            );
+        }
+        self.queue_unqueued();
+        if !nothing_to_do.is_empty() {
+            self.spawn_clear(nothing_to_do);
         }
     }
 
-    /// Queues the writes of devices the sweep found stale.
-    pub fn on_stale(&self, devices: &[String]) {
+    /// Queues the deliveries the queue had no room for yet (called after new deliveries and
+    /// periodically): a full queue delays them, never loses them.
+    pub fn queue_unqueued(&self) {
         let now = Instant::now();
-        for device in devices {
-            self.count_transition("disconnected");
-            for key in self.cache.keys_for_device(device) {
-                self.queue
-                    .push(key, now, Work::transition(Transition::Disconnected));
+        let mut delivering = self.lock_delivering();
+        for tracked in delivering.values_mut() {
+            while let Some((key, transition)) = tracked.unqueued.first().cloned() {
+                let work = Work::deliver(Delivery::new(transition, Some(tracked.pending.clone())));
+                if !self.queue.push(key, now, work) {
+                    return;
+                }
+                tracked.unqueued.remove(0);
             }
         }
+    }
+
+    /// `key` has `pending` (status and Event); clears the transition once every object has it.
+    fn delivered(&self, pending: &Pending, key: &ObjectKey) {
+        let done = {
+            let mut delivering = self.lock_delivering();
+            let id = (pending.slot(), pending.id.clone());
+            match delivering.get_mut(&id) {
+                Some(tracked) => {
+                    tracked.remaining.remove(key);
+                    if tracked.remaining.is_empty() {
+                        delivering.remove(&id).map(|t| t.pending)
+                    } else {
+                        None
+                    }
+                }
+                None => None,
+            }
+        };
+        if let Some(done) = done {
+            self.spawn_clear(vec![done]);
+        }
+    }
+
+    fn spawn_clear(&self, delivered: Vec<Pending>) {
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(error) = store.clear_pending(&delivered).await {
+                // Replayed later: statuses are idempotent and Events deduplicated by name.
+                tracing::warn!(%error, "clearing delivered transitions failed");
+            }
+        });
     }
 
     /// Queues debounced writes for objects whose spec changed, when their device is ours.
@@ -250,50 +356,93 @@ impl StatusWriter {
             .inc();
     }
 
-    /// Writes one object: decide its Events, project, patch (retrying 409s and errors), then
-    /// publish the Events.
-    async fn write(&self, key: &ObjectKey, work: Work) {
+    /// Writes one object: decides the Events of its transitions, publishes them (under names
+    /// derived from the pending transitions, so a replay can never publish one twice), then
+    /// projects and patches the status (retrying 409s after re-reading). Failures requeue the
+    /// object with a back-off of its own; what was delivered is cleared from the store.
+    async fn write(&self, key: &ObjectKey, mut work: Work) {
         let Some(process) = self.cache.get(key) else {
             self.count_queue("gone");
+            self.finish(key, &work);
             return;
         };
         let reason = work
-            .transitions
+            .deliveries
             .first()
-            .map(Transition::kind)
+            .map(|d| d.transition.kind())
             .unwrap_or(work.reason.label());
-        let mut events = work.events;
-        events.extend(
-            work.transitions
-                .iter()
-                .filter_map(|t| event_for(t, &process.device)),
-        );
-        match self.write_status(process, reason).await {
+        // Connectivity goes first, in the queue and at the write budget.
+        let urgent = work.priority() == 0;
+        for delivery in &mut work.deliveries {
+            if delivery.event == EventState::Undecided {
+                delivery.event = match event_for(&delivery.transition, &process.device) {
+                    Some(spec) => EventState::Due(spec),
+                    None => EventState::NotDue,
+                };
+            }
+        }
+        // Events first: a replica that dies between an Event and the status leaves the
+        // transition pending, and its replay finds the Event already there (409) instead of
+        // deciding against a status that already shows the transition that no Event is due.
+        for i in 0..work.deliveries.len() {
+            let EventState::Due(spec) = work.deliveries[i].event.clone() else {
+                continue;
+            };
+            let suffix = work.deliveries[i]
+                .pending
+                .as_ref()
+                .map(Pending::unique_suffix);
+            match self
+                .publish_event(&process, &spec, suffix.as_deref(), urgent)
+                .await
+            {
+                Ok(()) => work.deliveries[i].event = EventState::Published,
+                Err(error) => {
+                    self.requeue(key, work, &error);
+                    return;
+                }
+            }
+        }
+        match self.write_status(process, reason, urgent).await {
             WriteResult::Written => self.count_queue("written"),
             WriteResult::Unchanged => self.count_queue("unchanged"),
-            WriteResult::Gone => {
-                self.count_queue("gone");
-                return;
-            }
+            WriteResult::Gone => self.count_queue("gone"),
             WriteResult::Failed(error) => {
-                self.count_queue("retried");
-                tracing::warn!(object = %key, %error, "status write failed; will retry");
-                let jitter = rand::rng().random_range(0..1000);
-                self.queue.push(
-                    key.clone(),
-                    Instant::now() + REQUEUE_DELAY + Duration::from_millis(jitter),
-                    Work {
-                        transitions: Vec::new(),
-                        events,
-                        reason: WriteReason::Retry,
-                        trace: None,
-                    },
-                );
+                self.requeue(key, work, &error);
                 return;
             }
         }
-        for event in &events {
-            self.publish_event(key, event).await;
+        self.finish(key, &work);
+    }
+
+    /// Every delivery of `work` reached `key`.
+    fn finish(&self, key: &ObjectKey, work: &Work) {
+        for delivery in &work.deliveries {
+            if let Some(pending) = &delivery.pending {
+                self.delivered(pending, key);
+            }
+        }
+    }
+
+    /// Puts `work` back after `error`, due after the object's own back-off: refusals (403, 422)
+    /// double up to [`MAX_REFUSED_BACKOFF`], throttling (429) waits at least the apiserver's
+    /// Retry-After, anything else retries after [`REQUEUE_DELAY`] with jitter. One object being
+    /// refused never spends the write budget of the others.
+    fn requeue(&self, key: &ObjectKey, mut work: Work, error: &Error) {
+        self.count_queue("retried");
+        work.failures = work.failures.saturating_add(1);
+        work.reason = WriteReason::Retry;
+        work.trace = None;
+        let delay = requeue_delay(error, work.failures, rand::rng().random_range(0.0..1.0));
+        tracing::warn!(object = %key, %error, failures = work.failures, retry_in = ?delay, "status write failed; will retry");
+        if !self.queue.push(key.clone(), Instant::now() + delay, work.clone()) {
+            // Dropped (the queue is full): the pending transitions stay in the store and are
+            // replayed once nobody here tracks them.
+            for delivery in &work.deliveries {
+                if let Some(p) = &delivery.pending {
+                    self.lock_delivering().remove(&(p.slot(), p.id.clone()));
+                }
+            }
         }
     }
 
@@ -301,19 +450,24 @@ impl StatusWriter {
         &self,
         mut process: Arc<CachedProcess>,
         reason: &'static str,
+        urgent: bool,
     ) -> WriteResult {
-        let record = match self.store.device(&process.device).await {
-            Ok(record) => record,
+        // Already right (a transition undone before its turn): no write, no budget spent.
+        match self.projection(&process).await {
+            Ok(None) => return WriteResult::Unchanged,
+            Ok(Some(_)) => {}
             Err(error) => return WriteResult::Failed(error),
-        };
+        }
         let mut attempt = 0;
         loop {
-            let observed = record.observed.get(&process.key).map(String::as_str);
-            let desired = project(&process, record.connection, observed, &now_rfc3339());
-            if !needs_write(process.status.as_ref(), &desired) {
-                return WriteResult::Unchanged;
-            }
-            self.limiter.acquire().await;
+            self.acquire(urgent).await;
+            // The shared state is read again after the wait and before every attempt: a report
+            // recorded meanwhile (by any replica) must not be overwritten by what was read before.
+            let desired = match self.projection(&process).await {
+                Ok(None) => return WriteResult::Unchanged,
+                Ok(Some(desired)) => desired,
+                Err(error) => return WriteResult::Failed(error),
+            };
             let error = match self.patch_status(&process, &desired).await {
                 Ok(written) => {
                     self.count_kube("status_patch", reason, "ok");
@@ -329,28 +483,45 @@ impl StatusWriter {
             let conflict = error.is_conflict();
             self.count_kube("status_patch", reason, outcome_label(&error));
             attempt += 1;
-            if attempt >= PATCH_ATTEMPTS {
+            // Only a conflict is worth another immediate try; a refusal or throttling goes back
+            // to the queue with the object's own back-off.
+            if !conflict || attempt >= PATCH_ATTEMPTS {
                 return WriteResult::Failed(error);
             }
             tokio::time::sleep(backoff(attempt)).await;
-            if conflict {
-                // Someone else wrote the object: re-read it and project again.
-                match self.get(&process.key).await {
-                    Ok(fresh) => {
-                        self.cache.observe_write(&fresh);
-                        match CachedProcess::from_object(&fresh) {
-                            Some(fresh) if fresh.device == process.device => {
-                                process = Arc::new(fresh)
-                            }
-                            // Rebound to another device: its record is not the one we read.
-                            _ => return WriteResult::Failed(error),
-                        }
+            // Someone else wrote the object: re-read it and project again.
+            match self.get(&process.key).await {
+                Ok(fresh) => {
+                    self.cache.observe_write(&fresh);
+                    match CachedProcess::from_object(&fresh) {
+                        Some(fresh) if fresh.device == process.device => process = Arc::new(fresh),
+                        // Rebound to another device: its record is not the one we read.
+                        _ => return WriteResult::Failed(error),
                     }
-                    Err(e) if e.is_not_found() => return WriteResult::Gone,
-                    Err(e) => tracing::debug!(error = %e, "re-read after conflict failed"),
                 }
+                Err(e) if e.is_not_found() => return WriteResult::Gone,
+                Err(e) => tracing::debug!(error = %e, "re-read after conflict failed"),
             }
         }
+    }
+
+    async fn acquire(&self, urgent: bool) {
+        if urgent {
+            self.limiter.acquire_urgent().await;
+        } else {
+            self.limiter.acquire().await;
+        }
+    }
+
+    /// The status `process` should show now, from the shared state; None when it already does.
+    async fn projection(
+        &self,
+        process: &CachedProcess,
+    ) -> Result<Option<DeviceProcessStatus>, Error> {
+        let record = self.store.device(&process.device).await?;
+        let observed = record.observed.get(&process.key).map(String::as_str);
+        let desired = project(process, record.connection, observed, &now_rfc3339());
+        Ok(needs_write(process.status.as_ref(), &desired).then_some(desired))
     }
 
     fn count_kube(&self, kind: &'static str, reason: &'static str, outcome: &'static str) {
@@ -416,15 +587,25 @@ impl StatusWriter {
         }
     }
 
-    async fn publish_event(&self, key: &ObjectKey, spec: &EventSpec) {
-        let Some(process) = self.cache.get(key) else {
-            return;
-        };
-        let event = build_event(&process, spec, &self.config.instance);
+    /// Publishes one Event, retrying transient failures a few times. An Event that already
+    /// exists (409: a replay, or an earlier attempt that timed out on our side) counts as
+    /// published; one the apiserver refuses (400/422, or 403) is given up with a warning, since
+    /// sending it again cannot succeed and must not hold the status back.
+    async fn publish_event(
+        &self,
+        process: &CachedProcess,
+        spec: &EventSpec,
+        unique_suffix: Option<&str>,
+        urgent: bool,
+    ) -> Result<(), Error> {
+        let key = &process.key;
+        let event = build_event(process, spec, &self.config.instance, unique_suffix);
         let api: Api<Event> = Api::namespaced(self.client.clone(), &key.namespace);
-        for attempt in 1..=EVENT_ATTEMPTS {
-            self.limiter.acquire().await;
-            match self
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.acquire(urgent).await;
+            let error = match self
                 .bounded(
                     "create event",
                     key,
@@ -434,24 +615,47 @@ impl StatusWriter {
             {
                 Ok(_) => {
                     self.count_kube("event", spec.reason, "ok");
-                    return;
+                    return Ok(());
                 }
-                // An earlier attempt that timed out on our side went through.
                 Err(error) if error.is_conflict() => {
-                    self.count_kube("event", spec.reason, "ok");
-                    return;
+                    self.count_kube("event", spec.reason, "exists");
+                    return Ok(());
                 }
-                Err(error) => {
-                    self.count_kube("event", spec.reason, outcome_label(&error));
-                    // A refused Event (422) is refused again: retrying only spends write budget.
-                    if attempt == EVENT_ATTEMPTS || error.is_invalid() {
-                        tracing::warn!(object = %key, reason = spec.reason, %error, "Event not published");
-                        return;
-                    }
-                    tokio::time::sleep(backoff(attempt)).await;
-                }
+                Err(error) => error,
+            };
+            self.count_kube("event", spec.reason, outcome_label(&error));
+            if error.is_invalid() || error.is_forbidden() {
+                tracing::warn!(object = %key, reason = spec.reason, %error, "Event refused; not published");
+                return Ok(());
             }
+            if attempt >= EVENT_ATTEMPTS || error.is_throttled() {
+                return Err(error);
+            }
+            tokio::time::sleep(backoff(attempt)).await;
         }
+    }
+}
+
+/// How long an object waits after a failed write (see [`StatusWriter::requeue`]); `unit` is a
+/// draw in `[0, 1)` for the jitter.
+fn requeue_delay(error: &Error, failures: u32, unit: f64) -> Duration {
+    let exponent = failures.saturating_sub(1).min(16);
+    if error.is_invalid() || error.is_forbidden() {
+        return (REQUEUE_DELAY * 2u32.saturating_pow(exponent)).min(MAX_REFUSED_BACKOFF);
+    }
+    let base = (REQUEUE_DELAY * 2u32.saturating_pow(exponent)).min(MAX_RETRY_BACKOFF);
+    let jittered = base.mul_f64(0.5 + unit / 2.0);
+    match error.retry_after() {
+        Some(after) => jittered.max(after),
+        None => jittered,
+    }
+}
+
+fn pending_kind_label(kind: &PendingKind) -> &'static str {
+    match kind {
+        PendingKind::Connected { .. } => "connected",
+        PendingKind::Disconnected => "disconnected",
+        PendingKind::Observed { .. } => "spec_observed",
     }
 }
 
@@ -523,10 +727,20 @@ fn event_name(object: &str, suffix: &str) -> String {
 /// transition is published once, by one replica); and its calls would bypass this writer's rate
 /// limit, per-call timeout, metrics and the report's trace, which every Kubernetes write of the
 /// gateway goes through.
-pub fn build_event(process: &CachedProcess, spec: &EventSpec, instance: &str) -> Event {
+pub fn build_event(
+    process: &CachedProcess,
+    spec: &EventSpec,
+    instance: &str,
+    unique_suffix: Option<&str>,
+) -> Event {
     let now = k8s_openapi::jiff::Timestamp::now();
-    let sequence = EVENT_SEQUENCE.fetch_add(1, Ordering::Relaxed);
-    let suffix = format!("{:x}{:04x}", now.as_nanosecond(), sequence & 0xffff);
+    let suffix = match unique_suffix {
+        Some(s) => s.to_owned(),
+        None => {
+            let sequence = EVENT_SEQUENCE.fetch_add(1, Ordering::Relaxed);
+            format!("{:x}{:04x}", now.as_nanosecond(), sequence & 0xffff)
+        }
+    };
     Event {
         metadata: ObjectMeta {
             name: Some(event_name(&process.key.name, &suffix)),
@@ -590,8 +804,8 @@ mod tests {
             action: "StaleSweep",
             note: "n".into(),
         };
-        let a = build_event(&process, &spec, "apollo-gateway-0");
-        let b = build_event(&process, &spec, "apollo-gateway-0");
+        let a = build_event(&process, &spec, "apollo-gateway-0", None);
+        let b = build_event(&process, &spec, "apollo-gateway-0", None);
         assert_ne!(a.metadata.name, b.metadata.name);
         assert_eq!(a.type_.as_deref(), Some("Warning"));
         let regarding = a.regarding.expect("regarding");

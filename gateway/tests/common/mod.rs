@@ -30,6 +30,8 @@ pub struct Options {
     pub sweep_seconds: &'static str,
     pub debounce_seconds: &'static str,
     pub resync_seconds: &'static str,
+    /// `--kube-writes-per-second`.
+    pub writes_per_second: &'static str,
     pub use_redis: bool,
     pub auth_secret: bool,
     /// Run the gateway through a [`FaultProxy`] (implied by `faults`).
@@ -54,6 +56,7 @@ impl Default for Options {
             sweep_seconds: "0.1",
             debounce_seconds: "0.2",
             resync_seconds: "3600",
+            writes_per_second: "1000",
             use_redis: true,
             auth_secret: true,
             proxy: false,
@@ -79,6 +82,25 @@ pub struct Stack {
     pub http: reqwest::Client,
     _secret_dir: tempfile::TempDir,
     secret_file: PathBuf,
+    /// How the gateway was started, to start it again ([`Stack::restart_gateway`]).
+    gateway_args: Vec<String>,
+    kubeconfig: PathBuf,
+}
+
+fn spawn_gateway(args: &[String], kubeconfig: &std::path::Path) -> Proc {
+    let port = args
+        .iter()
+        .position(|a| a == "--listen")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_default();
+    Proc::builder(gateway_binary())
+        .name(format!("gateway-{port}"))
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("POD_NAMESPACE")
+        .env("RUST_LOG", "info,apollo_gateway=debug")
+        .spawn()
 }
 
 pub fn gateway_binary() -> &'static str {
@@ -151,7 +173,7 @@ impl Stack {
             "--resync-interval-seconds".into(),
             options.resync_seconds.into(),
             "--kube-writes-per-second".into(),
-            "1000".into(),
+            options.writes_per_second.into(),
             // These tests exercise the sweep itself; the start-up grace has its own e2e test.
             "--sweep-grace-seconds".into(),
             "0".into(),
@@ -182,13 +204,7 @@ impl Stack {
             args.push(redis.url());
         }
         args.extend(options.extra);
-        let gateway = Proc::builder(gateway_binary())
-            .name(format!("gateway-{}", device.port()))
-            .args(&args)
-            .env("KUBECONFIG", &kubeconfig)
-            .env_remove("POD_NAMESPACE")
-            .env("RUST_LOG", "info,apollo_gateway=debug")
-            .spawn();
+        let gateway = spawn_gateway(&args, &kubeconfig);
         Self {
             ns,
             proxy,
@@ -203,7 +219,32 @@ impl Stack {
                 .expect("http client"),
             _secret_dir: secret_dir,
             secret_file,
+            gateway_args: args,
+            kubeconfig,
         }
+    }
+
+    /// Starts the gateway again with the same flags (and `extra`), after the old process is
+    /// gone (killed or terminated by the test); waits until it is ready.
+    pub async fn restart_gateway(&mut self, extra: &[&str]) {
+        self.restart_gateway_with(&[], extra).await;
+    }
+
+    /// Like [`Stack::restart_gateway`], with the values of some flags replaced.
+    pub async fn restart_gateway_with(&mut self, replace: &[(&str, &str)], extra: &[&str]) {
+        self.gateway.kill();
+        let mut args = self.gateway_args.clone();
+        for (flag, value) in replace {
+            let at = args
+                .iter()
+                .position(|a| a == flag)
+                .unwrap_or_else(|| panic!("{flag} is not among the gateway's flags"));
+            args[at + 1] = (*value).to_owned();
+        }
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        self.gateway = spawn_gateway(&args, &self.kubeconfig);
+        self.gateway_args = args;
+        self.wait_ready().await;
     }
 
     /// Status code of `/readyz`, 0 when the admin endpoint does not answer.
@@ -383,6 +424,17 @@ impl Stack {
     /// Events about DeviceProcess `name` with `reason`.
     pub async fn events(&self, name: &str, reason: &str) -> Vec<Event> {
         events_about(&self.ns.api(), name, None, reason).await
+    }
+
+    /// Events with `reason` about the shard Lease this (single) gateway holds.
+    pub async fn lease_events(&self, reason: &str) -> Vec<Event> {
+        events_about(
+            &Api::namespaced(self.client.clone(), self.namespace()),
+            "apollo-gateway-shard-0",
+            Some("Lease"),
+            reason,
+        )
+        .await
     }
 
     /// Status patches of DeviceProcesses the apiserver served to the gateway since the last

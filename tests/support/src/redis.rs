@@ -93,6 +93,21 @@ impl RedisServer {
         self.spawn().await;
     }
 
+    /// Pauses the server (SIGSTOP): connections stay open, nothing answers, as with a hung
+    /// machine; [`RedisServer::resume`] continues it with its state intact.
+    pub fn pause(&self) {
+        if let Some(p) = &self.proc {
+            p.signal(nix::sys::signal::Signal::SIGSTOP);
+        }
+    }
+
+    /// Continues a paused server (SIGCONT).
+    pub fn resume(&self) {
+        if let Some(p) = &self.proc {
+            p.signal(nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+
     /// Kills the server; `restart` brings it back on the same port.
     pub fn stop(&mut self) {
         if let Some(mut p) = self.proc.take() {

@@ -120,6 +120,8 @@ pub(crate) fn classify(method: &str, path: &str, query: &str) -> RequestInfo {
 
 struct Shared {
     faults: Mutex<Vec<Fault>>,
+    /// Requests a fault acted on.
+    hits: std::sync::atomic::AtomicU64,
     /// Cancelled (and replaced) by `cut_connections`: every open stream ends.
     streams: Mutex<CancellationToken>,
     upstream: String,
@@ -151,6 +153,7 @@ impl FaultProxy {
         let addr = listener.local_addr().expect("proxy address");
         let shared = Arc::new(Shared {
             faults: Mutex::new(Vec::new()),
+            hits: std::sync::atomic::AtomicU64::new(0),
             streams: Mutex::new(CancellationToken::new()),
             upstream: control_plane.apiserver_url().to_owned(),
             http,
@@ -209,6 +212,11 @@ impl FaultProxy {
     /// Removes every fault.
     pub fn clear_faults(&self) {
         self.set_faults(Vec::new());
+    }
+
+    /// How many requests a fault has acted on so far.
+    pub fn hits(&self) -> u64 {
+        self.shared.hits.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Ends every response still streaming (watches) now, as a dropped connection would.
@@ -291,6 +299,9 @@ async fn forward(
     let query = req.uri().query().unwrap_or_default().to_owned();
     let info = classify(req.method().as_str(), &path, &query);
     if let Some(fault) = take_fault(&shared, &info) {
+        shared
+            .hits
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if let Some(delay) = fault.delay {
             tokio::time::sleep(delay).await;
         }
