@@ -16,6 +16,7 @@ pub mod control;
 pub mod fleet;
 pub mod jaeger;
 pub mod node;
+pub mod prometheus;
 pub mod samples;
 pub mod stack;
 
