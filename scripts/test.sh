@@ -21,6 +21,12 @@ unformatted=$(gofmt -l tools)
 if [ -n "$unformatted" ]; then echo "gofmt: not formatted: $unformatted" >&2; exit 1; fi
 (cd tools/kube && CGO_ENABLED=0 GOFLAGS=-buildvcs=false go vet ./...)
 
+# Prometheus (the local stack's, and tests/e2e/tests/monitoring.rs's) and promtool, same cache.
+echo "== Go tools: Prometheus and promtool (tools/prometheus)"
+prometheus_bin_dir >/dev/null
+echo "== alert rules: promtool check rules, promtool test rules, PrometheusRule drift (deploy/monitoring/check.sh)"
+deploy/monitoring/check.sh
+
 # A clean clone builds everything once: incremental caches would only cost disk (several GB).
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 disk_report() { echo "   disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free; target: $(du -sh "${CARGO_TARGET_DIR:-target}" 2>/dev/null | cut -f1)"; }

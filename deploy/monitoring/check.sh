@@ -3,7 +3,8 @@
 # the local stack runs):
 #   1. promtool check rules alerts.yaml        the rules parse, expressions are valid PromQL
 #   2. promtool test rules alerts_test.yaml    every alert's unit tests
-#   3. prometheusrule.yaml is alerts.yaml wrapped in a PrometheusRule, byte for byte
+#   3. promtool check config prometheus.yaml   the compose scrape configuration (rules path local)
+#   4. prometheusrule.yaml is alerts.yaml wrapped in a PrometheusRule, byte for byte
 #
 #   deploy/monitoring/check.sh           check (scripts/test.sh runs this)
 #   deploy/monitoring/check.sh --write   regenerate prometheusrule.yaml from alerts.yaml first
@@ -38,6 +39,9 @@ bin="$(prometheus_bin_dir)"
 cd "$here"
 "$bin/promtool" check rules alerts.yaml
 "$bin/promtool" test rules alerts_test.yaml
+tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
+sed "s#/etc/prometheus/alerts.yaml#$here/alerts.yaml#" prometheus.yaml >"$tmp/prometheus.yaml"
+"$bin/promtool" check config "$tmp/prometheus.yaml"
 if ! diff -u prometheusrule.yaml <(wrapped) >&2; then
   echo "error: deploy/monitoring/prometheusrule.yaml differs from alerts.yaml; run deploy/monitoring/check.sh --write" >&2
   exit 1
