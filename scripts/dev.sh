@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Runs Apollo on this machine: the real Kubernetes control plane (etcd, kube-apiserver,
 # kube-controller-manager), redis-server, Jaeger, the controller, a 3-replica gateway StatefulSet,
-# the router and two agents, all as processes on 127.0.0.1. Ctrl-C stops everything.
+# the router, two agents and Prometheus (scraping them all, Apollo's alert rules loaded), all as
+# processes on 127.0.0.1. Ctrl-C stops everything.
 #
 #   scripts/dev.sh                      start the stack (foreground)
 #   scripts/dev.sh agent stop tor1-02   stop one agent of the running stack (another terminal)
 #   scripts/dev.sh agent start tor1-02  start it again
 #   scripts/dev.sh status               what is running
 #   scripts/dev.sh up --no-jaeger       without Jaeger
+#   scripts/dev.sh up --no-prometheus   without Prometheus (http://127.0.0.1:9090 otherwise)
 #
 # The first run builds what is missing (the Go tools take several minutes on 2 cores, the Rust
 # release build a few more); later runs start in seconds.
@@ -32,6 +34,10 @@ kube_bin_dir >/dev/null
 if [[ " $* " != *" --no-jaeger "* ]]; then
   echo "== Jaeger (tools/jaeger)"
   jaeger_bin_dir >/dev/null
+fi
+if [[ " $* " != *" --no-prometheus "* && -z "${APOLLO_DEV_NO_PROMETHEUS:-}" ]]; then
+  echo "== Prometheus (tools/prometheus)"
+  prometheus_bin_dir >/dev/null
 fi
 
 echo "== building Apollo (release)"

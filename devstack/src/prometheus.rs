@@ -140,7 +140,10 @@ impl Prometheus {
             .name("prometheus")
             .log_file(dir.join("prometheus.log"))
             .arg(format!("--config.file={}", config_file.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg("--storage.tsdb.retention.time=1d")
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .arg("--log.level=warn")

@@ -49,6 +49,9 @@ struct Up {
     /// Do not start Jaeger (components then export no traces).
     #[arg(long, env = "APOLLO_DEV_NO_JAEGER")]
     no_jaeger: bool,
+    /// Do not start Prometheus.
+    #[arg(long, env = "APOLLO_DEV_NO_PROMETHEUS")]
+    no_prometheus: bool,
     /// Initial gateway replicas.
     #[arg(long, env = "APOLLO_DEV_GATEWAYS", default_value_t = 3)]
     gateways: u32,
@@ -121,6 +124,9 @@ async fn control(port: u16, method: reqwest::Method, path: &str) -> anyhow::Resu
     Ok(())
 }
 
+/// How often the local Prometheus scrapes (and evaluates the alert rules).
+const PROMETHEUS_SCRAPE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn run_up(up: Up, control_port: u16) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locate apollo-dev")?;
     let bin_dir = exe
@@ -137,6 +143,7 @@ async fn run_up(up: Up, control_port: u16) -> anyhow::Result<()> {
         dir: work_dir.join("control-plane"),
     };
     cfg.jaeger = !up.no_jaeger;
+    cfg.prometheus = (!up.no_prometheus).then_some(PROMETHEUS_SCRAPE_INTERVAL);
     cfg.gateways = up.gateways;
     cfg.devices = up.devices.clone();
     cfg.heartbeat_interval_seconds = up.heartbeat_interval_seconds;
@@ -186,6 +193,16 @@ fn print_guide(stack: &Stack, up: &Up, version: &str) {
         .jaeger()
         .map(|j| format!("{} (OTLP {})", j.ui_url(), j.otlp_endpoint()))
         .unwrap_or_else(|| "off".into());
+    let prometheus = stack
+        .prometheus()
+        .map(|p| {
+            format!(
+                "{} (scrapes every component every {}s; alert rules deploy/monitoring/alerts.yaml)",
+                p.url(),
+                p.scrape_interval().as_secs()
+            )
+        })
+        .unwrap_or_else(|| "off".into());
     println!(
         r#"
 Apollo is running.
@@ -194,6 +211,7 @@ Apollo is running.
   router (agents): {router}   (metrics: {router_admin}/metrics)
   redis          : {redis}
   jaeger         : {jaeger}
+  prometheus     : {prometheus}
   gateways       : {gateways:?} (StatefulSet {sys}/apollo-gateway)
   agents         : {agents:?}
   logs           : {logs}
@@ -208,6 +226,8 @@ Try, in another terminal:
   # stop an agent: AgentConnected=False and one Warning event after {stale}s; start it again
   scripts/dev.sh agent stop {second}
   scripts/dev.sh agent start {second}
+  # ... and Prometheus: devices the gateways marked disconnected, per replica (a scrape later)
+  curl -s {prometheus_url}/api/v1/query --data-urlencode 'query=sum by (pod) (apollo_gateway_transitions_total{{kind="disconnected"}})'
   # scale the gateways; the router rebalances devices
   kubectl -n {sys} scale statefulset apollo-gateway --replicas=5
   kubectl -n {sys} get sts,pods
@@ -230,5 +250,6 @@ Press Ctrl-C to stop everything."#,
         dep = apollo_dev::samples::SAMPLE_DEPLOYMENT,
         sys = SYSTEM_NAMESPACE,
         jaeger_ui = stack.jaeger().map(|j| j.ui_url()).unwrap_or_default(),
+        prometheus_url = stack.prometheus().map(|p| p.url()).unwrap_or_default(),
     );
 }

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use apollo_test_support::free_port;
 
@@ -22,6 +23,8 @@ pub struct Ports {
     pub gateway_base: Option<(u16, u16)>,
     /// Jaeger's ports, when the stack runs one.
     pub jaeger: JaegerPorts,
+    /// Prometheus' HTTP port (UI and API), when the stack runs one.
+    pub prometheus: u16,
 }
 
 impl Ports {
@@ -34,6 +37,7 @@ impl Ports {
             control: free_port(),
             gateway_base: None,
             jaeger: JaegerPorts::ephemeral(),
+            prometheus: free_port(),
         }
     }
 
@@ -46,6 +50,7 @@ impl Ports {
             control: 9079,
             gateway_base: Some((8081, 9081)),
             jaeger: JaegerPorts::standard(),
+            prometheus: 9090,
         }
     }
 }
@@ -105,6 +110,10 @@ pub struct StackConfig {
     pub gateway_ordinal_env: BTreeMap<u32, Vec<(String, String)>>,
     /// Run a Jaeger and export every component's spans (agents included) to it.
     pub jaeger: bool,
+    /// Run a Prometheus scraping every component at this interval, with deploy/monitoring's alert
+    /// rules ([`crate::prometheus`]). apollo-dev turns it on; off in [`StackConfig::demo`] so
+    /// that loadtest measures Apollo alone.
+    pub prometheus: Option<Duration>,
 }
 
 impl StackConfig {
@@ -130,6 +139,7 @@ impl StackConfig {
             server_env: Vec::new(),
             gateway_ordinal_env: BTreeMap::new(),
             jaeger: true,
+            prometheus: None,
         }
     }
 

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::jaeger::Jaeger;
 use crate::node::{self, GatewayLauncher, Gateways};
+use crate::prometheus::{self, Prometheus};
 use crate::samples;
 
 pub use config::{Kubernetes, Ports, StackConfig, SYSTEM_NAMESPACE};
@@ -53,6 +54,7 @@ pub struct Stack {
     shutdown: CancellationToken,
     client: kube::Client,
     jaeger: Option<Jaeger>,
+    prometheus: Option<Prometheus>,
     /// Where Apollo's components and their identities live.
     system: TestNamespace,
     /// Where the sample objects and test fleets live.
@@ -204,6 +206,7 @@ impl Stack {
             shutdown,
             client,
             jaeger,
+            prometheus: None,
             system,
             namespace,
             control_plane,
@@ -224,6 +227,18 @@ impl Stack {
             .wait_gateways_ready(stack.cfg.gateways, Duration::from_secs(30))
             .await?;
 
+        if let Some(interval) = stack.cfg.prometheus {
+            let scrape = prometheus::Scrape {
+                interval,
+                namespace: stack.system.name().to_owned(),
+                controller: format!("127.0.0.1:{}", stack.cfg.ports.controller_admin),
+                router: format!("127.0.0.1:{}", stack.cfg.ports.router_admin),
+                gateways: stack.gateways.clone(),
+            };
+            let dir = stack.cfg.work_dir.join("prometheus");
+            stack.prometheus =
+                Some(Prometheus::start(&dir, stack.cfg.ports.prometheus, scrape).await?);
+        }
         if stack.cfg.install_samples {
             samples::install_samples(&stack.client, &stack.namespace, &stack.cfg.devices).await?;
         }
@@ -293,6 +308,11 @@ impl Stack {
     /// The Jaeger every component exports to, when the stack runs one.
     pub fn jaeger(&self) -> Option<&Jaeger> {
         self.jaeger.as_ref()
+    }
+
+    /// The Prometheus scraping every component, when the stack runs one.
+    pub fn prometheus(&self) -> Option<&Prometheus> {
+        self.prometheus.as_ref()
     }
 
     /// Redis URL.
