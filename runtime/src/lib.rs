@@ -8,13 +8,17 @@
 //! - feature `lease`: one Lease client for leader election and shard ownership;
 //! - features `cli`, `admin`, `kube-client` (all three: `shell`): the process [`shell`] — argument
 //!   groups flattened into every binary's `Args`, logging, the admin router, the Kubernetes client,
-//!   and one way to exit.
+//!   and one way to exit;
+//! - feature `redis`: one `--redis-url` syntax (a single Redis or a Redis Cluster) and one
+//!   connection for both ([`redis`]).
 #![forbid(unsafe_code)]
 
 pub mod backoff;
 pub mod duration;
 #[cfg(feature = "lease")]
 pub mod lease;
+#[cfg(feature = "redis")]
+pub mod redis;
 #[cfg(feature = "http")]
 mod serve;
 #[cfg(feature = "cli")]

@@ -20,6 +20,10 @@ ensure_redis_server() {
     (command -v systemctl >/dev/null 2>&1 && systemctl stop redis-server 2>/dev/null) || true
   fi
   command -v redis-server >/dev/null 2>&1 || { echo "error: redis-server is not installed" >&2; return 1; }
+  # The Redis Cluster tests create their cluster with redis-cli (Debian: redis-tools, which
+  # redis-server depends on; installed on its own should a system have only the server).
+  command -v redis-cli >/dev/null 2>&1 || apt_install redis-tools
+  command -v redis-cli >/dev/null 2>&1 || { echo "error: redis-cli is not installed" >&2; return 1; }
 }
 
 ensure_openssl() {

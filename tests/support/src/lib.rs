@@ -5,6 +5,8 @@
 //!   log tail printed when the test is failing.
 //! - [`binary`]: path of a workspace binary built by cargo.
 //! - [`RedisServer`]: a real `redis-server` on an ephemeral port, no persistence.
+//! - [`RedisCluster`]: a real Redis Cluster (masters, replicas) of redis-servers on ephemeral
+//!   ports, created with `redis-cli --cluster create`; planned and unplanned failovers.
 //! - [`ControlPlane`]: the real etcd + kube-apiserver + kube-controller-manager
 //!   (`scripts/control-plane.sh`), shared by the tests of a binary or private to one test.
 //! - [`TestNamespace`]: a namespace of one's own with Apollo's CRDs, the RBAC of `deploy/rbac/`,
@@ -27,6 +29,7 @@ pub mod kube;
 pub mod metrics;
 mod process;
 mod redis;
+mod redis_cluster;
 mod wait;
 
 pub use clock::skewed_clock_env;
@@ -38,6 +41,7 @@ pub use kube::{
 };
 pub use process::{binary, Proc, ProcBuilder};
 pub use redis::RedisServer;
+pub use redis_cluster::{ClusterNode, RedisCluster, NODE_TIMEOUT as REDIS_CLUSTER_NODE_TIMEOUT};
 pub use wait::{wait_for, wait_until};
 
 use std::collections::HashSet;

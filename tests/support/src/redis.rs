@@ -29,7 +29,7 @@ impl RedisServer {
     }
 
     async fn spawn(&mut self) {
-        let program = which_redis_server();
+        let program = which("redis-server");
         let proc = Proc::builder(program)
             .name(format!("redis-{}", self.port))
             .args(["--port", &self.port.to_string()])
@@ -73,18 +73,7 @@ impl RedisServer {
 
     /// Sends one command (RESP) and returns the raw reply, or None if the server is unreachable.
     pub fn command(&self, args: &[&str]) -> Option<String> {
-        let mut stream =
-            TcpStream::connect_timeout(&([127, 0, 0, 1], self.port).into(), Duration::from_secs(1))
-                .ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        let mut req = format!("*{}\r\n", args.len());
-        for a in args {
-            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-        }
-        stream.write_all(req.as_bytes()).ok()?;
-        let mut buf = vec![0u8; 64 * 1024];
-        let n = stream.read(&mut buf).ok()?;
-        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+        resp_command(self.port, args)
     }
 
     /// Kills the server (SIGKILL: all state lost) and starts a fresh one on the same port.
@@ -116,15 +105,33 @@ impl RedisServer {
     }
 }
 
-fn which_redis_server() -> PathBuf {
+/// Sends one command (RESP) to 127.0.0.1:`port` and returns the raw reply, or None if nothing
+/// answers.
+pub(crate) fn resp_command(port: u16, args: &[&str]) -> Option<String> {
+    let mut stream =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    stream.write_all(req.as_bytes()).ok()?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = stream.read(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// The path of a Redis program (`redis-server`, `redis-cli`) on PATH.
+pub(crate) fn which(program: &str) -> PathBuf {
     for dir in std::env::var("PATH").unwrap_or_default().split(':') {
-        let p = PathBuf::from(dir).join("redis-server");
+        let p = PathBuf::from(dir).join(program);
         if p.is_file() {
             return p;
         }
     }
     panic!(
-        "redis-server is not installed; scripts/test.sh installs it (apt-get install redis-server)"
+        "{program} is not installed; scripts/test.sh installs it (apt-get install redis-server \
+         redis-tools)"
     )
 }
 
