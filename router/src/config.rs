@@ -17,6 +17,15 @@ const UPSTREAM_CONNECT_TIMEOUT: DurationParser = DurationParser::new()
     .at_most(Duration::from_secs(30));
 const FALLBACK_HOLD: DurationParser = DurationParser::new().at_most(Duration::from_secs(60));
 const DRAIN: DurationParser = DurationParser::new().at_most(Duration::from_secs(120));
+const HEADER_READ_TIMEOUT: DurationParser = DurationParser::new()
+    .at_least(Duration::from_millis(100))
+    .at_most(Duration::from_secs(300));
+const BODY_READ_TIMEOUT: DurationParser = DurationParser::new()
+    .at_least(Duration::from_millis(100))
+    .at_most(Duration::from_secs(300));
+const IDLE_TIMEOUT: DurationParser = DurationParser::new()
+    .at_least(Duration::from_secs(1))
+    .at_most(Duration::from_secs(3600));
 
 /// Consistent-hash L7 router in front of the Apollo gateway replicas.
 #[derive(Parser, Debug, Clone)]
@@ -51,6 +60,34 @@ pub struct Args {
     /// On shutdown, how long in-flight requests (long polls) may take to finish (up to 2m).
     #[arg(long, env = "APOLLO_DRAIN", default_value = "5s", value_parser = DRAIN)]
     drain: Duration,
+
+    /// HTTP/1.1: longest time from a connection's accept, or from the first byte of a request on a
+    /// kept-alive one, until the request head is complete (100ms..5m); past it the connection is
+    /// closed.
+    #[arg(long, env = "APOLLO_HEADER_READ_TIMEOUT", default_value = "10s",
+          value_parser = HEADER_READ_TIMEOUT)]
+    pub header_read_timeout: Duration,
+
+    /// Longest time to receive a request body once its head is in (100ms..5m); past it 408.
+    #[arg(long, env = "APOLLO_BODY_READ_TIMEOUT", default_value = "10s",
+          value_parser = BODY_READ_TIMEOUT)]
+    pub body_read_timeout: Duration,
+
+    /// A client connection with no request in flight is closed after this long (1s..1h):
+    /// HTTP/2 GOAWAY, HTTP/1.1 close. Longer than clients keep idle connections (reqwest: 90s).
+    #[arg(long, env = "APOLLO_IDLE_TIMEOUT", default_value = "2m", value_parser = IDLE_TIMEOUT)]
+    pub idle_timeout: Duration,
+
+    /// Most client connections open at once; past it new ones are closed on accept.
+    #[arg(long, env = "APOLLO_MAX_CONNECTIONS", default_value_t = 50_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+
+    /// Largest request head in bytes (HTTP/1.1 read buffer, HTTP/2 header list), 8192..1048576;
+    /// a larger one gets 431 (HTTP/1.1) or a reset stream (HTTP/2).
+    #[arg(long, env = "APOLLO_MAX_HEADER_BYTES", default_value_t = 32_768,
+          value_parser = clap::value_parser!(u32).range(8192..=1_048_576))]
+    pub max_header_bytes: u32,
 
     /// Old spelling of --membership-refresh: milliseconds.
     #[arg(long, env = "APOLLO_MEMBERSHIP_REFRESH_MS", hide = true,
@@ -99,6 +136,19 @@ impl Args {
     pub fn drain(&self) -> Duration {
         self.drain_seconds.unwrap_or(self.drain)
     }
+
+    /// Limits of the public listener.
+    pub fn limits(&self) -> crate::listen::Limits {
+        crate::listen::Limits {
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            max_connections: self.max_connections as usize,
+            max_header_bytes: self.max_header_bytes as usize,
+            // Agents' long polls are multiplexed per client connection when they speak HTTP/2.
+            max_concurrent_streams: 10_000,
+            drain: self.drain(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -129,6 +179,39 @@ mod tests {
         assert_eq!(a.upstream_connect_timeout(), Duration::from_millis(500));
         assert_eq!(a.fallback_hold(), Duration::from_secs(2));
         assert_eq!(a.drain(), Duration::from_secs(5));
+        let limits = a.limits();
+        assert_eq!(limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(a.body_read_timeout, Duration::from_secs(10));
+        assert_eq!(limits.idle_timeout, Duration::from_secs(120));
+        assert_eq!(limits.max_connections, 50_000);
+        assert_eq!(limits.max_header_bytes, 32_768);
+    }
+
+    #[test]
+    fn hardening_flags_parse_and_keep_their_bounds() {
+        let a = parse(&[
+            "--header-read-timeout",
+            "500ms",
+            "--body-read-timeout",
+            "2s",
+            "--idle-timeout",
+            "1m",
+            "--max-connections",
+            "10",
+            "--max-header-bytes",
+            "16384",
+        ])
+        .expect("parse");
+        let limits = a.limits();
+        assert_eq!(limits.header_read_timeout, Duration::from_millis(500));
+        assert_eq!(a.body_read_timeout, Duration::from_secs(2));
+        assert_eq!(limits.idle_timeout, Duration::from_secs(60));
+        assert_eq!(limits.max_connections, 10);
+        assert_eq!(limits.max_header_bytes, 16_384);
+        assert!(parse(&["--header-read-timeout", "10ms"]).is_err());
+        assert!(parse(&["--idle-timeout", "2h"]).is_err());
+        assert!(parse(&["--max-connections", "0"]).is_err());
+        assert!(parse(&["--max-header-bytes", "100"]).is_err());
     }
 
     #[test]

@@ -13,15 +13,14 @@
 pub mod admin;
 pub mod config;
 pub mod error;
+pub mod listen;
 pub mod membership;
 pub mod metrics;
 pub mod proxy;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use apollo_runtime::ServeOptions;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -61,6 +60,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
         metrics.clone(),
         args.upstream_connect_timeout(),
         args.fallback_hold(),
+        args.body_read_timeout,
     ));
     let admin = admin::router(membership, Arc::new(registry));
 
@@ -71,24 +71,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
         admin,
         shutdown.clone(),
     ));
-    apollo_runtime::serve(
-        listener,
-        move |peer| {
-            let proxy = proxy.clone();
-            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(PeerAddr(peer));
-                let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(req).await) }
-            })
-        },
-        ServeOptions {
-            // Agents' long polls are multiplexed per client connection when they speak HTTP/2.
-            max_concurrent_streams: 10_000,
-            drain: args.drain(),
-        },
-        shutdown.clone(),
-    )
-    .await;
+    listen::serve(listener, proxy, metrics, args.limits(), shutdown.clone()).await;
     let _ = admin_task.await;
     info!("apollo-router stopped");
     Ok(())

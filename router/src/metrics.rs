@@ -1,6 +1,6 @@
 //! Router metrics (Prometheus text on the admin port's /metrics).
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -20,6 +20,22 @@ pub struct UpstreamLabels {
 pub struct Upstream {
     /// Gateway ordinal.
     pub upstream: String,
+}
+
+/// Why the router closed a client connection.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum ConnectionClose {
+    /// An HTTP/1.1 request head was not complete within the header-read timeout.
+    HeaderTimeout,
+    /// No request in flight for the idle timeout.
+    Idle,
+}
+
+/// Labels of a closed connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    /// Why.
+    pub reason: ConnectionClose,
 }
 
 /// Every router metric.
@@ -42,6 +58,21 @@ pub struct Metrics {
     pub alive: Gauge,
     /// Requests being proxied right now (long polls included).
     pub in_flight: Gauge,
+    /// Client connections open now.
+    pub connections_open: Gauge,
+    /// Client connections closed on accept because `--max-connections` were open.
+    pub connections_refused: Counter,
+    /// Client connections the router closed, by reason.
+    pub connections_closed: Family<CloseLabels, Counter>,
+    /// Requests refused before any upstream was tried (bodies too slow or where none belong).
+    pub refused: Family<RefusedLabels, Counter>,
+}
+
+/// Labels of a request the router refused itself.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// Status code answered.
+    pub code: u16,
 }
 
 impl Metrics {
@@ -57,6 +88,10 @@ impl Metrics {
             replicas: Gauge::default(),
             alive: Gauge::default(),
             in_flight: Gauge::default(),
+            connections_open: Gauge::default(),
+            connections_refused: Counter::default(),
+            connections_closed: Family::default(),
+            refused: Family::default(),
         };
         registry.register(
             "requests",
@@ -95,6 +130,33 @@ impl Metrics {
         );
         registry.register("alive_replicas", "Gateway replicas alive", m.alive.clone());
         registry.register("in_flight", "Requests being proxied", m.in_flight.clone());
+        registry.register(
+            "connections_open",
+            "Client connections open",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Client connections closed on accept: --max-connections reached",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Client connections closed by the router's timeouts, by reason",
+            m.connections_closed.clone(),
+        );
+        registry.register(
+            "refused",
+            "Requests the router answered itself without an upstream (bad bodies), by code",
+            m.refused.clone(),
+        );
         m
+    }
+
+    /// Counts a connection the router closed.
+    pub fn count_close(&self, reason: ConnectionClose) {
+        self.connections_closed
+            .get_or_create(&CloseLabels { reason })
+            .inc();
     }
 }

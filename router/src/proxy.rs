@@ -19,7 +19,7 @@ use hyper_util::rt::TokioExecutor;
 use tracing::{debug, warn, Instrument};
 
 use crate::membership::Membership;
-use crate::metrics::{Metrics, Upstream, UpstreamLabels};
+use crate::metrics::{Metrics, RefusedLabels, Upstream, UpstreamLabels};
 use crate::PeerAddr;
 
 /// Response body type of both listeners.
@@ -48,6 +48,7 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     client: Client<HttpConnector, Full<Bytes>>,
     fallback_hold: Duration,
+    body_read_timeout: Duration,
     /// Replicas that failed recently: skipped until the instant passes.
     held_down: Mutex<HashMap<u32, Instant>>,
 }
@@ -59,6 +60,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
         connect_timeout: Duration,
         fallback_hold: Duration,
+        body_read_timeout: Duration,
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(connect_timeout));
@@ -78,6 +80,7 @@ impl Proxy {
             metrics,
             client,
             fallback_hold,
+            body_read_timeout,
             held_down: Mutex::new(HashMap::new()),
         }
     }
@@ -95,9 +98,17 @@ impl Proxy {
         let (parts, body) = req.into_parts();
         // Request bodies are small (reports are capped at 64 KiB); buffering them is what lets a
         // request that failed on a dead replica be replayed on the fallback.
-        let body = match read_body(&parts.headers, body).await {
+        let body = match self.read_body(&parts, body).await {
             Ok(b) => b,
-            Err(resp) => return resp,
+            Err(resp) => {
+                self.metrics
+                    .refused
+                    .get_or_create(&RefusedLabels {
+                        code: resp.status().as_u16(),
+                    })
+                    .inc();
+                return resp;
+            }
         };
         let span = tracing::info_span!(
             "router.request",
@@ -129,6 +140,8 @@ impl Proxy {
         let view = &snapshot.view;
         let mut exclude = self.held_down_now();
         let mut tried: Vec<u32> = Vec::new();
+        // The "not ready" 503 of a replica we moved past, answered if no other replica can be.
+        let mut not_ready_answer = None;
         // Owner (or first fallback), then one more replica.
         for _attempt in 0..2 {
             let route = view
@@ -162,6 +175,21 @@ impl Proxy {
                             code,
                         })
                         .inc();
+                    // A replica still loading (e.g. just restarted, its old registration still
+                    // alive) says so: its devices go to the fallback meanwhile, once.
+                    let not_ready = resp.status() == StatusCode::SERVICE_UNAVAILABLE
+                        && resp
+                            .headers()
+                            .contains_key(apollo_protocol::NOT_READY_HEADER);
+                    if not_ready && tried.len() < 2 {
+                        debug!(
+                            upstream = route.ordinal,
+                            "upstream not ready; trying the fallback"
+                        );
+                        exclude.push(route.ordinal);
+                        not_ready_answer = Some(resp);
+                        continue;
+                    }
                     return into_downstream(resp);
                 }
                 Err(e) => {
@@ -176,6 +204,9 @@ impl Proxy {
                     exclude.push(route.ordinal);
                 }
             }
+        }
+        if let Some(resp) = not_ready_answer {
+            return into_downstream(resp);
         }
         let code = if tried.is_empty() {
             self.metrics.no_upstream.inc();
@@ -252,6 +283,52 @@ fn percent_decode(s: &str) -> Option<String> {
         .map(|decoded| decoded.into_owned())
 }
 
+impl Proxy {
+    /// Reads the whole body within the body-read timeout (408 past it). A GET or HEAD must not
+    /// carry one (400): the gateway's routes take none, and forwarding it would only cost an
+    /// upstream stream.
+    async fn read_body(
+        &self,
+        parts: &http::request::Parts,
+        body: Incoming,
+    ) -> Result<Bytes, Response<Body>> {
+        let bodiless = parts.method == Method::GET || parts.method == Method::HEAD;
+        if bodiless && declares_body(&parts.headers) {
+            return Err(body_not_allowed(&parts.method));
+        }
+        let read = tokio::time::timeout(self.body_read_timeout, read_body(&parts.headers, body));
+        match read.await {
+            Ok(Ok(body)) if bodiless && !body.is_empty() => Err(body_not_allowed(&parts.method)),
+            Ok(result) => result,
+            Err(_elapsed) => Err(error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {:?}",
+                    self.body_read_timeout
+                ),
+            )),
+        }
+    }
+}
+
+/// Whether the head announces a body: a non-zero `Content-Length` or any `Transfer-Encoding`.
+fn declares_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) != Some(0))
+}
+
+fn body_not_allowed(method: &Method) -> Response<Body> {
+    error(
+        StatusCode::BAD_REQUEST,
+        "body_not_allowed",
+        format!("a {method} request carries no body"),
+    )
+}
+
 async fn read_body(headers: &HeaderMap, body: Incoming) -> Result<Bytes, Response<Body>> {
     let too_large = || {
         error(
@@ -289,6 +366,13 @@ fn build_upstream_request(
     if let Some(headers) = builder.headers_mut() {
         copy_end_to_end_headers(&parts.headers, headers);
         headers.remove(header::HOST);
+        // The body was buffered: its length is known here, whatever the client declared (a
+        // declared length that differs from the DATA sent is a protocol error on the shared
+        // HTTP/2 connection, a reset stream).
+        headers.remove(header::CONTENT_LENGTH);
+        if !(parts.method == Method::GET || parts.method == Method::HEAD) {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
         // The gateway's span becomes a child of this router span (same trace id).
         apollo_telemetry::inject_current(headers);
         if let Some(PeerAddr(peer)) = parts.extensions.get::<PeerAddr>() {
