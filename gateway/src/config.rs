@@ -1,14 +1,36 @@
 //! Command-line flags (each also an `APOLLO_*` environment variable) and the settings derived
-//! from them.
+//! from them. The shared groups (`--admin-listen`, `--kubeconfig`, `--log-format`) come from the
+//! runtime's process shell. Durations take the shared syntax (`500ms`, `15s`, `5m`); the old
+//! `--*-seconds` spellings and their `APOLLO_*_SECONDS` variables stay accepted, hidden, a bare
+//! number (decimals allowed) in seconds.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use apollo_runtime::duration::DurationParser;
+use apollo_runtime::shell::{AdminArgs, KubeArgs, LogArgs};
 use clap::Parser;
 
 use crate::api::auth::Auth;
 use crate::error::Error;
+
+/// Longest of the gateway's periods and timeouts (as the old `--*-seconds` flags allowed).
+const YEAR: Duration = Duration::from_secs(86_400 * 365);
+/// Sent to agents in whole seconds.
+const HEARTBEAT: DurationParser = DurationParser::new()
+    .at_least(Duration::from_secs(1))
+    .at_most(Duration::from_secs(3600))
+    .whole_seconds();
+/// Lease durations are whole seconds.
+const SHARD_LEASE: DurationParser = DurationParser::new()
+    .at_least(Duration::from_secs(1))
+    .at_most(Duration::from_secs(600))
+    .whole_seconds();
+/// A positive period or timeout.
+const PERIOD: DurationParser = DurationParser::new().positive().at_most(YEAR);
+/// A delay that may be zero.
+const GRACE: DurationParser = DurationParser::new().at_most(YEAR);
 
 /// `apollo-gateway`: the device-facing HTTP API of Apollo.
 #[derive(Parser, Debug, Clone)]
@@ -18,9 +40,11 @@ pub struct Args {
     #[arg(long, env = "APOLLO_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
 
-    /// Address of the admin endpoints (`/healthz`, `/readyz`, `/metrics`).
-    #[arg(long, env = "APOLLO_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
-    pub admin_listen: SocketAddr,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+
+    #[command(flatten)]
+    pub kube: KubeArgs,
 
     /// Redis holding the state shared by all replicas. Without it an in-memory store serves a
     /// single replica.
@@ -43,36 +67,36 @@ pub struct Args {
     )]
     pub insecure_no_auth: bool,
 
-    /// How often agents must report; sent to them in every desired document and report ack.
-    #[arg(long, env = "APOLLO_HEARTBEAT_INTERVAL_SECONDS", default_value_t = 15,
-          value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub heartbeat_interval_seconds: u64,
+    /// How often agents must report (1s..1h, whole seconds); sent to them in every desired
+    /// document and report ack.
+    #[arg(long, env = "APOLLO_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = HEARTBEAT)]
+    heartbeat_interval: Duration,
 
     /// A device is stale after this many heartbeat intervals without a report.
     #[arg(long, env = "APOLLO_STALE_MULTIPLIER", default_value_t = 3,
           value_parser = clap::value_parser!(u32).range(1..=100))]
     pub stale_multiplier: u32,
 
-    /// How often the stale sweep runs (decimal seconds allowed).
-    #[arg(long, env = "APOLLO_SWEEP_INTERVAL_SECONDS", default_value = "5", value_parser = parse_seconds)]
-    pub sweep_interval_seconds: Duration,
+    /// How often the stale sweep runs.
+    #[arg(long, env = "APOLLO_SWEEP_INTERVAL", default_value = "5s", value_parser = PERIOD)]
+    sweep_interval: Duration,
 
     /// How often the level-triggered resync compares every status with the shared state.
-    #[arg(long, env = "APOLLO_RESYNC_INTERVAL_SECONDS", default_value = "300", value_parser = parse_seconds)]
-    pub resync_interval_seconds: Duration,
+    #[arg(long, env = "APOLLO_RESYNC_INTERVAL", default_value = "5m", value_parser = PERIOD)]
+    resync_interval: Duration,
 
     /// How long a spec change waits before its status write, so that an agent observing the new
     /// spec within this window costs one write instead of two.
-    #[arg(long, env = "APOLLO_STATUS_DEBOUNCE_SECONDS", default_value = "2", value_parser = parse_seconds)]
-    pub status_debounce_seconds: Duration,
+    #[arg(long, env = "APOLLO_STATUS_DEBOUNCE", default_value = "2s", value_parser = PERIOD)]
+    status_debounce: Duration,
 
     /// Kubernetes writes (status patches and Events) per second, across this replica.
     #[arg(long, env = "APOLLO_KUBE_WRITES_PER_SECOND", default_value_t = 50.0)]
     pub kube_writes_per_second: f64,
 
     /// Timeout of each Kubernetes call.
-    #[arg(long, env = "APOLLO_KUBE_WRITE_TIMEOUT_SECONDS", default_value = "10", value_parser = parse_seconds)]
-    pub kube_write_timeout_seconds: Duration,
+    #[arg(long, env = "APOLLO_KUBE_WRITE_TIMEOUT", default_value = "10s", value_parser = PERIOD)]
+    kube_write_timeout: Duration,
 
     /// DeviceProcesses that may wait for a status write at once (one entry per object).
     #[arg(long, env = "APOLLO_STATUS_QUEUE_CAPACITY", default_value_t = 65_536)]
@@ -119,18 +143,17 @@ pub struct Args {
     #[arg(long, env = "APOLLO_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
 
-    /// Duration of the per-shard Leases: a dead replica's shard is swept by another replica this
-    /// long after its last renewal.
-    #[arg(long, env = "APOLLO_SHARD_LEASE_SECONDS", default_value_t = 15,
-          value_parser = clap::value_parser!(u64).range(1..=600))]
-    pub shard_lease_seconds: u64,
+    /// Duration of the per-shard Leases (1s..10m, whole seconds): a dead replica's shard is swept
+    /// by another replica this long after its last renewal.
+    #[arg(long, env = "APOLLO_SHARD_LEASE", default_value = "15s", value_parser = SHARD_LEASE)]
+    shard_lease: Duration,
 
     /// After start-up, wait this long before the first stale sweep (default: one stale window).
     /// After an outage of every replica each device's last report is old although its agent is
-    /// fine and only retrying; sweeping at once would mark the whole fleet disconnected. 0 sweeps
+    /// fine and only retrying; sweeping at once would mark the whole fleet disconnected. 0s sweeps
     /// at once.
-    #[arg(long, env = "APOLLO_SWEEP_GRACE_SECONDS", value_parser = parse_seconds_or_zero)]
-    pub sweep_grace_seconds: Option<Duration>,
+    #[arg(long, env = "APOLLO_SWEEP_GRACE", value_parser = GRACE)]
+    sweep_grace: Option<Duration>,
 
     /// Mass-staleness breaker: when more than this share (0..1) of a shard's connected devices
     /// would go stale in one sweep, their disconnection is held (one Warning Event on the
@@ -148,17 +171,106 @@ pub struct Args {
     /// A transition decided by the store but not delivered (status patch and Event) this long
     /// after it was decided is replayed by the shard's owner (the replica that decided it died,
     /// gave up or was shut down).
-    #[arg(long, env = "APOLLO_PENDING_REPLAY_GRACE_SECONDS", default_value = "10", value_parser = parse_seconds)]
-    pub pending_replay_grace_seconds: Duration,
+    #[arg(long, env = "APOLLO_PENDING_REPLAY_GRACE", default_value = "10s", value_parser = PERIOD)]
+    pending_replay_grace: Duration,
 
     /// Log one line per device request (`GET /v1/devices/tor1-01/desired 304 0.4ms`) at info
     /// level under the `apollo_gateway::access` target. Off by default: at fleet scale it is noise.
     #[arg(long, env = "APOLLO_ACCESS_LOG")]
     pub access_log: bool,
 
-    /// Log format: `text` or `json`.
-    #[arg(long, env = "APOLLO_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    pub log_format: String,
+    #[command(flatten)]
+    pub log: LogArgs,
+
+    /// Old spelling of --heartbeat-interval: seconds.
+    #[arg(long, env = "APOLLO_HEARTBEAT_INTERVAL_SECONDS", hide = true,
+          conflicts_with = "heartbeat_interval", value_parser = HEARTBEAT.bare_seconds())]
+    heartbeat_interval_seconds: Option<Duration>,
+
+    /// Old spelling of --sweep-interval: seconds.
+    #[arg(long, env = "APOLLO_SWEEP_INTERVAL_SECONDS", hide = true,
+          conflicts_with = "sweep_interval", value_parser = PERIOD.bare_seconds())]
+    sweep_interval_seconds: Option<Duration>,
+
+    /// Old spelling of --resync-interval: seconds.
+    #[arg(long, env = "APOLLO_RESYNC_INTERVAL_SECONDS", hide = true,
+          conflicts_with = "resync_interval", value_parser = PERIOD.bare_seconds())]
+    resync_interval_seconds: Option<Duration>,
+
+    /// Old spelling of --status-debounce: seconds.
+    #[arg(long, env = "APOLLO_STATUS_DEBOUNCE_SECONDS", hide = true,
+          conflicts_with = "status_debounce", value_parser = PERIOD.bare_seconds())]
+    status_debounce_seconds: Option<Duration>,
+
+    /// Old spelling of --kube-write-timeout: seconds.
+    #[arg(long, env = "APOLLO_KUBE_WRITE_TIMEOUT_SECONDS", hide = true,
+          conflicts_with = "kube_write_timeout", value_parser = PERIOD.bare_seconds())]
+    kube_write_timeout_seconds: Option<Duration>,
+
+    /// Old spelling of --shard-lease: seconds.
+    #[arg(long, env = "APOLLO_SHARD_LEASE_SECONDS", hide = true,
+          conflicts_with = "shard_lease", value_parser = SHARD_LEASE.bare_seconds())]
+    shard_lease_seconds: Option<Duration>,
+
+    /// Old spelling of --sweep-grace: seconds.
+    #[arg(long, env = "APOLLO_SWEEP_GRACE_SECONDS", hide = true,
+          conflicts_with = "sweep_grace", value_parser = GRACE.bare_seconds())]
+    sweep_grace_seconds: Option<Duration>,
+
+    /// Old spelling of --pending-replay-grace: seconds.
+    #[arg(long, env = "APOLLO_PENDING_REPLAY_GRACE_SECONDS", hide = true,
+          conflicts_with = "pending_replay_grace", value_parser = PERIOD.bare_seconds())]
+    pending_replay_grace_seconds: Option<Duration>,
+}
+
+impl Args {
+    /// How often agents must report.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat_interval_seconds
+            .unwrap_or(self.heartbeat_interval)
+    }
+
+    /// Stale sweep period.
+    pub fn sweep_interval(&self) -> Duration {
+        self.sweep_interval_seconds.unwrap_or(self.sweep_interval)
+    }
+
+    /// Resync period.
+    pub fn resync_interval(&self) -> Duration {
+        self.resync_interval_seconds.unwrap_or(self.resync_interval)
+    }
+
+    /// Debounce of spec-change writes.
+    pub fn status_debounce(&self) -> Duration {
+        self.status_debounce_seconds.unwrap_or(self.status_debounce)
+    }
+
+    /// Timeout of each Kubernetes call.
+    pub fn kube_write_timeout(&self) -> Duration {
+        self.kube_write_timeout_seconds
+            .unwrap_or(self.kube_write_timeout)
+    }
+
+    /// Shard Lease duration.
+    pub fn shard_lease(&self) -> Duration {
+        self.shard_lease_seconds.unwrap_or(self.shard_lease)
+    }
+
+    /// Delay of the first stale sweep, when given (the default is one stale window).
+    pub fn sweep_grace(&self) -> Option<Duration> {
+        self.sweep_grace_seconds.or(self.sweep_grace)
+    }
+
+    /// Age after which undelivered transitions are replayed.
+    pub fn pending_replay_grace(&self) -> Duration {
+        self.pending_replay_grace_seconds
+            .unwrap_or(self.pending_replay_grace)
+    }
+
+    /// staleMultiplier x heartbeat interval.
+    pub fn stale_window(&self) -> Duration {
+        self.heartbeat_interval() * self.stale_multiplier
+    }
 }
 
 /// A share between 0 and 1.
@@ -173,77 +285,24 @@ pub fn parse_share(s: &str) -> Result<f64, String> {
     Ok(value)
 }
 
-/// Like [`parse_seconds`], but also accepts 0.
-pub fn parse_seconds_or_zero(s: &str) -> Result<Duration, String> {
-    if s.trim().parse::<f64>().is_ok_and(|v| v == 0.0) {
-        return Ok(Duration::ZERO);
-    }
-    parse_seconds(s)
-}
-
-/// Parses decimal seconds (`"15"`, `"0.25"`) into a positive duration.
-pub fn parse_seconds(s: &str) -> Result<Duration, String> {
-    let value: f64 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !value.is_finite() || value <= 0.0 || value > 86_400.0 * 365.0 {
-        return Err(format!("{s:?} must be a positive number of seconds"));
-    }
-    Ok(Duration::from_secs_f64(value))
-}
-
-/// Validated settings the gateway runs with.
+/// What the gateway runs with: the parsed flags, and what is derived from them once they are
+/// checked (the flags themselves are read from [`Settings::args`]).
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Device API address.
-    pub listen: SocketAddr,
-    /// Admin address.
-    pub admin_listen: SocketAddr,
-    /// Redis URL, or None for the in-memory store.
-    pub redis_url: Option<String>,
+    /// The flags, durations through their accessors ([`Args::sweep_interval`], ...).
+    pub args: Args,
     /// Authentication of device requests.
     pub auth: Auth,
-    /// Heartbeat interval told to agents.
-    pub heartbeat_interval_seconds: u64,
-    /// staleMultiplier x heartbeat interval.
-    pub stale_window: Duration,
-    /// Stale sweep period.
-    pub sweep_interval: Duration,
-    /// Resync period.
-    pub resync_interval: Duration,
-    /// Debounce of spec-change writes.
-    pub status_debounce: Duration,
-    /// Kubernetes writes per second.
-    pub kube_writes_per_second: f64,
-    /// Timeout of each Kubernetes call.
-    pub kube_timeout: Duration,
-    /// Status queue capacity.
-    pub status_queue_capacity: usize,
-    /// Concurrent status writes.
-    pub status_writers: usize,
-    /// Concurrent device requests.
-    pub max_concurrent_requests: usize,
-    /// Namespace scope.
-    pub namespace: Option<String>,
-    /// This replica's ordinal.
+    /// This replica's ordinal (from --ordinal or the pod name).
     pub ordinal: u32,
-    /// Replica count before the membership is read (the only count without Redis).
-    pub replicas: u32,
     /// Address advertised to routers.
     pub advertise_addr: String,
     /// Namespace of the shard Leases.
     pub lease_namespace: String,
-    /// Shard Lease duration.
-    pub shard_lease: Duration,
-    /// Per-request info log.
-    pub access_log: bool,
     /// Delay of the first stale sweep after start-up.
     pub sweep_grace: Duration,
     /// The mass-staleness breaker.
     pub breaker: crate::cluster::sweep::Breaker,
-    /// Age after which undelivered transitions are replayed.
-    pub pending_replay_grace: Duration,
 }
 
 /// The ordinal at the end of a StatefulSet pod name (`apollo-gateway-2` -> 2).
@@ -318,37 +377,17 @@ impl Settings {
             args.dev_shared_token_file.as_deref(),
             args.insecure_no_auth,
         )?;
-        let heartbeat = Duration::from_secs(args.heartbeat_interval_seconds);
         Ok(Self {
-            listen: args.listen,
-            admin_listen: args.admin_listen,
-            redis_url: args.redis_url.clone(),
             auth,
-            heartbeat_interval_seconds: args.heartbeat_interval_seconds,
-            stale_window: heartbeat * args.stale_multiplier,
-            sweep_interval: args.sweep_interval_seconds,
-            resync_interval: args.resync_interval_seconds,
-            status_debounce: args.status_debounce_seconds,
-            kube_writes_per_second: args.kube_writes_per_second,
-            kube_timeout: args.kube_write_timeout_seconds,
-            status_queue_capacity: args.status_queue_capacity,
-            status_writers: args.status_writers,
-            max_concurrent_requests: args.max_concurrent_requests,
-            namespace: args.namespace.clone(),
             ordinal,
-            replicas: args.replicas,
             advertise_addr,
             lease_namespace,
-            shard_lease: Duration::from_secs(args.shard_lease_seconds),
-            access_log: args.access_log,
-            sweep_grace: args
-                .sweep_grace_seconds
-                .unwrap_or(heartbeat * args.stale_multiplier),
+            sweep_grace: args.sweep_grace().unwrap_or(args.stale_window()),
             breaker: crate::cluster::sweep::Breaker {
                 share: args.stale_breaker_share,
                 min_devices: args.stale_breaker_min_devices,
             },
-            pending_replay_grace: args.pending_replay_grace_seconds,
+            args: args.clone(),
         })
     }
 }
@@ -372,14 +411,20 @@ mod tests {
     #[test]
     fn defaults_match_the_documented_interface() {
         let args = parse(&["--insecure-no-auth"]).expect("parse");
-        assert_eq!(args.heartbeat_interval_seconds, 15);
+        assert_eq!(args.heartbeat_interval(), Duration::from_secs(15));
         assert_eq!(args.stale_multiplier, 3);
         assert_eq!(args.ordinal, None);
         assert_eq!(args.replicas, 1);
+        assert_eq!(args.admin.listen.port(), 9090);
+        assert_eq!(args.sweep_interval(), Duration::from_secs(5));
+        assert_eq!(args.resync_interval(), Duration::from_secs(300));
+        assert_eq!(args.status_debounce(), Duration::from_secs(2));
+        assert_eq!(args.kube_write_timeout(), Duration::from_secs(10));
+        assert_eq!(args.pending_replay_grace(), Duration::from_secs(10));
         let settings = Settings::from_args(&args).expect("settings");
         assert_eq!(settings.ordinal, 0);
-        assert_eq!(settings.shard_lease, Duration::from_secs(15));
-        assert_eq!(settings.stale_window, Duration::from_secs(45));
+        assert_eq!(settings.args.shard_lease(), Duration::from_secs(15));
+        assert_eq!(settings.args.stale_window(), Duration::from_secs(45));
         assert!(settings.auth.is_insecure());
     }
 
@@ -479,12 +524,94 @@ mod tests {
     }
 
     #[test]
-    fn seconds_accept_decimals_and_refuse_nonsense() {
-        assert_eq!(parse_seconds("0.25"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_seconds("15"), Ok(Duration::from_secs(15)));
-        assert!(parse_seconds("0").is_err());
-        assert!(parse_seconds("-1").is_err());
-        assert!(parse_seconds("soon").is_err());
-        assert!(parse_seconds("NaN").is_err());
+    fn durations_take_the_shared_syntax_and_old_spellings_their_seconds() {
+        let args = parse(&[
+            "--insecure-no-auth",
+            "--heartbeat-interval",
+            "2s",
+            "--sweep-interval",
+            "250ms",
+            "--resync-interval",
+            "1m",
+            "--status-debounce",
+            "500ms",
+            "--kube-write-timeout",
+            "3s",
+            "--shard-lease",
+            "5s",
+            "--sweep-grace",
+            "0s",
+            "--pending-replay-grace",
+            "1m",
+        ])
+        .expect("new spellings");
+        assert_eq!(args.heartbeat_interval(), Duration::from_secs(2));
+        assert_eq!(args.sweep_interval(), Duration::from_millis(250));
+        assert_eq!(args.resync_interval(), Duration::from_secs(60));
+        assert_eq!(args.status_debounce(), Duration::from_millis(500));
+        assert_eq!(args.kube_write_timeout(), Duration::from_secs(3));
+        assert_eq!(args.shard_lease(), Duration::from_secs(5));
+        assert_eq!(args.sweep_grace(), Some(Duration::ZERO));
+        assert_eq!(args.pending_replay_grace(), Duration::from_secs(60));
+
+        let args = parse(&[
+            "--insecure-no-auth",
+            "--heartbeat-interval-seconds",
+            "2",
+            "--sweep-interval-seconds",
+            "0.25",
+            "--resync-interval-seconds",
+            "60",
+            "--status-debounce-seconds",
+            "0.5",
+            "--kube-write-timeout-seconds",
+            "3",
+            "--shard-lease-seconds",
+            "5",
+            "--sweep-grace-seconds",
+            "0",
+            "--pending-replay-grace-seconds",
+            "60",
+        ])
+        .expect("old spellings");
+        assert_eq!(args.heartbeat_interval(), Duration::from_secs(2));
+        assert_eq!(args.sweep_interval(), Duration::from_millis(250));
+        assert_eq!(args.resync_interval(), Duration::from_secs(60));
+        assert_eq!(args.status_debounce(), Duration::from_millis(500));
+        assert_eq!(args.kube_write_timeout(), Duration::from_secs(3));
+        assert_eq!(args.shard_lease(), Duration::from_secs(5));
+        assert_eq!(args.sweep_grace(), Some(Duration::ZERO));
+        assert_eq!(args.pending_replay_grace(), Duration::from_secs(60));
+
+        // Bounds hold for both spellings; both at once is refused.
+        for refused in [
+            &["--heartbeat-interval", "1500ms"][..],
+            &["--heartbeat-interval-seconds", "0"],
+            &["--heartbeat-interval-seconds", "3601"],
+            &["--shard-lease", "11m"],
+            &["--sweep-interval", "0s"],
+            &["--sweep-interval-seconds", "0"],
+            &["--sweep-interval-seconds", "soon"],
+            &["--sweep-interval-seconds", "-1"],
+            &["--sweep-interval", "1s", "--sweep-interval-seconds", "1"],
+        ] {
+            let argv: Vec<&str> = std::iter::once("--insecure-no-auth")
+                .chain(refused.iter().copied())
+                .collect();
+            assert!(parse(&argv).is_err(), "{refused:?} must be refused");
+        }
+        let help = Args::command().render_long_help().to_string();
+        assert!(!help.contains("-seconds"), "{help}");
+        assert!(help.contains("--sweep-interval <SWEEP_INTERVAL>"), "{help}");
+    }
+
+    #[test]
+    fn an_unknown_log_format_is_refused_naming_the_accepted_ones() {
+        let error = parse(&["--insecure-no-auth", "--log-format", "bogus"]).expect_err("refused");
+        assert_eq!(error.exit_code(), 2);
+        assert!(
+            error.to_string().contains("[possible values: text, json]"),
+            "{error}"
+        );
     }
 }

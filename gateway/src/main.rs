@@ -1,38 +1,25 @@
-//! `apollo-gateway` binary: parse flags, set up logging and the shutdown signal, run.
+//! `apollo-gateway` binary: parse flags, then run in the shared process shell (logging, one
+//! shutdown signal, exit status 2 for bad flags, 1 when running fails) until SIGTERM/SIGINT.
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 
-use apollo_gateway::{Args, Settings};
+use apollo_gateway::{Args, Error, Settings};
+use apollo_runtime::shell::{self, Failure};
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let format = args
-        .log_format
-        .parse()
-        .unwrap_or(apollo_telemetry::LogFormat::Text);
-    // Exports spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set; flushed when dropped.
-    let _telemetry = apollo_telemetry::init("apollo-gateway", format);
-    let settings = match Settings::from_args(&args) {
-        Ok(settings) => settings,
-        Err(error) => {
-            tracing::error!("{error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let shutdown = CancellationToken::new();
-    if let Err(error) = apollo_runtime::cancel_on_signals(shutdown.clone()) {
-        tracing::error!(%error, "cannot install the SIGTERM/SIGINT handlers");
-        return ExitCode::FAILURE;
-    }
-    match apollo_gateway::run(settings, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!("{error}");
-            ExitCode::FAILURE
-        }
-    }
+    shell::run("apollo-gateway", args.log, |shutdown| async move {
+        let settings = Settings::from_args(&args).map_err(|error| match error {
+            Error::InvalidConfig(message) => Failure::Config(message),
+            // An unreadable or empty secret file is configuration too.
+            other => Failure::config(other),
+        })?;
+        apollo_gateway::run(settings, shutdown)
+            .await
+            .map_err(Failure::runtime)
+    })
+    .await
 }

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{admin_router, AdminState};
+use crate::admin;
 use crate::api::{device_router, DeviceApi};
 use crate::cache::{run_watch, Cache};
 use crate::cluster;
@@ -38,8 +38,9 @@ pub async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, E
 
 /// Runs the gateway until `shutdown` is cancelled (or a server fails).
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), Error> {
-    let device_listener = bind(settings.listen, "device API").await?;
-    let admin_listener = bind(settings.admin_listen, "admin").await?;
+    let args = &settings.args;
+    let device_listener = bind(args.listen, "device API").await?;
+    let admin_listener = bind(args.admin.listen, "admin").await?;
     if settings.auth.is_insecure() {
         tracing::warn!(
             "--insecure-no-auth: device requests are NOT authenticated; never run this way \
@@ -49,69 +50,63 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     if settings.auth.has_shared_token() {
         tracing::warn!("a shared development token is accepted for every device");
     }
-    let client = kube::Client::try_default()
-        .await
-        .map_err(Error::KubeConfig)?;
+    let client = args.kube.client().await.map_err(Error::KubeConfig)?;
 
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
-    let store = match &settings.redis_url {
+    let store = match &args.redis_url {
         Some(url) => Store::redis(RedisStore::new(url)?, metrics.clone()),
         None => Store::memory(metrics.clone()),
     };
     // Alone (in-memory store) this replica owns every slot. In a cluster it owns the slots of
     // the shards whose Lease it holds, published by the cluster task below.
-    let (ownership_sender, ownership) = if settings.redis_url.is_some() {
+    let (ownership_sender, ownership) = if args.redis_url.is_some() {
         ownership::fixed(OwnedSlots::none())
     } else {
-        ownership::fixed(OwnedSlots::of_shards(
-            &[settings.ordinal],
-            settings.replicas,
-        ))
+        ownership::fixed(OwnedSlots::of_shards(&[settings.ordinal], args.replicas))
     };
-    let cache = Arc::new(Cache::new(
-        settings.heartbeat_interval_seconds,
-        metrics.clone(),
-    ));
+    // Whole seconds (the flag's parser refuses fractions): agents are told it in seconds.
+    let heartbeat_interval_seconds = args.heartbeat_interval().as_secs();
+    let cache = Arc::new(Cache::new(heartbeat_interval_seconds, metrics.clone()));
     let writer = Arc::new(StatusWriter::new(
         cache.clone(),
         store.clone(),
         client.clone(),
         ownership.clone(),
         WriterConfig {
-            debounce: settings.status_debounce,
-            call_timeout: settings.kube_timeout,
-            concurrency: settings.status_writers,
-            writes_per_second: settings.kube_writes_per_second,
-            queue_capacity: settings.status_queue_capacity,
+            debounce: args.status_debounce(),
+            call_timeout: args.kube_write_timeout(),
+            concurrency: args.status_writers,
+            writes_per_second: args.kube_writes_per_second,
+            queue_capacity: args.status_queue_capacity,
             instance: format!("apollo-gateway-{}", settings.ordinal),
         },
         metrics.clone(),
     ));
     tracing::info!(
-        listen = %settings.listen,
-        admin = %settings.admin_listen,
+        listen = %args.listen,
+        admin = %args.admin.listen,
         store = store.backend_name(),
         ordinal = settings.ordinal,
-        replicas = settings.replicas,
-        namespace = settings.namespace.as_deref().unwrap_or("<all>"),
-        stale_window = ?settings.stale_window,
+        replicas = args.replicas,
+        namespace = args.namespace.as_deref().unwrap_or("<all>"),
+        stale_window = ?args.stale_window(),
         sweep_grace = ?settings.sweep_grace,
         "apollo-gateway starting"
     );
 
     let mut tasks = JoinSet::new();
-    if let Some(redis_url) = &settings.redis_url {
+    if let Some(redis_url) = &args.redis_url {
         tasks.spawn(cluster::run(
             cluster::ClusterConfig {
                 ordinal: settings.ordinal,
                 advertise_addr: settings.advertise_addr.clone(),
                 redis_url: redis_url.clone(),
                 lease_namespace: settings.lease_namespace.clone(),
-                lease_duration: settings.shard_lease,
+                lease_duration: args.shard_lease(),
             },
             client.clone(),
-            settings.replicas,
+            args.replicas,
             ownership_sender,
             store.clock().clone(),
             metrics.clock_offset_seconds.clone(),
@@ -124,7 +119,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             std::future::pending::<()>().await
         });
     }
-    let api: Api<DeviceProcess> = match &settings.namespace {
+    let api: Api<DeviceProcess> = match &args.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
@@ -150,18 +145,18 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         },
     };
     tasks.spawn(background.clone().run_sweeper(
-        settings.stale_window,
-        settings.sweep_interval,
+        args.stale_window(),
+        args.sweep_interval(),
         settings.sweep_grace,
         settings.breaker,
         shutdown.clone(),
     ));
     tasks.spawn(background.clone().run_replay(
-        settings.pending_replay_grace,
-        settings.sweep_interval.max(Duration::from_secs(1)),
+        args.pending_replay_grace(),
+        args.sweep_interval().max(Duration::from_secs(1)),
         shutdown.clone(),
     ));
-    tasks.spawn(background.run_resync(settings.resync_interval, shutdown.clone()));
+    tasks.spawn(background.run_resync(args.resync_interval(), shutdown.clone()));
     let (etag_records, etag_queue) = mpsc::channel(ETAG_RECORD_QUEUE);
     tasks.spawn(record_etags(store.clone(), etag_queue, shutdown.clone()));
     let writer_task = tokio::spawn(writer.clone().run(shutdown.clone()));
@@ -171,19 +166,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         store: store.clone(),
         sink: writer.clone(),
         auth: settings.auth.clone(),
-        heartbeat_interval_seconds: settings.heartbeat_interval_seconds,
+        heartbeat_interval_seconds,
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
         etag_records,
         ordinal: settings.ordinal,
-        max_concurrent_requests: settings.max_concurrent_requests,
-        access_log: settings.access_log,
+        max_concurrent_requests: args.max_concurrent_requests,
+        access_log: args.access_log,
     });
-    let admin = Arc::new(AdminState {
-        cache,
-        store,
-        registry,
-    });
+    let admin = admin::router(Arc::new(registry), cache, store);
     let mut servers = JoinSet::new();
     {
         let shutdown = shutdown.clone();
@@ -207,13 +198,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     {
         let shutdown = shutdown.clone();
         servers.spawn(async move {
-            axum::serve(admin_listener, admin_router(admin))
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-                .map_err(|source| Error::Serve {
-                    what: "admin",
-                    source,
-                })
+            apollo_runtime::shell::admin::serve(admin_listener, admin, shutdown).await;
+            Ok(())
         });
     }
 

@@ -473,12 +473,98 @@ async fn gateway_without_auth_refuses_to_start() {
         .wait_exit(Duration::from_secs(5))
         .await
         .expect("exits by itself");
-    assert!(!status.success());
+    // A configuration error: status 2, one `program: invalid configuration: ...` line.
+    assert_eq!(status.code(), Some(2), "{}", gateway.logs());
+    assert!(
+        gateway
+            .logs()
+            .contains("apollo-gateway: invalid configuration: "),
+        "{}",
+        gateway.logs()
+    );
     assert!(
         gateway.logs().contains("--insecure-no-auth"),
         "{}",
         gateway.logs()
     );
+}
+
+#[tokio::test]
+async fn an_unknown_log_format_is_a_usage_error_naming_the_accepted_ones() {
+    let mut gateway = apollo_test_support::Proc::builder(gateway_binary())
+        .args(["--insecure-no-auth", "--log-format", "bogus"])
+        .env_remove("APOLLO_LOG_FORMAT")
+        .spawn();
+    let status = gateway
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("exits on a bad flag");
+    assert_eq!(status.code(), Some(2), "{}", gateway.logs());
+    let logs = gateway.logs();
+    assert!(logs.contains("'bogus'"), "{logs}");
+    assert!(logs.contains("[possible values: text, json]"), "{logs}");
+}
+
+/// The heartbeat interval a gateway tells agents, read from a desired document.
+async fn told_heartbeat(http: &reqwest::Client, device_url: &str) -> u64 {
+    let document: serde_json::Value = http
+        .get(format!("{device_url}/v1/devices/any/desired"))
+        .send()
+        .await
+        .expect("GET desired")
+        .json()
+        .await
+        .expect("json");
+    document["heartbeatIntervalSeconds"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no heartbeatIntervalSeconds in {document}"))
+}
+
+#[tokio::test]
+async fn old_and_new_duration_spellings_both_configure_the_binary() {
+    // The harness starts its gateway with the old spelling: --heartbeat-interval-seconds 1.
+    let stack = Stack::start_with(Options {
+        auth_secret: false,
+        extra: vec!["--insecure-no-auth".into()],
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(told_heartbeat(&stack.http, &stack.device_url).await, 1);
+
+    // Another gateway (in-memory store) with the new spellings only.
+    let device = apollo_test_support::free_addr();
+    let admin = apollo_test_support::free_addr();
+    let kubeconfig = stack
+        .ns
+        .kubeconfig_for(apollo_test_support::Component::Gateway)
+        .await;
+    let mut gateway = apollo_test_support::Proc::builder(gateway_binary())
+        .name("gateway-new-spellings")
+        .args(["--listen", &device.to_string()])
+        .args(["--admin-listen", &admin.to_string()])
+        .args(["--namespace", stack.ns.name()])
+        .args(["--lease-namespace", stack.ns.name()])
+        .args(["--heartbeat-interval", "7s"])
+        .args(["--sweep-interval", "100ms"])
+        .args(["--pending-replay-grace", "1m"])
+        .arg("--insecure-no-auth")
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("POD_NAMESPACE")
+        .spawn();
+    wait_until(DEADLINE, "the second gateway answers /readyz 200", || async {
+        stack
+            .http
+            .get(format!("http://{admin}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert_eq!(
+        told_heartbeat(&stack.http, &format!("http://{device}")).await,
+        7
+    );
+    gateway.terminate(Duration::from_secs(5)).await;
 }
 
 #[tokio::test]

@@ -68,7 +68,7 @@ fn every_rendered_container_of_ours_parses_with_the_binary_cli() {
                     );
                     assert_eq!(settings.lease_namespace, NAMESPACE, "{who}");
                     assert_eq!(named_port(&c, "http"), Some(args.listen.port()), "{who}");
-                    assert_probes_hit_admin(&w, &c, args.admin_listen.port());
+                    assert_probes_hit_admin(&w, &c, args.admin.listen.port());
                     let url = args.redis_url.as_deref().expect("gateways share Redis");
                     assert_redis_is_the_rendered_service(&who, url);
                     assert_exports_traces_to_jaeger(&who, &env, "apollo-jaeger");
