@@ -154,12 +154,9 @@ impl Stack {
             kubeconfig: system.kubeconfig_for(Component::Gateway).await,
             secret_file,
             extra_args: vec![
-                format!(
-                    "--heartbeat-interval-seconds={}",
-                    cfg.heartbeat_interval_seconds
-                ),
+                format!("--heartbeat-interval={}s", cfg.heartbeat_interval_seconds),
                 format!("--stale-multiplier={}", cfg.stale_multiplier),
-                format!("--sweep-interval-seconds={}", cfg.sweep_interval_seconds),
+                format!("--sweep-interval={}s", cfg.sweep_interval_seconds),
                 format!("--lease-namespace={system_ns}"),
                 // The demo's "200 once, then 304s" is read from this log.
                 "--access-log".to_owned(),

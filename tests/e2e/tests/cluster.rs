@@ -25,7 +25,7 @@ fn config(dir: &tempfile::TempDir, gateways: u32) -> StackConfig {
     cfg.heartbeat_interval_seconds = 2;
     cfg.stale_multiplier = 3;
     cfg.sweep_interval_seconds = 1;
-    cfg.gateway_extra_args = vec![format!("--shard-lease-seconds={LEASE_SECONDS}")];
+    cfg.gateway_extra_args = vec![format!("--shard-lease={LEASE_SECONDS}s")];
     cfg
 }
 
@@ -439,8 +439,7 @@ async fn an_outage_of_every_replica_marks_nobody_disconnected_once_they_return()
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = config(&dir, 2);
     // Long enough for agents backing off through the outage to report again.
-    cfg.gateway_extra_args
-        .push("--sweep-grace-seconds=20".into());
+    cfg.gateway_extra_args.push("--sweep-grace=20s".into());
     let stack = Stack::start(cfg).await.expect("start the stack");
     let client = stack.client();
     let (_devices, _agents) = healthy_fleet(&stack, "outage", 20).await;

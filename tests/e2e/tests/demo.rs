@@ -81,7 +81,7 @@ async fn the_seed_demo_runs_end_to_end_with_kubectl() {
     cfg.ports = Ports::ephemeral();
     cfg.heartbeat_interval_seconds = 2;
     cfg.sweep_interval_seconds = 1;
-    cfg.gateway_extra_args = vec!["--shard-lease-seconds=3".into()];
+    cfg.gateway_extra_args = vec!["--shard-lease=3s".into()];
     cfg.agent_poll_wait_seconds = 1;
     let stack = Stack::start(cfg).await.expect("start the stack");
     let client = stack.client();

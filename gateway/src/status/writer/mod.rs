@@ -48,7 +48,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Settings of the writer.
 #[derive(Debug, Clone)]
 pub struct WriterConfig {
-    /// Delay of spec-change writes (see `--status-debounce-seconds`).
+    /// Delay of spec-change writes (see `--status-debounce`).
     pub debounce: Duration,
     /// Timeout of each Kubernetes call.
     pub call_timeout: Duration,
