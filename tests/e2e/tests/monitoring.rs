@@ -428,6 +428,30 @@ async fn prometheus_scrapes_the_stack_evaluates_every_rule_and_dashboard_query_a
     )
     .await;
 
+    // The core panels show data once a few scrapes of the reporting fleet are in.
+    let queries = dashboard_queries();
+    let core = [
+        "Reports / s by replica",
+        "Desired: 200 vs 304",
+        "Kubernetes writes by reason",
+        "Fleet connectivity",
+    ];
+    wait_until(
+        Duration::from_secs(60),
+        "the core panels show data",
+        || async {
+            for (panel, expr) in queries.iter().filter(|(p, _)| core.contains(&p.as_str())) {
+                let result = prometheus.query(expr).await.unwrap_or_default();
+                if list(&result).is_empty() {
+                    eprintln!("waiting: panel {panel:?} has no data yet: {expr}");
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+
     // Every dashboard query evaluates, and every metric it names is one Prometheus knows: a
     // series of it exists, or a scraped target describes its family (labelled families have no
     // series before their first observation, e.g. Redis errors on a healthy stack).
@@ -440,7 +464,7 @@ async fn prometheus_scrapes_the_stack_evaluates_every_rule_and_dashboard_query_a
     let described = described_names(prometheus).await;
     let mut empty = Vec::new();
     let mut only_described = BTreeSet::new();
-    for (panel, expr) in dashboard_queries() {
+    for (panel, expr) in queries {
         let result = prometheus
             .query(&expr)
             .await
@@ -461,19 +485,6 @@ async fn prometheus_scrapes_the_stack_evaluates_every_rule_and_dashboard_query_a
         }
     }
     eprintln!("dashboard: panels with an empty query now: {empty:?}; metrics described but without a series yet: {only_described:?}");
-    // The core panels show data on a healthy stack.
-    for panel in [
-        "Reports / s by replica",
-        "Desired: 200 vs 304",
-        "Kubernetes writes by reason",
-        "Fleet connectivity",
-    ] {
-        assert!(
-            !empty.contains(&panel.to_owned()),
-            "panel {panel:?} is empty"
-        );
-    }
-
     // Every alert rule evaluates on real series without error, and a healthy stack fires none
     // (pending is allowed: a start-up's 503s, say, are in the rate window for a while).
     wait_until(
