@@ -54,9 +54,9 @@ pub enum Error {
     #[error("loading the Kubernetes client configuration: {0}")]
     KubeConfig(#[source] kube::Error),
 
-    /// The Redis URL could not be parsed.
+    /// The Redis URL could not be parsed (see `apollo_runtime::redis` for its forms).
     #[error("invalid Redis URL: {0}")]
-    RedisUrl(#[source] redis::RedisError),
+    RedisUrl(String),
 
     /// A Redis command failed.
     #[error("Redis {op} failed: {source}")]

@@ -1,5 +1,7 @@
-//! One test suite for both state-store backends: the in-memory one and Redis (a real
-//! redis-server on an ephemeral port, started by each test).
+//! One test suite for both state-store backends: the in-memory one and Redis, a single one (a
+//! real redis-server on an ephemeral port, started by each test) and a Redis Cluster (three real
+//! redis-servers in cluster mode, joined by `redis-cli --cluster create`, started by each test).
+//! Failovers of a cluster: `state_store_cluster.rs`.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -7,11 +9,11 @@ use std::time::Duration;
 
 use apollo_gateway::model::ObjectKey;
 use apollo_gateway::state::{
-    Connection, MemoryStore, Pending, PendingKind, RedisStore, ReportInput, ShownBefore, StaleCount,
-    StateStore,
+    Connection, MemoryStore, Pending, PendingKind, RedisStore, ReportInput, ShownBefore,
+    StaleCount, StateStore,
 };
 use apollo_protocol::shard::slot;
-use apollo_test_support::{wait_until, RedisServer};
+use apollo_test_support::{wait_until, RedisCluster, RedisServer};
 
 fn hash(c: char) -> String {
     format!("sha256:{}", c.to_string().repeat(64))
@@ -278,10 +280,7 @@ async fn decided_transitions_stay_pending_until_cleared(store: impl StateStore) 
             shown: false,
         }
     );
-    store
-        .clear_pending(&first.pending)
-        .await
-        .expect("clear");
+    store.clear_pending(&first.pending).await.expect("clear");
     let left = store.pending(&slots).await.expect("pending");
     assert_eq!(left.len(), 2);
     assert!(left.contains(&flips[0]) && left.contains(&back.pending[0]));
@@ -334,12 +333,21 @@ async fn a_forgotten_observation_is_decided_again(store: impl StateStore) {
         .forget_observed("f-1", &ObjectKey::new("ns", "a"))
         .await
         .expect("forget");
-    assert!(store.device("f-1").await.expect("device").observed.is_empty());
+    assert!(store
+        .device("f-1")
+        .await
+        .expect("device")
+        .observed
+        .is_empty());
     let again = store
         .record_report(&report("f-1", 2_000, &[("a", 'a')]))
         .await
         .expect("report");
-    assert_eq!(again.changed.len(), 1, "a new object of the name is observed afresh");
+    assert_eq!(
+        again.changed.len(),
+        1,
+        "a new object of the name is observed afresh"
+    );
     assert!(!again.changed[0].prior_known);
 }
 
@@ -371,6 +379,24 @@ macro_rules! suite {
             async fn concurrent_reports_and_sweeps_decide_each_transition_once() {
                 let server = RedisServer::start().await;
                 let store = Arc::new(RedisStore::new(&server.url()).expect("store"));
+                super::concurrent_reports_and_sweeps_decide_each_transition_once(store).await;
+            }
+        }
+        mod cluster {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let cluster = RedisCluster::start(3, 0).await;
+                    let store = RedisStore::new(&cluster.url()).expect("store");
+                    assert!(store.is_cluster());
+                    super::$name(store).await;
+                }
+            )*
+            #[tokio::test]
+            async fn concurrent_reports_and_sweeps_decide_each_transition_once() {
+                let cluster = RedisCluster::start(3, 0).await;
+                let store = Arc::new(RedisStore::new(&cluster.url()).expect("store"));
                 super::concurrent_reports_and_sweeps_decide_each_transition_once(store).await;
             }
         }

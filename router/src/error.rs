@@ -18,5 +18,5 @@ pub enum Error {
     LocalAddr(std::io::Error),
     /// The Redis URL does not parse.
     #[error("invalid --redis-url: {0}")]
-    RedisUrl(redis::RedisError),
+    RedisUrl(apollo_runtime::redis::RedisUrlError),
 }

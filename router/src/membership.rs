@@ -1,7 +1,7 @@
 //! Follows the gateway membership in Redis.
 //!
 //! A background task re-reads the whole membership (one Lua call: Redis' clock plus the members
-//! hash) every refresh period and publishes a new [`View`] when it changed. When Redis is
+//! hash; in a Redis Cluster, on the master of that hash's slot) every refresh period and publishes a new [`View`] when it changed. When Redis is
 //! unreachable the last view is kept: gateways do not vanish because Redis blipped, and requests
 //! to a replica that really died fail fast and go to the fallback anyway.
 
@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use apollo_protocol::membership::{View, MEMBERS_KEY, READ_SCRIPT};
+use apollo_runtime::redis::{Eval, RedisConnection, RedisTarget, Timeouts};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -34,17 +35,18 @@ pub struct Membership {
 const REDIS_CALL_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Membership {
-    /// Starts following the membership in the Redis at `url`. Fails only on a malformed URL;
-    /// an unreachable Redis is retried in the background.
+    /// Starts following the membership in the Redis at `url` (a single Redis or a Redis Cluster,
+    /// see [`apollo_runtime::redis`]). Fails only on a malformed URL; an unreachable Redis is
+    /// retried in the background.
     pub fn spawn(
         url: &str,
         refresh: Duration,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Result<Self, Error> {
-        let client = redis::Client::open(url).map_err(Error::RedisUrl)?;
+        let target = RedisTarget::parse(url).map_err(Error::RedisUrl)?;
         let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
-        tokio::spawn(follow(client, refresh, tx, metrics, shutdown));
+        tokio::spawn(follow(target, refresh, tx, metrics, shutdown));
         Ok(Self { rx })
     }
 
@@ -64,14 +66,16 @@ impl Membership {
 }
 
 async fn follow(
-    client: redis::Client,
+    target: RedisTarget,
     refresh: Duration,
     tx: watch::Sender<Arc<Snapshot>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let script = redis::Script::new(READ_SCRIPT);
-    let mut conn: Option<redis::aio::MultiplexedConnection> = None;
+    let mut script = Eval::new(READ_SCRIPT);
+    script.key(MEMBERS_KEY);
+    // A fresh connection after every failure (it connects on first use).
+    let mut conn: Option<RedisConnection> = None;
     let mut failing_since: Option<Instant> = None;
     let mut ticker = tokio::time::interval(refresh);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -81,29 +85,20 @@ async fn follow(
             _ = ticker.tick() => {}
         }
         if conn.is_none() {
-            match tokio::time::timeout(
-                REDIS_CALL_TIMEOUT,
-                client.get_multiplexed_async_connection(),
-            )
-            .await
-            {
-                Ok(Ok(c)) => conn = Some(c),
-                Ok(Err(e)) => {
+            let timeouts = Timeouts {
+                connect: REDIS_CALL_TIMEOUT,
+                response: REDIS_CALL_TIMEOUT,
+            };
+            match target.connect_lazy(timeouts) {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
                     note_failure(&mut failing_since, &metrics, &e.to_string());
-                    continue;
-                }
-                Err(_) => {
-                    note_failure(&mut failing_since, &metrics, "connect timed out");
                     continue;
                 }
             }
         }
         let Some(c) = conn.as_mut() else { continue };
-        let reply = tokio::time::timeout(
-            REDIS_CALL_TIMEOUT,
-            script.key(MEMBERS_KEY).invoke_async::<Vec<String>>(c),
-        )
-        .await;
+        let reply = tokio::time::timeout(REDIS_CALL_TIMEOUT, script.invoke::<Vec<String>>(c)).await;
         let fields = match reply {
             Ok(Ok(fields)) => fields,
             Ok(Err(e)) => {

@@ -38,6 +38,7 @@ use apollo_protocol::membership::{
 };
 use apollo_protocol::shard::jump_hash;
 use apollo_runtime::lease::{Attempt, LeaseError, LeaseLock};
+use apollo_runtime::redis::{Eval, RedisConnection, RedisTarget, Timeouts};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
 use prometheus_client::metrics::gauge::Gauge;
@@ -147,16 +148,16 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let leases: Api<Lease> = Api::namespaced(client, &config.lease_namespace);
-    let redis = match redis::Client::open(config.redis_url.as_str()) {
+    let redis = match RedisTarget::parse(&config.redis_url) {
         Ok(c) => c,
         Err(error) => {
             warn!(%error, "invalid Redis URL for membership");
             return;
         }
     };
-    let register = redis::Script::new(REGISTER_SCRIPT);
-    let read = redis::Script::new(READ_SCRIPT);
-    let mut conn: Option<redis::aio::MultiplexedConnection> = None;
+    let register = Eval::new(REGISTER_SCRIPT);
+    let read = Eval::new(READ_SCRIPT);
+    let mut conn: Option<RedisConnection> = None;
     let mut view = View {
         replicas: initial_replicas.max(config.ordinal + 1),
         ..View::default()
@@ -302,40 +303,40 @@ pub async fn run(
 }
 
 async fn refresh_membership(
-    client: &redis::Client,
-    conn: &mut Option<redis::aio::MultiplexedConnection>,
-    register: &redis::Script,
-    read: &redis::Script,
+    target: &RedisTarget,
+    conn: &mut Option<RedisConnection>,
+    register: &Eval,
+    read: &Eval,
     config: &ClusterConfig,
     (clock, clock_offset): (&SharedClock, &Gauge<f64, AtomicU64>),
 ) -> Result<View, String> {
     if conn.is_none() {
-        let c = tokio::time::timeout(CALL_TIMEOUT, client.get_multiplexed_async_connection())
-            .await
-            .map_err(|_| "connect timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
-        *conn = Some(c);
+        // Connects on first use; a single Redis or a Redis Cluster (the members hash is one key).
+        let timeouts = Timeouts {
+            connect: CALL_TIMEOUT,
+            response: CALL_TIMEOUT,
+        };
+        *conn = Some(target.connect_lazy(timeouts).map_err(|e| e.to_string())?);
     }
     let Some(c) = conn.as_mut() else {
         return Err("no connection".into());
     };
-    tokio::time::timeout(
-        CALL_TIMEOUT,
-        register
-            .key(MEMBERS_KEY)
-            .arg(config.ordinal)
-            .arg(&config.advertise_addr)
-            .invoke_async::<u64>(c),
-    )
-    .await
-    .map_err(|_| "register timed out".to_owned())?
-    .map_err(|e| e.to_string())?;
+    let mut registration = register.call();
+    registration
+        .key(MEMBERS_KEY)
+        .arg(config.ordinal)
+        .arg(&config.advertise_addr);
+    tokio::time::timeout(CALL_TIMEOUT, registration.invoke::<u64>(c))
+        .await
+        .map_err(|_| "register timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
     let sent_ms = state::wall_clock_ms();
-    let fields: Vec<String> =
-        tokio::time::timeout(CALL_TIMEOUT, read.key(MEMBERS_KEY).invoke_async(c))
-            .await
-            .map_err(|_| "membership read timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
+    let mut reading = read.call();
+    reading.key(MEMBERS_KEY);
+    let fields: Vec<String> = tokio::time::timeout(CALL_TIMEOUT, reading.invoke(c))
+        .await
+        .map_err(|_| "membership read timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
     let received_ms = state::wall_clock_ms();
     let Some((now, rest)) = fields.split_first() else {
         return Err("empty membership reply".into());

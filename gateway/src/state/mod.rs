@@ -4,7 +4,8 @@
 //! Transitions are decided atomically inside the store, so that of all replicas exactly one sees
 //! "this report connected the device" and exactly one sweep sees "this device went stale"; only
 //! that one writes the status change and the Event. Two backends implement [`StateStore`] and
-//! pass one shared test suite: Redis (any number of replicas) and memory (a single replica).
+//! pass one shared test suite: Redis, single or Cluster (any number of replicas), and memory (a
+//! single replica).
 
 mod memory;
 mod redis;
@@ -286,7 +287,10 @@ pub trait StateStore: Send + Sync + 'static {
     fn pending(&self, slots: &[u16]) -> impl Future<Output = Result<Vec<Pending>, Error>> + Send;
 
     /// Forgets delivered transitions.
-    fn clear_pending(&self, delivered: &[Pending]) -> impl Future<Output = Result<(), Error>> + Send;
+    fn clear_pending(
+        &self,
+        delivered: &[Pending],
+    ) -> impl Future<Output = Result<(), Error>> + Send;
 
     /// Forgets the observed hash of a DeviceProcess that was deleted (so a new object of the
     /// same name does not inherit it).
@@ -398,8 +402,9 @@ impl Store {
 
     /// Name of the backend, for logs.
     pub fn backend_name(&self) -> &'static str {
-        match self.backend {
+        match &self.backend {
             Backend::Memory(_) => "memory",
+            Backend::Redis(r) if r.is_cluster() => "redis-cluster",
             Backend::Redis(_) => "redis",
         }
     }

@@ -312,7 +312,9 @@ impl RedisCluster {
             }
             assert!(
                 Instant::now() < deadline,
-                "node {node} did not rejoin as a synced replica within 30s"
+                "node {node} did not rejoin as a synced replica within 30s:\n{}\n{}",
+                n.command(&["INFO", "replication"]).unwrap_or_default(),
+                n.command(&["CLUSTER", "NODES"]).unwrap_or_default()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -1,4 +1,5 @@
-//! Redis state, shared by every replica.
+//! Redis state, shared by every replica: a single Redis or a Redis Cluster (`--redis-url`, see
+//! [`apollo_runtime::redis`]).
 //!
 //! Keys (every key of a device carries the hash tag of its slot, so each script and pipeline
 //! stays inside one Redis Cluster slot):
@@ -14,16 +15,54 @@
 //! A report is one EVALSHA that also records the transitions it decides as pending; a sweep of a
 //! slot is one EVALSHA that removes stale members, records each flip as pending and returns them,
 //! so each flip is seen by exactly one sweeper and survives whatever happens to that sweeper.
+//!
+//! # Redis Cluster
+//!
+//! Every call names keys of one slot only, so in a cluster it goes to that slot's master in one
+//! round trip (the client follows `MOVED`/`ASK` and refreshes its slot map after a failover). A
+//! sweep iterates the owned slots, each on its own master; nothing here lists keys (no `KEYS` or
+//! `SCAN`), and `PING` asks every master.
+//!
+//! What Redis guarantees across a failover, and what it does not:
+//! - a script is atomic on its master, and its effects reach the replica as one unit (a
+//!   MULTI/EXEC in the replication stream): a replica holds a decision *and* its pending record,
+//!   or neither, never half;
+//! - a planned failover (`CLUSTER FAILOVER` on a replica, as an operator or an upgrade does it)
+//!   first pauses the master's clients and lets the replica catch up with its replication offset:
+//!   nothing acknowledged is lost;
+//! - an unplanned failover (the master dies, its replica is promoted after
+//!   `cluster-node-timeout`) loses whatever the master acknowledged but had not yet sent to the
+//!   replica: replication is asynchronous. `WAIT` narrows that window but is no consensus either
+//!   (a replica that acknowledged is not necessarily the one promoted, with several replicas).
+//!
+//! What the gateway does about it: with `wait-replicas=N` in the URL, every deciding script (a
+//! report, a sweep batch) is followed in the same pipeline by `WAIT N <wait-timeout>`, so a
+//! decision is acknowledged by N replicas before its transition is delivered, still in one round
+//! trip; a short count is logged (see [`RedisStore::unreplicated_writes`]) and the report is
+//! served anyway: refusing it would not undo the decision on the master. Should a decision be
+//! lost all the same, it is lost together with the state change that made it (the atomicity
+//! above), so it is decided again: the device's next report finds the store without it (a
+//! reconnect or an observation decided anew), a sweep finds the device still in the connected
+//! set, and the slow resync repairs any status that disagrees with the store. A transition the
+//! deciding replica delivered before the loss can at worst be decided and delivered twice (a
+//! second Event), never not at all.
+
+mod scripts;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use apollo_protocol::shard::{slot, slot_tag};
+use apollo_runtime::redis::{
+    is_noscript, Eval, RedisConnection, RedisTarget, Timeouts, WaitReplicas,
+};
 use futures::{StreamExt, TryStreamExt};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::Script;
+use redis::FromRedisValue;
 
+use self::scripts::{ADOPT_SCRIPT, REPORT_SCRIPT, SWEEP_SCRIPT};
 use super::{
     parse_connection_code, Connection, DeviceRecord, ObservedChange, Pending, ReportInput,
     ReportOutcome, StaleCount, StateStore, RETENTION_SECONDS,
@@ -31,114 +70,147 @@ use super::{
 use crate::error::Error;
 use crate::model::ObjectKey;
 
-/// Bound of every Redis call.
+/// Bound of every Redis call (plus the `WAIT` timeout on deciding writes).
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most devices one sweep call flips (the script is called again while it returns this many).
 const SWEEP_BATCH: usize = 500;
 /// Slots swept concurrently.
 const SWEEP_CONCURRENCY: usize = 16;
-
-const REPORT_SCRIPT: &str = r"
--- KEYS: device hash, observed hash, connected zset, pending hash, sequence (one slot)
--- ARGV: device, now ms, agent version, retention seconds, connection shown (0/1),
---       then (field, hash, hash shown (0/1)) triples
-local prior = 'u'
-if redis.call('ZSCORE', KEYS[3], ARGV[1]) then
-  prior = 'c'
-elseif redis.call('HEXISTS', KEYS[1], 'seen') == 1 then
-  prior = 'd'
-end
-redis.call('HSET', KEYS[1], 'seen', ARGV[2], 'version', ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
-local function pend(value)
-  local id = ARGV[2] .. '-' .. redis.call('INCR', KEYS[5])
-  redis.call('HSET', KEYS[4], id, value)
-  redis.call('EXPIRE', KEYS[4], ARGV[4])
-  return id
-end
-local connect_id = ''
-if prior ~= 'c' then
-  connect_id = pend('c|' .. ARGV[1] .. '|' .. prior .. '|' .. ARGV[5])
-end
-local changed = {}
-for i = 6, #ARGV, 3 do
-  local old = redis.call('HGET', KEYS[2], ARGV[i])
-  if old ~= ARGV[i + 1] then
-    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
-    local known = old and '1' or '0'
-    changed[#changed + 1] = ARGV[i]
-    changed[#changed + 1] = known
-    changed[#changed + 1] = pend('o|' .. ARGV[1] .. '|' .. ARGV[i] .. '|' .. ARGV[i + 1] .. '|' .. known .. '|' .. ARGV[i + 2])
-  end
-end
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-return {prior, changed, connect_id}
-";
-
-const SWEEP_SCRIPT: &str = r"
--- KEYS: connected zset, pending hash, sequence (one slot)
--- ARGV: cutoff ms, batch size, now ms, retention seconds
-local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-local out = {}
-if #stale > 0 then
-  redis.call('ZREM', KEYS[1], unpack(stale))
-  for _, device in ipairs(stale) do
-    local id = ARGV[3] .. '-' .. redis.call('INCR', KEYS[3])
-    redis.call('HSET', KEYS[2], id, 'd|' .. device)
-    out[#out + 1] = id
-    out[#out + 1] = device
-  end
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
-end
-return out
-";
-
-const ADOPT_SCRIPT: &str = r"
--- KEYS: device hash, connected zset; ARGV: device, now ms, retention seconds
-if redis.call('HEXISTS', KEYS[1], 'seen') == 1 then
-  return 0
-end
-redis.call('HSET', KEYS[1], 'seen', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-return 1
-";
+/// Least time between two warnings about writes fewer replicas acknowledged than asked.
+const UNREPLICATED_WARN_EVERY_MS: i64 = 10_000;
 
 /// State in Redis.
 #[derive(Clone)]
 pub struct RedisStore {
-    connection: ConnectionManager,
+    connection: RedisConnection,
+    cluster: bool,
     prefix: String,
-    report: Script,
-    sweep: Script,
-    adopt: Script,
+    wait: Option<WaitReplicas>,
+    report: Arc<Eval>,
+    sweep: Arc<Eval>,
+    adopt: Arc<Eval>,
+    unreplicated: Arc<Unreplicated>,
+}
+
+#[derive(Default)]
+struct Unreplicated {
+    count: AtomicU64,
+    warned_ms: AtomicI64,
 }
 
 impl RedisStore {
-    /// A store for `url`. Connects lazily and reconnects by itself, so a Redis that is down at
-    /// start-up (or restarts) only fails the calls made meanwhile.
+    /// A store for `url` (any form of [`apollo_runtime::redis`]). Connects lazily and reconnects
+    /// by itself, so a Redis that is down at start-up (or restarts, or fails over) only fails the
+    /// calls made meanwhile.
     pub fn new(url: &str) -> Result<Self, Error> {
         Self::with_prefix(url, "apollo")
     }
 
     /// A store whose keys start with `prefix` (tests share one redis-server this way).
     pub fn with_prefix(url: &str, prefix: &str) -> Result<Self, Error> {
-        let client = redis::Client::open(url).map_err(Error::RedisUrl)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CALL_TIMEOUT))
-            .set_response_timeout(Some(CALL_TIMEOUT))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let connection =
-            ConnectionManager::new_lazy_with_config(client, config).map_err(Error::RedisUrl)?;
+        let target = RedisTarget::parse(url).map_err(|e| Error::RedisUrl(e.to_string()))?;
+        let wait = target.wait_replicas();
+        let response = CALL_TIMEOUT + wait.map_or(Duration::ZERO, |w| w.timeout);
+        let connection = target
+            .connect_lazy(Timeouts {
+                connect: CALL_TIMEOUT,
+                response,
+            })
+            .map_err(|e| Error::RedisUrl(e.to_string()))?;
         Ok(Self {
             connection,
+            cluster: target.is_cluster(),
             prefix: prefix.to_owned(),
-            report: Script::new(REPORT_SCRIPT),
-            sweep: Script::new(SWEEP_SCRIPT),
-            adopt: Script::new(ADOPT_SCRIPT),
+            wait,
+            report: Arc::new(Eval::new(REPORT_SCRIPT)),
+            sweep: Arc::new(Eval::new(SWEEP_SCRIPT)),
+            adopt: Arc::new(Eval::new(ADOPT_SCRIPT)),
+            unreplicated: Arc::default(),
         })
+    }
+
+    /// Whether the store is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    /// Deciding writes that fewer replicas acknowledged within the `wait-timeout` than
+    /// `wait-replicas` asked for (0 without `wait-replicas`).
+    pub fn unreplicated_writes(&self) -> u64 {
+        self.unreplicated.count.load(Ordering::Relaxed)
+    }
+
+    /// Runs a script call in one round trip: with `decides` and `wait-replicas`, pipelined with
+    /// `WAIT` (see the module documentation); `EVAL` once if the node lacks the script.
+    async fn eval<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        call: &Eval,
+        decides: bool,
+    ) -> Result<T, Error> {
+        let wait = self.wait.filter(|_| decides);
+        let mut connection = self.connection.clone();
+        match self
+            .eval_once(op, &mut connection, call.cmd(true), wait)
+            .await
+        {
+            Err(Error::RedisCommand { source, .. }) if is_noscript(&source) => {
+                self.eval_once(op, &mut connection, call.cmd(false), wait)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    async fn eval_once<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        connection: &mut RedisConnection,
+        cmd: redis::Cmd,
+        wait: Option<WaitReplicas>,
+    ) -> Result<T, Error> {
+        let Some(wait) = wait else {
+            return bounded(op, CALL_TIMEOUT, cmd.query_async(connection)).await;
+        };
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd)
+            .cmd("WAIT")
+            .arg(wait.replicas)
+            .arg(u64::try_from(wait.timeout.as_millis()).unwrap_or(u64::MAX));
+        let (value, acknowledged): (T, u32) = bounded(
+            op,
+            CALL_TIMEOUT + wait.timeout,
+            pipe.query_async(connection),
+        )
+        .await?;
+        if acknowledged < wait.replicas {
+            self.note_unreplicated(op, acknowledged, wait);
+        }
+        Ok(value)
+    }
+
+    fn note_unreplicated(&self, op: &'static str, acknowledged: u32, wait: WaitReplicas) {
+        let count = self.unreplicated.count.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = super::wall_clock_ms();
+        let last = self.unreplicated.warned_ms.load(Ordering::Relaxed);
+        if now - last >= UNREPLICATED_WARN_EVERY_MS
+            && self
+                .unreplicated
+                .warned_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                op,
+                acknowledged,
+                asked = wait.replicas,
+                timeout = ?wait.timeout,
+                total = count,
+                "a state-store decision was acknowledged by fewer Redis replicas than \
+                 wait-replicas asks; an unplanned failover now could lose it (it would be \
+                 decided again)"
+            );
+        }
     }
 
     fn device_key(&self, device: &str) -> String {
@@ -165,18 +237,23 @@ impl RedisStore {
         format!("{}:{}:seq", self.prefix, slot_tag(slot))
     }
 
-    async fn sweep_slot(&self, slot: u16, cutoff_ms: i64, now_ms: i64) -> Result<Vec<Pending>, Error> {
+    async fn sweep_slot(
+        &self,
+        slot: u16,
+        cutoff_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<Pending>, Error> {
         let mut flipped = Vec::new();
         loop {
-            let mut connection = self.connection.clone();
-            let mut call = self.sweep.key(self.connected_key(slot));
-            call.key(self.pending_key(slot))
+            let mut call = self.sweep.call();
+            call.key(self.connected_key(slot))
+                .key(self.pending_key(slot))
                 .key(self.seq_key(slot))
                 .arg(cutoff_ms)
                 .arg(SWEEP_BATCH)
                 .arg(now_ms)
                 .arg(RETENTION_SECONDS);
-            let batch: Vec<String> = bounded("sweep", call.invoke_async(&mut connection)).await?;
+            let batch: Vec<String> = self.eval("sweep", &call, true).await?;
             let done = batch.len() < 2 * SWEEP_BATCH;
             for pair in batch.chunks(2) {
                 if let [id, device] = pair {
@@ -213,8 +290,12 @@ impl RedisStore {
             .cmd("ZCARD")
             .arg(&key);
         let mut connection = self.connection.clone();
-        let (stale, quiet, connected): (u64, u64, u64) =
-            bounded("stale_count", pipe.query_async(&mut connection)).await?;
+        let (stale, quiet, connected): (u64, u64, u64) = bounded(
+            "stale_count",
+            CALL_TIMEOUT,
+            pipe.query_async(&mut connection),
+        )
+        .await?;
         Ok(StaleCount {
             stale,
             quiet,
@@ -227,7 +308,7 @@ impl RedisStore {
         let mut cmd = redis::cmd("HGETALL");
         cmd.arg(self.pending_key(slot));
         let entries: HashMap<String, String> =
-            bounded("pending", cmd.query_async(&mut connection)).await?;
+            bounded("pending", CALL_TIMEOUT, cmd.query_async(&mut connection)).await?;
         let mut out = Vec::with_capacity(entries.len());
         for (id, value) in entries {
             match Pending::decode(&id, &value) {
@@ -241,9 +322,10 @@ impl RedisStore {
 
 async fn bounded<T>(
     op: &'static str,
+    within: Duration,
     call: impl Future<Output = redis::RedisResult<T>>,
 ) -> Result<T, Error> {
-    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+    match tokio::time::timeout(within, call).await {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(source)) => Err(Error::RedisCommand { op, source }),
         Err(_) => Err(Error::RedisTimeout { op }),
@@ -253,8 +335,9 @@ async fn bounded<T>(
 impl StateStore for RedisStore {
     async fn record_report(&self, input: &ReportInput<'_>) -> Result<ReportOutcome, Error> {
         let slot = slot(input.device);
-        let mut call = self.report.key(self.device_key(input.device));
-        call.key(self.observed_key(input.device))
+        let mut call = self.report.call();
+        call.key(self.device_key(input.device))
+            .key(self.observed_key(input.device))
             .key(self.connected_key(slot))
             .key(self.pending_key(slot))
             .key(self.seq_key(slot))
@@ -270,9 +353,8 @@ impl StateStore for RedisStore {
             call.arg(&field).arg(hash).arg(u8::from(shown));
             hashes.insert(field, (hash, shown));
         }
-        let mut connection = self.connection.clone();
         let (prior, changed, connect_id): (String, Vec<String>, String) =
-            bounded("report", call.invoke_async(&mut connection)).await?;
+            self.eval("report", &call, true).await?;
         let prior = parse_connection_code(&prior).ok_or_else(|| Error::RedisReply {
             op: "report",
             detail: format!("unknown prior state {prior:?}"),
@@ -355,11 +437,13 @@ impl StateStore for RedisStore {
             .buffer_unordered(SWEEP_CONCURRENCY)
             .try_collect()
             .await?;
-        Ok(counts.into_iter().fold(StaleCount::default(), |a, c| StaleCount {
-            stale: a.stale + c.stale,
-            quiet: a.quiet + c.quiet,
-            connected: a.connected + c.connected,
-        }))
+        Ok(counts
+            .into_iter()
+            .fold(StaleCount::default(), |a, c| StaleCount {
+                stale: a.stale + c.stale,
+                quiet: a.quiet + c.quiet,
+                connected: a.connected + c.connected,
+            }))
     }
 
     async fn pending(&self, slots: &[u16]) -> Result<Vec<Pending>, Error> {
@@ -380,7 +464,12 @@ impl StateStore for RedisStore {
             let mut connection = self.connection.clone();
             let mut cmd = redis::cmd("HDEL");
             cmd.arg(self.pending_key(slot)).arg(ids);
-            bounded("clear_pending", cmd.query_async::<i64>(&mut connection)).await?;
+            bounded(
+                "clear_pending",
+                CALL_TIMEOUT,
+                cmd.query_async::<i64>(&mut connection),
+            )
+            .await?;
         }
         Ok(())
     }
@@ -389,7 +478,12 @@ impl StateStore for RedisStore {
         let mut connection = self.connection.clone();
         let mut cmd = redis::cmd("HDEL");
         cmd.arg(self.observed_key(device)).arg(key.to_string());
-        bounded("forget_observed", cmd.query_async::<i64>(&mut connection)).await?;
+        bounded(
+            "forget_observed",
+            CALL_TIMEOUT,
+            cmd.query_async::<i64>(&mut connection),
+        )
+        .await?;
         Ok(())
     }
 
@@ -407,7 +501,7 @@ impl StateStore for RedisStore {
             HashMap<String, String>,
             Option<f64>,
             HashMap<String, String>,
-        ) = bounded("device", pipe.query_async(&mut connection)).await?;
+        ) = bounded("device", CALL_TIMEOUT, pipe.query_async(&mut connection)).await?;
         let last_seen_ms = fields.get("seen").and_then(|s| s.parse::<i64>().ok());
         let connection = match (score, last_seen_ms) {
             (Some(_), _) => Connection::Connected,
@@ -426,13 +520,13 @@ impl StateStore for RedisStore {
     }
 
     async fn adopt_connected(&self, device: &str, now_ms: i64) -> Result<bool, Error> {
-        let mut call = self.adopt.key(self.device_key(device));
-        call.key(self.connected_key(slot(device)))
+        let mut call = self.adopt.call();
+        call.key(self.device_key(device))
+            .key(self.connected_key(slot(device)))
             .arg(device)
             .arg(now_ms)
             .arg(RETENTION_SECONDS);
-        let mut connection = self.connection.clone();
-        let adopted: i64 = bounded("adopt", call.invoke_async(&mut connection)).await?;
+        let adopted: i64 = self.eval("adopt", &call, false).await?;
         Ok(adopted == 1)
     }
 
@@ -449,19 +543,34 @@ impl StateStore for RedisStore {
             .arg(&key)
             .arg(RETENTION_SECONDS)
             .ignore();
-        bounded("record_etag", pipe.query_async::<()>(&mut connection)).await
+        bounded(
+            "record_etag",
+            CALL_TIMEOUT,
+            pipe.query_async::<()>(&mut connection),
+        )
+        .await
     }
 
     async fn desired_etag(&self, device: &str) -> Result<Option<String>, Error> {
         let mut connection = self.connection.clone();
         let mut cmd = redis::cmd("HGET");
         cmd.arg(self.device_key(device)).arg("etag");
-        bounded("desired_etag", cmd.query_async(&mut connection)).await
+        bounded(
+            "desired_etag",
+            CALL_TIMEOUT,
+            cmd.query_async(&mut connection),
+        )
+        .await
     }
 
     async fn ping(&self) -> Result<(), Error> {
         let mut connection = self.connection.clone();
-        let pong: String = bounded("ping", redis::cmd("PING").query_async(&mut connection)).await?;
+        let pong: String = bounded(
+            "ping",
+            CALL_TIMEOUT,
+            redis::cmd("PING").query_async(&mut connection),
+        )
+        .await?;
         if pong == "PONG" {
             Ok(())
         } else {
