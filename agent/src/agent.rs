@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use apollo_protocol::wire::{DesiredDocument, Observation, Report, ReportAck, MAX_OBSERVATIONS};
+use apollo_protocol::wire::{DesiredDocument, ObjectRef, Observation, Report, ReportAck};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +19,7 @@ use crate::desired::{
     record_acknowledged, retained_etag, Acknowledged, PollResult,
 };
 use crate::metrics::AgentMetrics;
+use crate::split::report_ranges;
 use crate::AgentError;
 
 type SharedDocument = Option<Arc<DesiredDocument>>;
@@ -29,6 +30,8 @@ pub struct Agent {
     config: AgentConfig,
     gateway: GatewayClient,
     metrics: Arc<AgentMetrics>,
+    /// What the last warning about ignored observations named (sorted `namespace/name`).
+    last_ignored: std::sync::Mutex<Vec<String>>,
 }
 
 /// Sleep for `duration` unless cancelled first; returns false when cancelled.
@@ -78,6 +81,7 @@ impl Agent {
             config,
             gateway,
             metrics,
+            last_ignored: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -280,9 +284,9 @@ impl Agent {
                         );
                     }
                     let document = latest.borrow().clone();
-                    record_acknowledged(acknowledged, &observations, document.as_deref());
-                    self.metrics
-                        .record_observations_reported(observations.len());
+                    let delivered = self.without_ignored(&observations, &ack.ignored);
+                    record_acknowledged(acknowledged, &delivered, document.as_deref());
+                    self.metrics.record_observations_reported(delivered.len());
                     return Some(ack);
                 }
                 Err(error) => {
@@ -297,33 +301,80 @@ impl Agent {
         }
     }
 
-    /// One report, split so no request exceeds the gateway's observation limit.
+    /// One report, split so no request exceeds the gateway's limits (observations and encoded
+    /// bytes, see [`crate::split`]). The acknowledgement is the last request's, with the
+    /// `ignored` of every request.
     async fn send_report(
         &self,
         observations: &[Observation],
         heartbeat: bool,
     ) -> Result<ReportAck, AgentError> {
-        let mut chunks = observations.chunks(MAX_OBSERVATIONS);
-        let first = chunks.next().unwrap_or_default();
-        let mut ack = self.send_one_report(first, heartbeat).await?;
-        for chunk in chunks {
-            ack = self.send_one_report(chunk, heartbeat).await?;
-        }
-        Ok(ack)
-    }
-
-    async fn send_one_report(
-        &self,
-        observations: &[Observation],
-        heartbeat: bool,
-    ) -> Result<ReportAck, AgentError> {
-        let report = Report {
+        let mut report = Report {
             agent_version: self.config.agent_version.clone(),
             timestamp: jiff::Timestamp::now().to_string(),
             heartbeat,
-            observations: observations.to_vec(),
+            observations: Vec::new(),
         };
-        self.gateway.report(&report).await
+        let mut ignored = Vec::new();
+        let mut last = None;
+        for range in report_ranges(&report, observations) {
+            report.observations = observations[range].to_vec();
+            let ack = self.gateway.report(&report).await?;
+            ignored.extend(ack.ignored.iter().cloned());
+            last = Some(ack);
+        }
+        let mut ack = last.unwrap_or(ReportAck {
+            ack: true,
+            heartbeat_interval_seconds: 0,
+            ignored: Vec::new(),
+        });
+        ack.ignored = ignored;
+        Ok(ack)
+    }
+
+    /// The observations the gateway recorded: all sent but those its ack lists as `ignored`. The
+    /// gateway ignores an observation when it does not know the DeviceProcess (deleted, or its
+    /// cache is behind the one that served the document), so nothing was recorded for it: it
+    /// stays unacknowledged and goes again with the next report (the next changed document, or
+    /// the next heartbeat, which carries everything) instead of being taken as delivered. Logged
+    /// at warn whenever the ignored set changes, at debug while it stays the same.
+    fn without_ignored(&self, sent: &[Observation], ignored: &[ObjectRef]) -> Vec<Observation> {
+        if ignored.is_empty() {
+            self.last_ignored
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+            return sent.to_vec();
+        }
+        let mut names: Vec<String> = ignored
+            .iter()
+            .map(|o| format!("{}/{}", o.namespace, o.name))
+            .collect();
+        names.sort();
+        names.dedup();
+        let mut last = self.last_ignored.lock().unwrap_or_else(|e| e.into_inner());
+        if *last != names {
+            warn!(
+                ignored = %names.join(", "),
+                count = names.len(),
+                "the gateway ignored observations of DeviceProcesses it does not know; \
+                 they stay unacknowledged and go again with the next report"
+            );
+            *last = names;
+        } else {
+            debug!(
+                count = names.len(),
+                "the gateway still ignores observations"
+            );
+        }
+        sent.iter()
+            .filter(|o| {
+                !ignored
+                    .iter()
+                    .any(|i| i.namespace == o.namespace && i.name == o.name)
+            })
+            .cloned()
+            .collect()
     }
 
     /// Count a failure, log it when it starts a failing streak (not on every retry), and return

@@ -31,6 +31,7 @@ pub mod config;
 pub mod desired;
 mod error;
 pub mod metrics;
+pub mod split;
 pub mod trace;
 
 use std::time::Duration;

@@ -156,6 +156,51 @@ async fn a_new_document_is_reported_at_once_with_only_the_changed_hashes() {
     agent.stop().await;
 }
 
+/// The ack's `ignored` (issue 13, defect 11): an observation the gateway did not record is not
+/// delivered, so the next report carries it again; once the gateway records it, it is not sent
+/// again with an unrelated change.
+#[tokio::test]
+async fn observations_the_gateway_ignored_stay_unacknowledged_and_go_again() {
+    let gw = FakeGateway::start(Behaviour::default(), &[("a", 'a'), ("b", 'b')]).await;
+    gw.update(|b| b.ignore = vec!["b".into()]);
+    let agent = RunningAgent::start(config(&gw.url));
+    wait_until(
+        Duration::from_secs(5),
+        "first report and a held long poll",
+        || async { gw.seen_kind("report").len() == 1 && gw.held_polls() == 1 },
+    )
+    .await;
+    assert_eq!(
+        gw.seen_kind("report")[0].observed(),
+        [("a".to_owned(), hash('a')), ("b".to_owned(), hash('b'))]
+    );
+
+    // Only `a` changes: `b` was never recorded, so it goes again beside it.
+    gw.update(|b| b.ignore.clear());
+    gw.set_items(&[("a", 'c'), ("b", 'b')]);
+    wait_until(Duration::from_secs(2), "the second report", || async {
+        gw.seen_kind("report").len() == 2
+    })
+    .await;
+    assert_eq!(
+        gw.seen_kind("report")[1].observed(),
+        [("a".to_owned(), hash('c')), ("b".to_owned(), hash('b'))],
+        "the ignored observation must be sent again"
+    );
+
+    // Now recorded: a change of `a` alone carries `a` alone.
+    gw.set_items(&[("a", 'd'), ("b", 'b')]);
+    wait_until(Duration::from_secs(2), "the third report", || async {
+        gw.seen_kind("report").len() == 3
+    })
+    .await;
+    assert_eq!(
+        gw.seen_kind("report")[2].observed(),
+        [("a".to_owned(), hash('d'))]
+    );
+    agent.stop().await;
+}
+
 #[tokio::test]
 async fn heartbeats_run_on_their_own_timer_during_a_long_poll() {
     let gw = FakeGateway::start(

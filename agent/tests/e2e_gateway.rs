@@ -134,7 +134,10 @@ impl Stack {
     }
 
     fn agent_binary(&self, device: &str) -> Proc {
-        Proc::builder(env!("CARGO_BIN_EXE_apollo-agent"))
+        // APOLLO_AGENT_BIN runs another build of the agent (to show a test failing on it).
+        let bin = std::env::var("APOLLO_AGENT_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_apollo-agent").to_owned());
+        Proc::builder(bin)
             .name(format!("agent-{device}"))
             .env("APOLLO_DEVICE_NAME", device)
             .env("APOLLO_GATEWAY_URL", self.gateway_url())
@@ -494,4 +497,57 @@ async fn a_stopped_agent_goes_stale_and_a_restarted_one_reconnects_without_spec_
         connected_events + 1
     );
     assert!(agent.is_running());
+}
+
+/// Issue 13, defect 11: 200 DeviceProcesses with long names encode to more than the gateway's
+/// 64 KiB report limit while staying under its 256-observation limit. Split by count alone, every
+/// heartbeat was refused with 413 and nothing was ever observed; split by encoded bytes, every
+/// one is observed and the gateway refuses nothing.
+#[tokio::test]
+async fn two_hundred_long_named_processes_are_reported_in_requests_under_the_byte_limit() {
+    let stack = Stack::start().await;
+    let device = "tor4-01";
+    let names: Vec<String> = (0..200)
+        .map(|i| {
+            let mut name = format!("long-{i:03}-");
+            name.extend(std::iter::repeat_n('x', 240 - name.len()));
+            name
+        })
+        .collect();
+    for batch in names.chunks(20) {
+        let creates: Vec<_> = batch
+            .iter()
+            .map(|name| stack.create_process(name, device, &["v1"]))
+            .collect();
+        for create in creates {
+            create.await;
+        }
+    }
+    let mut agent = stack.agent_binary(device);
+    let list_url = stack.url("");
+    wait_until(
+        Duration::from_secs(60),
+        "all 200 DeviceProcesses observed",
+        || async {
+            let list: Value = send_ok(stack.admin.get(&list_url), "list")
+                .await
+                .json()
+                .await
+                .expect("json");
+            list["items"]
+                .as_array()
+                .is_some_and(|items| items.iter().filter(|dp| fully_observed(dp)).count() == 200)
+        },
+    )
+    .await;
+    let refused = metrics::scrape(
+        &stack.http,
+        &stack.admin_metrics_url(),
+        "apollo_gateway_http_requests_total",
+        &[r#"code="413""#],
+    )
+    .await;
+    assert_eq!(refused, 0.0, "the gateway refused reports as too large");
+    assert!(agent.is_running());
+    agent.terminate(Duration::from_secs(10)).await;
 }

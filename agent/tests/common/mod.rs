@@ -32,6 +32,9 @@ pub struct Behaviour {
     pub fail_next: usize,
     /// `Retry-After` value sent with failures.
     pub retry_after: Option<String>,
+    /// Names of DeviceProcesses whose observations a report ack lists as `ignored` (what a real
+    /// gateway does for an object its cache does not hold).
+    pub ignore: Vec<String>,
 }
 
 impl Default for Behaviour {
@@ -43,6 +46,7 @@ impl Default for Behaviour {
             fail_until: None,
             fail_next: 0,
             retry_after: None,
+            ignore: Vec::new(),
         }
     }
 }
@@ -273,6 +277,19 @@ impl FakeGateway {
         headers: &HeaderMap,
         body: serde_json::Value,
     ) -> Response {
+        let ignored: Vec<apollo_protocol::wire::ObjectRef> = {
+            let ignore = self.lock().behaviour.ignore.clone();
+            body["observations"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|o| ignore.iter().any(|name| o["name"] == name.as_str()))
+                .map(|o| apollo_protocol::wire::ObjectRef {
+                    namespace: o["namespace"].as_str().unwrap_or_default().to_owned(),
+                    name: o["name"].as_str().unwrap_or_default().to_owned(),
+                })
+                .collect()
+        };
         if let (_, Some(failure)) = self.record(kind, headers, None, Some(body)) {
             return failure;
         }
@@ -280,7 +297,7 @@ impl FakeGateway {
         axum::Json(ReportAck {
             ack: true,
             heartbeat_interval_seconds: interval,
-            ignored: vec![],
+            ignored,
         })
         .into_response()
     }
