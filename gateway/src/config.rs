@@ -106,9 +106,19 @@ pub struct Args {
     #[arg(long, env = "APOLLO_STATUS_WRITERS", default_value_t = 8)]
     pub status_writers: usize,
 
-    /// Device requests (long polls included) served at once; above it requests get 503.
+    /// Device requests served at once, long polls apart (reports, connects, desired documents
+    /// answered at once); above it such requests get 503 `overloaded`.
     #[arg(long, env = "APOLLO_MAX_CONCURRENT_REQUESTS", default_value_t = 65_536)]
     pub max_concurrent_requests: usize,
+
+    /// Long polls held at once (their own budget: they never take the reports' budget); above it
+    /// a long poll gets 503 `overloaded`.
+    #[arg(long, env = "APOLLO_MAX_LONG_POLLS", default_value_t = 100_000)]
+    pub max_long_polls: usize,
+
+    /// Long polls one device may hold at once; another gets 429 `too_many_long_polls`.
+    #[arg(long, env = "APOLLO_MAX_LONG_POLLS_PER_DEVICE", default_value_t = 2)]
+    pub max_long_polls_per_device: u32,
 
     /// Only watch and write DeviceProcesses in this namespace (default: all namespaces).
     #[arg(long, env = "APOLLO_NAMESPACE")]
@@ -301,6 +311,8 @@ pub struct Settings {
     pub lease_namespace: String,
     /// Delay of the first stale sweep after start-up.
     pub sweep_grace: Duration,
+    /// Request budgets of the device API.
+    pub budgets: crate::api::budget::Limits,
     /// The mass-staleness breaker.
     pub breaker: crate::cluster::sweep::Breaker,
 }
@@ -367,6 +379,11 @@ impl Settings {
             ("--status-queue-capacity", args.status_queue_capacity),
             ("--status-writers", args.status_writers),
             ("--max-concurrent-requests", args.max_concurrent_requests),
+            ("--max-long-polls", args.max_long_polls),
+            (
+                "--max-long-polls-per-device",
+                args.max_long_polls_per_device as usize,
+            ),
         ] {
             if value == 0 {
                 return Err(Error::InvalidConfig(format!("{flag} must be at least 1")));
@@ -383,6 +400,11 @@ impl Settings {
             advertise_addr,
             lease_namespace,
             sweep_grace: args.sweep_grace().unwrap_or(args.stale_window()),
+            budgets: crate::api::budget::Limits {
+                requests: args.max_concurrent_requests,
+                long_polls: args.max_long_polls,
+                long_polls_per_device: args.max_long_polls_per_device,
+            },
             breaker: crate::cluster::sweep::Breaker {
                 share: args.stale_breaker_share,
                 min_devices: args.stale_breaker_min_devices,

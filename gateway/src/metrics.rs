@@ -103,8 +103,12 @@ pub struct Metrics {
     pub stale_breaker_open: Gauge,
     /// Devices the breaker holds back (stale, not marked disconnected).
     pub stale_held: Gauge,
-    /// 1 for each shard whose Lease this replica holds.
+    /// 1 for each shard whose Lease this replica holds, 0 for the cluster's other shards.
     pub shard_held: Family<ShardLabels, Gauge>,
+    /// 1 while this replica stands aside from its own shard (cannot renew its Lease).
+    pub shard_standing_aside: Gauge,
+    /// Device requests answered at once because a budget was full.
+    pub requests_shed: Family<ShedLabels, Counter>,
 }
 
 /// Label of [`Metrics::sweeps_skipped`].
@@ -112,6 +116,13 @@ pub struct Metrics {
 pub struct SkipLabels {
     /// Why the sweep did not flip anything.
     pub reason: &'static str,
+}
+
+/// Label of [`Metrics::requests_shed`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShedLabels {
+    /// The budget that was full: requests, long_polls or device_long_polls.
+    pub budget: &'static str,
 }
 
 /// Label of [`Metrics::shard_held`].
@@ -152,6 +163,8 @@ impl Metrics {
             stale_breaker_open: Gauge::default(),
             stale_held: Gauge::default(),
             shard_held: Family::default(),
+            shard_standing_aside: Gauge::default(),
+            requests_shed: Family::default(),
         };
         registry.register(
             "http_requests",
@@ -264,8 +277,18 @@ impl Metrics {
         );
         registry.register(
             "shard_held",
-            "1 for each shard whose Lease this replica holds (and so sweeps)",
+            "1 for each shard whose Lease this replica holds (and so sweeps), 0 for the others",
             metrics.shard_held.clone(),
+        );
+        registry.register(
+            "requests_shed",
+            "Device requests answered at once (503 or 429) because a budget was full, by budget",
+            metrics.requests_shed.clone(),
+        );
+        registry.register(
+            "shard_standing_aside",
+            "1 while this replica cannot renew its own shard Lease and lets another replica sweep it",
+            metrics.shard_standing_aside.clone(),
         );
         metrics
     }

@@ -109,10 +109,19 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             args.replicas,
             ownership_sender,
             store.clock().clone(),
-            metrics.clock_offset_seconds.clone(),
+            cluster::ClusterMetrics {
+                clock_offset: metrics.clock_offset_seconds.clone(),
+                shard_held: metrics.shard_held.clone(),
+                standing_aside: metrics.shard_standing_aside.clone(),
+            },
+            {
+                let cache = cache.clone();
+                async move { cache.wait_synced().await }
+            },
             shutdown.clone(),
         ));
     } else {
+        cluster::publish_held(&metrics.shard_held, &[settings.ordinal], args.replicas);
         // Keep the fixed ownership's sender alive for the life of the process.
         tasks.spawn(async move {
             let _keep = ownership_sender;
@@ -171,7 +180,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         shutdown: shutdown.clone(),
         etag_records,
         ordinal: settings.ordinal,
-        max_concurrent_requests: args.max_concurrent_requests,
+        budgets: crate::api::budget::Budgets::new(settings.budgets, metrics.clone()),
         access_log: args.access_log,
     });
     let admin = admin::router(Arc::new(registry), cache, store);

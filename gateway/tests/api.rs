@@ -551,14 +551,18 @@ async fn old_and_new_duration_spellings_both_configure_the_binary() {
         .env("KUBECONFIG", &kubeconfig)
         .env_remove("POD_NAMESPACE")
         .spawn();
-    wait_until(DEADLINE, "the second gateway answers /readyz 200", || async {
-        stack
-            .http
-            .get(format!("http://{admin}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
+    wait_until(
+        DEADLINE,
+        "the second gateway answers /readyz 200",
+        || async {
+            stack
+                .http
+                .get(format!("http://{admin}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        },
+    )
     .await;
     assert_eq!(
         told_heartbeat(&stack.http, &format!("http://{device}")).await,

@@ -46,9 +46,11 @@ fn hang_every_write() -> Vec<Fault> {
 /// Waits until `name` has exactly `n` Events of `reason`, then until the replay has had several
 /// more chances to repeat one, and checks there are still exactly `n`.
 async fn exactly_events(stack: &Stack, name: &str, reason: &str, n: usize) {
-    wait_until(REPLAY_DEADLINE, &format!("{n} {reason} Events about {name}"), || async {
-        stack.events(name, reason).await.len() >= n
-    })
+    wait_until(
+        REPLAY_DEADLINE,
+        &format!("{n} {reason} Events about {name}"),
+        || async { stack.events(name, reason).await.len() >= n },
+    )
     .await;
     stack.wait_sweeps(10.0).await;
     let events = stack.events(name, reason).await;
@@ -292,10 +294,14 @@ async fn connectivity_is_written_before_a_queued_rollout_wave() {
         stack.change_spec(name, "alpine:2").await;
     }
     active.lock().expect("lock").remove("dev-quiet");
-    let quiet_disconnected = wait_for(Duration::from_secs(30), "dp-quiet shown disconnected", || async {
-        let dp = stack.get("dp-quiet").await;
-        is_condition(&dp, AGENT_CONNECTED, FALSE).then_some(())
-    });
+    let quiet_disconnected = wait_for(
+        Duration::from_secs(30),
+        "dp-quiet shown disconnected",
+        || async {
+            let dp = stack.get("dp-quiet").await;
+            is_condition(&dp, AGENT_CONNECTED, FALSE).then_some(())
+        },
+    );
     quiet_disconnected.await;
     let mut written = 0;
     for name in &wave {
@@ -365,7 +371,10 @@ async fn a_redis_outage_longer_than_the_stale_window_marks_nobody_disconnected()
     agent.abort();
     let dp = stack.get("dp-r").await;
     assert!(is_condition(&dp, AGENT_CONNECTED, TRUE), "{:?}", dp.status);
-    assert!(stack.events("dp-r", REASON_AGENT_DISCONNECTED).await.is_empty());
+    assert!(stack
+        .events("dp-r", REASON_AGENT_DISCONNECTED)
+        .await
+        .is_empty());
 }
 
 /// 20 connected devices of one shard, each with a DeviceProcess, kept reporting by a stand-in
@@ -433,9 +442,11 @@ async fn the_breaker_holds_a_mass_disconnection_until_devices_report_again() {
             a.insert(d.clone());
         }
     }
-    wait_until(DEADLINE, "the two quiet devices are disconnected", || async {
-        disconnected_count(&stack, &devices).await == 2
-    })
+    wait_until(
+        DEADLINE,
+        "the two quiet devices are disconnected",
+        || async { disconnected_count(&stack, &devices).await == 2 },
+    )
     .await;
     stack.wait_sweeps(20.0).await;
     agent.abort();
@@ -447,7 +458,10 @@ async fn the_breaker_holds_a_mass_disconnection_until_devices_report_again() {
         let expected = usize::from(d == &devices[13] || d == &devices[14]);
         assert_eq!(warnings, expected, "{d}");
     }
-    assert_eq!(stack.metric("apollo_gateway_stale_breaker_open", &[]).await, 0.0);
+    assert_eq!(
+        stack.metric("apollo_gateway_stale_breaker_open", &[]).await,
+        0.0
+    );
     assert_eq!(stack.lease_events("MassStaleness").await.len(), 1);
 }
 
@@ -471,9 +485,11 @@ async fn the_breaker_releases_a_mass_disconnection_that_persists_for_another_win
         stack.metric("apollo_gateway_stale_breaker_open", &[]).await == 1.0
     })
     .await;
-    wait_until(Duration::from_secs(20), "15 disconnected after a second window", || async {
-        disconnected_count(&stack, &devices).await == 15
-    })
+    wait_until(
+        Duration::from_secs(20),
+        "15 disconnected after a second window",
+        || async { disconnected_count(&stack, &devices).await == 15 },
+    )
     .await;
     stack.wait_sweeps(20.0).await;
     agent.abort();
@@ -502,5 +518,8 @@ async fn a_gateway_paused_longer_than_the_stale_window_marks_nobody_disconnected
     stack.gateway.signal(Signal::SIGCONT);
     stack.wait_sweeps(40.0).await;
     agent.abort();
-    assert!(stack.events("dp-p", REASON_AGENT_DISCONNECTED).await.is_empty());
+    assert!(stack
+        .events("dp-p", REASON_AGENT_DISCONNECTED)
+        .await
+        .is_empty());
 }

@@ -19,6 +19,10 @@ pub mod wire;
 pub const DEVICE_TOKEN_HEADER: &str = "x-device-token";
 /// Header naming the gateway ordinal that answered a device request.
 pub const GATEWAY_HEADER: &str = "x-apollo-gateway";
+/// Header (value `1`) on a gateway's 503 meaning "this replica is not ready yet" (its watch cache
+/// has not synced): a router retries the request on the fallback replica instead of passing the
+/// 503 on. Other 503s (request budget exhausted, state store down) are not retried elsewhere.
+pub const NOT_READY_HEADER: &str = "x-apollo-not-ready";
 /// Largest accepted `/report` or `/connect` body.
 pub const MAX_REPORT_BYTES: usize = 64 * 1024;
 /// Longest long poll the gateway holds (`waitSeconds` is capped to this).

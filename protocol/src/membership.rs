@@ -11,9 +11,14 @@
 //!   devices go to a deterministic fallback. After [`FORGET_AFTER_MS`] without a heartbeat it is
 //!   forgotten (a crashed scale-down must not pin N forever).
 //!
+//! - A gateway that cannot renew its own shard Lease for a whole Lease duration (Kubernetes
+//!   unreachable from it, or refusing it) registers with `"standAside": true`: it still serves
+//!   the devices routed to it, but the other replicas treat its shard as orphaned and one of them
+//!   takes the Lease over and sweeps it, until the replica can hold it again.
+//!
 //! Replica count N = highest member ordinal + 1 (StatefulSet ordinals are 0..N-1).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -36,14 +41,20 @@ pub struct Registration {
     pub addr: String,
     /// Redis server time (ms since the epoch) of the last heartbeat.
     pub heartbeat_ms: u64,
+    /// The replica cannot hold its own shard's Lease: another replica should take it over.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stand_aside: bool,
 }
 
 /// Lua: refresh (or create) a registration stamped with Redis' clock.
-/// KEYS[1] = MEMBERS_KEY; ARGV[1] = ordinal; ARGV[2] = addr. Returns the stamp.
+/// KEYS[1] = MEMBERS_KEY; ARGV[1] = ordinal; ARGV[2] = addr; ARGV[3] (optional) = `1` when the
+/// replica stands aside from its shard. Returns the stamp.
 pub const REGISTER_SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({addr = ARGV[2], heartbeatMs = ms}))
+local reg = {addr = ARGV[2], heartbeatMs = ms}
+if ARGV[3] == '1' then reg['standAside'] = true end
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(reg))
 return ms
 "#;
 
@@ -78,6 +89,8 @@ pub struct View {
     pub alive: BTreeMap<u32, String>,
     /// Every member (alive or not), by ordinal.
     pub members: BTreeMap<u32, String>,
+    /// Alive members that stand aside from their shard (cannot hold its Lease).
+    pub standing_aside: BTreeSet<u32>,
 }
 
 impl View {
@@ -101,6 +114,9 @@ impl View {
             }
             if age <= ALIVE_TTL_MS {
                 view.alive.insert(ordinal, reg.addr.clone());
+                if reg.stand_aside {
+                    view.standing_aside.insert(ordinal);
+                }
             }
             view.members.insert(ordinal, reg.addr);
         }
@@ -154,6 +170,7 @@ mod tests {
         serde_json::to_string(&Registration {
             addr: addr.into(),
             heartbeat_ms: ms,
+            stand_aside: false,
         })
         .expect("serialise")
     }
@@ -170,6 +187,23 @@ mod tests {
         );
         assert_eq!(view.replicas, 3);
         assert_eq!(view.alive.keys().copied().collect::<Vec<_>>(), [0, 2]);
+    }
+
+    #[test]
+    fn a_replica_standing_aside_is_alive_and_says_so_and_older_registrations_do_not() {
+        let now = 1_000_000;
+        let aside = serde_json::to_string(&Registration {
+            addr: "a:1".into(),
+            heartbeat_ms: now,
+            stand_aside: true,
+        })
+        .expect("serialise");
+        assert!(aside.contains(r#""standAside":true"#), "{aside}");
+        let plain = reg("b:1", now);
+        assert!(!plain.contains("standAside"), "{plain}");
+        let view = View::from_registrations([("0", aside.as_str()), ("1", plain.as_str())], now);
+        assert_eq!(view.alive.len(), 2);
+        assert_eq!(view.standing_aside.iter().copied().collect::<Vec<_>>(), [0]);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use apollo_protocol::membership::{MEMBERS_KEY, REGISTER_SCRIPT};
 use apollo_protocol::shard::shard_for_device;
+use apollo_protocol::NOT_READY_HEADER;
 use apollo_test_support::{free_port, metrics, wait_until, Proc, RedisServer};
 use axum::extract::{Query, Request};
 use axum::http::{HeaderMap, StatusCode};
@@ -22,11 +23,32 @@ struct Replica {
 
 impl Replica {
     async fn start(ordinal: u32, redis_url: &str) -> Self {
+        let app = axum::Router::new().fallback(move |q, req| echo(ordinal, q, req));
+        Self::serve(ordinal, redis_url, app).await
+    }
+
+    /// A replica registered and alive whose watch cache has not synced: every request gets the
+    /// gateway's "not ready" 503.
+    async fn start_not_ready(ordinal: u32, redis_url: &str) -> Self {
+        let app = axum::Router::new().fallback(move || async move {
+            let mut headers = HeaderMap::new();
+            headers.insert(NOT_READY_HEADER, "1".parse().expect("header"));
+            headers.insert("retry-after", "1".parse().expect("header"));
+            headers.insert(
+                "x-apollo-gateway",
+                ordinal.to_string().parse().expect("header"),
+            );
+            let body = serde_json::json!({"error": {"code": "not_ready", "message": "loading"}});
+            (StatusCode::SERVICE_UNAVAILABLE, headers, axum::Json(body)).into_response()
+        });
+        Self::serve(ordinal, redis_url, app).await
+    }
+
+    async fn serve(ordinal: u32, redis_url: &str, app: axum::Router) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let app = axum::Router::new().fallback(move |q, req| echo(ordinal, q, req));
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -126,7 +148,10 @@ struct Router {
 async fn start_router(redis_url: &str) -> Router {
     let port = free_port();
     let admin_port = free_port();
-    let mut proc = Proc::builder(env!("CARGO_BIN_EXE_apollo-router"))
+    // APOLLO_ROUTER_BIN: an older build, to show a test fails before its fix.
+    let bin = std::env::var("APOLLO_ROUTER_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_apollo-router").to_owned());
+    let mut proc = Proc::builder(bin)
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
         .args(["--redis-url", redis_url])
@@ -331,6 +356,39 @@ async fn a_crashed_replica_s_devices_go_to_one_deterministic_fallback() {
     assert_eq!(replicas, Some(3.0), "{text}");
     let fallbacks = metrics::value(&text, "apollo_router_fallbacks_total", &[]).unwrap_or(0.0);
     assert!(fallbacks >= devices.len() as f64, "{fallbacks}");
+}
+
+/// Issue 13, defect 3: a replica alive in the membership but not ready (restarted, its watch cache
+/// still loading) answers 503 "not ready"; the router passes it over for the fallback instead of
+/// handing the 503 to the agent. With no other replica, the agent gets that 503, not a 502.
+#[tokio::test]
+async fn a_replica_that_answers_not_ready_is_passed_over_for_the_fallback() {
+    let redis = RedisServer::start().await;
+    let ready = Replica::start(0, &redis.url()).await;
+    let not_ready = Replica::start_not_ready(1, &redis.url()).await;
+    let router = start_router(&redis.url()).await;
+    let client = http();
+    wait_ready(&client, &router, 2).await;
+    let devices: Vec<String> = (0..40)
+        .map(|i| format!("dev-{i:03}"))
+        .filter(|d| shard_for_device(d, 2) == 1)
+        .collect();
+    assert!(!devices.is_empty());
+    for d in &devices {
+        assert_eq!(served_by(&client, &router, d).await, Some(0), "{d}");
+    }
+    drop(ready);
+    // Alone, the replica's own answer reaches the agent.
+    wait_ready(&client, &router, 1).await;
+    let resp = client
+        .get(format!("{}/v1/devices/{}/desired", router.url, devices[0]))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 503);
+    assert_eq!(header(&resp, NOT_READY_HEADER), Some("1"));
+    assert_eq!(error_code(resp).await, "not_ready");
+    drop(not_ready);
 }
 
 #[tokio::test]

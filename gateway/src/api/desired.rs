@@ -78,6 +78,7 @@ pub(crate) async fn desired(
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let request_permit = api.budgets.request()?;
     check_device(&device)?;
     api.auth.check(&device, &headers)?;
     let wait_seconds = match query.get("waitSeconds") {
@@ -95,8 +96,13 @@ pub(crate) async fn desired(
     let deadline = Instant::now() + Duration::from_secs(wait_seconds);
     let presented = if_none_match(&headers);
 
+    // A request that waits gives its request permit back and holds a long-poll permit instead.
+    let mut request_permit = Some(request_permit);
+    let mut long_poll = None;
     if !api.cache.is_synced() {
         if presented.is_some() && wait_seconds > 0 {
+            request_permit.take();
+            long_poll = Some(api.budgets.long_poll(&device)?);
             tokio::select! {
                 _ = api.cache.wait_synced() => {}
                 _ = tokio::time::sleep_until(deadline) => {}
@@ -118,6 +124,10 @@ pub(crate) async fn desired(
         }
         if Instant::now() >= deadline || api.shutdown.is_cancelled() {
             return Ok(not_modified(&snapshot.etag));
+        }
+        if long_poll.is_none() {
+            request_permit.take();
+            long_poll = Some(api.budgets.long_poll(&device)?);
         }
         waiter.get_or_insert_with(|| Waiter::new(&api.metrics));
         tokio::select! {
@@ -145,7 +155,7 @@ async fn warm_start(
             }
         }
     }
-    Err(ApiError::unavailable(
+    Err(ApiError::not_ready(
         "the gateway is still loading DeviceProcesses",
     ))
 }

@@ -14,6 +14,7 @@ pub struct ApiError {
     message: String,
     field: Option<String>,
     retry_after: Option<u64>,
+    not_ready: bool,
 }
 
 impl ApiError {
@@ -24,7 +25,13 @@ impl ApiError {
             message: message.into(),
             field: None,
             retry_after: None,
+            not_ready: false,
         }
+    }
+
+    /// The status code answered.
+    pub fn status(&self) -> StatusCode {
+        self.status
     }
 
     pub(crate) fn field(mut self, field: impl Into<String>) -> Self {
@@ -43,6 +50,15 @@ impl ApiError {
 
     pub(crate) fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message).retry_after(1)
+    }
+
+    /// 503 from a replica whose watch cache has not synced, marked so a router tries the
+    /// fallback replica ([`apollo_protocol::NOT_READY_HEADER`]).
+    pub(crate) fn not_ready(message: impl Into<String>) -> Self {
+        Self {
+            not_ready: true,
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", message).retry_after(1)
+        }
     }
 }
 
@@ -82,6 +98,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.not_ready {
+            response.headers_mut().insert(
+                apollo_protocol::NOT_READY_HEADER,
+                HeaderValue::from_static("1"),
+            );
         }
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(

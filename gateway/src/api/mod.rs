@@ -4,6 +4,7 @@
 //! error envelope ([`errors`]).
 
 pub mod auth;
+pub mod budget;
 pub mod desired;
 pub mod document;
 pub mod errors;
@@ -18,12 +19,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apollo_protocol::{GATEWAY_HEADER, MAX_WAIT_SECONDS};
-use axum::error_handling::HandleErrorLayer;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{get, post};
-use axum::{BoxError, Router};
+use axum::Router;
 use http::{HeaderValue, StatusCode};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -59,7 +59,12 @@ pub trait ReportSink: Send + Sync + 'static {
 }
 
 impl ReportSink for crate::status::StatusWriter {
-    fn on_report(&self, _device: &str, outcome: &ReportOutcome, before: &HashMap<ObjectKey, Shown>) {
+    fn on_report(
+        &self,
+        _device: &str,
+        outcome: &ReportOutcome,
+        before: &HashMap<ObjectKey, Shown>,
+    ) {
         let _ = before; // kept in the pending records by the store (see ShownBefore)
         crate::status::StatusWriter::on_report(self, outcome);
     }
@@ -85,19 +90,18 @@ pub struct DeviceApi {
     pub etag_records: mpsc::Sender<(String, String)>,
     /// This replica's ordinal, sent as X-Apollo-Gateway.
     pub ordinal: u32,
-    /// Concurrent requests above which requests are shed with 503.
-    pub max_concurrent_requests: usize,
+    /// What the replica serves at once (requests, long polls, long polls per device).
+    pub budgets: budget::Budgets,
     /// Log one info line per device request (method, path, status, latency).
     pub access_log: bool,
 }
 
 /// The device API router with its layers: per-request span, metrics and X-Apollo-Gateway on
-/// every response (503s and 408s included), request timeout, load shedding above the concurrency
-/// limit.
+/// every response (503s and 408s included), request timeout. Load is shed by the handlers, per
+/// budget ([`budget`]).
 pub fn device_router(api: Arc<DeviceApi>) -> Router {
     let ordinal = HeaderValue::from(api.ordinal);
     let metrics = api.metrics.clone();
-    let limit = api.max_concurrent_requests;
     let outer = Arc::new(Outer {
         ordinal,
         metrics,
@@ -123,9 +127,6 @@ pub fn device_router(api: Arc<DeviceApi>) -> Router {
                     apollo_telemetry::set_parent_from_headers(&span, req.headers());
                     span
                 }))
-                .layer(HandleErrorLayer::new(overloaded))
-                .load_shed()
-                .concurrency_limit(limit)
                 .layer(TimeoutLayer::with_status_code(
                     StatusCode::REQUEST_TIMEOUT,
                     REQUEST_TIMEOUT,
@@ -168,16 +169,6 @@ async fn observe(State(outer): State<Arc<Outer>>, request: Request, next: Next) 
         .get_or_create(&RouteLabels { route })
         .observe(start.elapsed().as_secs_f64());
     response
-}
-
-async fn overloaded(_: BoxError) -> Response {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "overloaded",
-        "too many concurrent requests",
-    )
-    .retry_after(1)
-    .into_response()
 }
 
 async fn not_found() -> ApiError {

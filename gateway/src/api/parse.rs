@@ -8,7 +8,7 @@ use crate::api::errors::ApiError;
 const MAX_DEVICE_NAME_LEN: usize = 253;
 
 /// Device names become parts of state-store keys: Kubernetes-name characters only.
-pub(crate) fn check_device(device: &str) -> Result<(), ApiError> {
+pub fn check_device(device: &str) -> Result<(), ApiError> {
     let ok = !device.is_empty()
         && device.len() <= MAX_DEVICE_NAME_LEN
         && device

@@ -58,6 +58,7 @@ pub(crate) async fn report(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let _permit = api.budgets.request()?;
     let bytes = authorized_body(&api, &device, &headers, body).await?;
     let report = parse_report(&bytes).map_err(ApiError::invalid)?;
     report.validate().map_err(ApiError::invalid)?;
@@ -70,6 +71,7 @@ pub(crate) async fn connect(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let _permit = api.budgets.request()?;
     let bytes = authorized_body(&api, &device, &headers, body).await?;
     let request = parse_connect(&bytes).map_err(ApiError::invalid)?;
     request.validate().map_err(ApiError::invalid)?;
@@ -85,7 +87,7 @@ pub(crate) async fn connect(
 async fn record(api: &DeviceApi, device: &str, report: &Report) -> Result<Response, ApiError> {
     if !api.cache.is_synced() {
         // Observations cannot be checked against an empty cache; make the agent retry.
-        return Err(ApiError::unavailable(
+        return Err(ApiError::not_ready(
             "the gateway is still loading DeviceProcesses",
         ));
     }
@@ -120,10 +122,7 @@ async fn record(api: &DeviceApi, device: &str, report: &Report) -> Result<Respon
         observed: observations
             .iter()
             .filter(|(key, hash)| {
-                before
-                    .get(key)
-                    .and_then(|s| s.observed_hash.as_ref())
-                    == Some(hash)
+                before.get(key).and_then(|s| s.observed_hash.as_ref()) == Some(hash)
             })
             .map(|(key, _)| key.clone())
             .collect(),

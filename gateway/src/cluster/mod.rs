@@ -41,12 +41,14 @@ use apollo_runtime::lease::{Attempt, LeaseError, LeaseLock};
 use apollo_runtime::redis::{Eval, RedisConnection, RedisTarget, Timeouts};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::cluster::ownership::OwnedSlots;
+use crate::metrics::ShardLabels;
 use crate::state::{self, SharedClock};
 
 /// Prefix of the shard Leases' names.
@@ -104,7 +106,7 @@ pub fn plan(ordinal: u32, view: &View, held: &[u32]) -> BTreeMap<u32, LeaseActio
     for shard in 0..replicas {
         let action = if shard == ordinal {
             LeaseAction::Hold
-        } else if view.alive.contains_key(&shard) {
+        } else if view.alive.contains_key(&shard) && !view.standing_aside.contains(&shard) {
             // Its replica is alive: hand it back if we had taken it over.
             if held.contains(&shard) {
                 LeaseAction::Release
@@ -112,7 +114,13 @@ pub fn plan(ordinal: u32, view: &View, held: &[u32]) -> BTreeMap<u32, LeaseActio
                 LeaseAction::Ignore
             }
         } else {
-            let candidates: Vec<u32> = view.alive.keys().copied().filter(|o| *o != shard).collect();
+            // Its replica is gone, or alive but unable to hold the Lease (standing aside).
+            let candidates: Vec<u32> = view
+                .alive
+                .keys()
+                .copied()
+                .filter(|o| *o != shard && !view.standing_aside.contains(o))
+                .collect();
             let preferred = !candidates.is_empty()
                 && candidates[jump_hash(u64::from(shard), candidates.len() as u32) as usize]
                     == ordinal;
@@ -135,16 +143,32 @@ struct Held {
     renewed_at: Instant,
 }
 
+/// Metrics the cluster task keeps.
+#[derive(Clone)]
+pub struct ClusterMetrics {
+    /// Offset of this machine's clock from Redis'.
+    pub clock_offset: Gauge<f64, AtomicU64>,
+    /// 1 for each shard whose Lease this replica holds, 0 for the other shards of the cluster.
+    pub shard_held: Family<ShardLabels, Gauge>,
+    /// 1 while this replica stands aside from its own shard.
+    pub standing_aside: Gauge,
+}
+
 /// Runs membership and shard leases until `shutdown`, publishing owned slots on `ownership`.
-/// On shutdown the replica deregisters and releases its Leases, so a scale-down hands its work
-/// over at once.
+///
+/// The replica joins (registers, takes Leases) only once `ready` completes — its watch cache has
+/// synced: a replica that cannot serve its devices must not attract them from routers nor hold a
+/// shard it cannot sweep. On shutdown the replica deregisters and releases its Leases, so a
+/// scale-down hands its work over at once.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     config: ClusterConfig,
     client: kube::Client,
     initial_replicas: u32,
     ownership: watch::Sender<Arc<OwnedSlots>>,
     clock: SharedClock,
-    clock_offset: Gauge<f64, AtomicU64>,
+    metrics: ClusterMetrics,
+    ready: impl std::future::Future<Output = ()>,
     shutdown: CancellationToken,
 ) {
     let leases: Api<Lease> = Api::namespaced(client, &config.lease_namespace);
@@ -169,6 +193,13 @@ pub async fn run(
     // Shards whose Lease calls Kubernetes refused (401/403), each warned about once.
     let mut refused: BTreeSet<u32> = BTreeSet::new();
     let mut published: Option<(Vec<u32>, u32)> = None;
+    // Since when our own shard's Lease calls have been failing (not: held by another replica).
+    let mut own_failing_since: Option<Instant> = None;
+    let mut standing_aside = false;
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = ready => {}
+    }
     let mut ticker = tokio::time::interval(Duration::from_millis(HEARTBEAT_EVERY_MS));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     info!(
@@ -183,8 +214,17 @@ pub async fn run(
             _ = ticker.tick() => {}
         }
         // 1. Membership.
-        let measured = (&clock, &clock_offset);
-        match refresh_membership(&redis, &mut conn, &register, &read, &config, measured).await {
+        let measured = (&clock, &metrics.clock_offset);
+        let membership = refresh_membership(
+            &redis,
+            &mut conn,
+            (&register, &read),
+            &config,
+            standing_aside,
+            measured,
+        )
+        .await;
+        match membership {
             Ok(new_view) => {
                 if new_view.replicas != view.replicas || new_view.alive != view.alive {
                     info!(
@@ -231,6 +271,7 @@ pub async fn run(
                     Ok(())
                 }
             };
+            let succeeded = result.is_ok();
             match result {
                 Err(error) if is_refused(&error) => {
                     // A configuration error, not a blip: say so once, loudly.
@@ -245,9 +286,22 @@ pub async fn run(
                         );
                     }
                 }
-                Err(error) => debug!(shard, %error, "shard lease call failed"),
+                Err(error) => {
+                    if shard == config.ordinal && own_failing_since.is_none() {
+                        warn!(shard, %error, "could not renew this replica's own shard lease");
+                    } else if shard != config.ordinal {
+                        warn!(shard, %error, "shard lease call failed");
+                    }
+                }
                 Ok(()) => {
                     refused.remove(&shard);
+                }
+            }
+            if shard == config.ordinal {
+                if succeeded {
+                    own_failing_since = None;
+                } else {
+                    own_failing_since.get_or_insert_with(Instant::now);
                 }
             }
             if held.contains_key(&shard) {
@@ -266,11 +320,32 @@ pub async fn run(
             }
             valid
         });
+        // Unable to hold our own shard for a whole Lease duration: stand aside (announced with
+        // the next registration) so another replica takes it over; rejoin once a Lease call
+        // succeeds again.
+        let aside = own_failing_since.is_some_and(|since| since.elapsed() >= config.lease_duration);
+        if aside != standing_aside {
+            if aside {
+                warn!(
+                    shard = config.ordinal,
+                    "this replica has not been able to renew its shard lease for a lease \
+                     duration; standing aside so another replica sweeps the shard"
+                );
+            } else {
+                info!(
+                    shard = config.ordinal,
+                    "shard lease calls succeed again; claiming the shard back"
+                );
+            }
+            standing_aside = aside;
+            metrics.standing_aside.set(i64::from(aside));
+        }
         // 3. Publish what we own.
         let replicas = view.replicas.max(config.ordinal + 1);
         let shards: Vec<u32> = held.keys().copied().filter(|s| *s < replicas).collect();
         if published.as_ref() != Some(&(shards.clone(), replicas)) {
             info!(?shards, replicas, "owned shards");
+            publish_held(&metrics.shard_held, &shards, replicas);
             ownership.send_replace(Arc::new(OwnedSlots::of_shards(&shards, replicas)));
             published = Some((shards, replicas));
         }
@@ -299,15 +374,26 @@ pub async fn run(
         }
     }
     ownership.send_replace(Arc::new(OwnedSlots::none()));
+    publish_held(&metrics.shard_held, &[], 0);
     info!("left the gateway cluster");
+}
+
+/// Sets `shard_held` to 1 for `shards` and 0 for every other shard below `replicas`.
+pub fn publish_held(shard_held: &Family<ShardLabels, Gauge>, shards: &[u32], replicas: u32) {
+    shard_held.clear();
+    for shard in 0..replicas.max(shards.iter().max().map_or(0, |m| m + 1)) {
+        shard_held
+            .get_or_create(&ShardLabels { shard })
+            .set(i64::from(shards.contains(&shard)));
+    }
 }
 
 async fn refresh_membership(
     target: &RedisTarget,
     conn: &mut Option<RedisConnection>,
-    register: &Eval,
-    read: &Eval,
+    (register, read): (&Eval, &Eval),
     config: &ClusterConfig,
+    standing_aside: bool,
     (clock, clock_offset): (&SharedClock, &Gauge<f64, AtomicU64>),
 ) -> Result<View, String> {
     if conn.is_none() {
@@ -325,7 +411,8 @@ async fn refresh_membership(
     registration
         .key(MEMBERS_KEY)
         .arg(config.ordinal)
-        .arg(&config.advertise_addr);
+        .arg(&config.advertise_addr)
+        .arg(if standing_aside { "1" } else { "0" });
     tokio::time::timeout(CALL_TIMEOUT, registration.invoke::<u64>(c))
         .await
         .map_err(|_| "register timed out".to_owned())?
@@ -474,6 +561,7 @@ mod tests {
             replicas,
             alive: alive.iter().map(|o| (*o, format!("g{o}"))).collect(),
             members: (0..replicas).map(|o| (o, format!("g{o}"))).collect(),
+            standing_aside: Default::default(),
         }
     }
 
@@ -505,6 +593,36 @@ mod tests {
         let p = plan(0, &view(2, &[0, 1]), &[0, 3]);
         assert_eq!(p[&3], LeaseAction::Release);
         assert_eq!(p[&0], LeaseAction::Hold);
+    }
+
+    #[test]
+    fn the_shard_of_a_replica_standing_aside_is_taken_over_by_one_other_replica() {
+        let mut v = view(3, &[0, 1, 2]);
+        v.standing_aside.insert(1);
+        let preferred: Vec<u32> = [0u32, 2]
+            .iter()
+            .filter(|o| {
+                plan(**o, &v, &[])[&1] == LeaseAction::TakeOverIfExpired { preferred: true }
+            })
+            .copied()
+            .collect();
+        assert_eq!(preferred.len(), 1, "{preferred:?}");
+        // The taker keeps it while the replica stands aside, and hands it back afterwards.
+        assert_eq!(
+            plan(preferred[0], &v, &[1])[&1],
+            LeaseAction::TakeOverIfExpired { preferred: true }
+        );
+        v.standing_aside.clear();
+        assert_eq!(plan(preferred[0], &v, &[1])[&1], LeaseAction::Release);
+        // The replica standing aside keeps trying to hold its own shard.
+        assert_eq!(plan(1, &v, &[])[&1], LeaseAction::Hold);
+        // ... and is never the taker of another shard standing aside.
+        let mut two = view(3, &[0, 1, 2]);
+        two.standing_aside.extend([1, 2]);
+        assert_ne!(
+            plan(1, &two, &[])[&2],
+            LeaseAction::TakeOverIfExpired { preferred: true }
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::Cache;
 use crate::cluster::ownership::Ownership;
-use crate::metrics::{Metrics, ShardLabels, SkipLabels};
+use crate::metrics::{Metrics, SkipLabels};
 use crate::model::CachedProcess;
 use crate::state::{Connection, StaleCount, StateStore, Store};
 use crate::status::projection::{needs_write, project};
@@ -82,9 +82,7 @@ pub fn breaker_decision(
         && (count.quiet as f64) > breaker.share * count.connected as f64;
     match (too_many, opened) {
         (false, _) => BreakerDecision::Sweep,
-        (true, Some(at)) if now.saturating_duration_since(at) >= window => {
-            BreakerDecision::Release
-        }
+        (true, Some(at)) if now.saturating_duration_since(at) >= window => BreakerDecision::Release,
         (true, _) => BreakerDecision::Hold,
     }
 }
@@ -129,7 +127,9 @@ impl BreakerAlerts {
                 namespace: Some(self.lease_namespace.clone()),
                 ..Default::default()
             },
-            event_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now)),
+            event_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                now,
+            )),
             action: Some("StaleSweep".into()),
             reason: Some("MassStaleness".into()),
             note: Some(note),
@@ -220,7 +220,11 @@ impl Background {
                     continue;
                 }
                 let quiet_cutoff_ms = now_ms.saturating_sub(quiet_ms);
-                let count = match self.store.stale_count(&slots, cutoff_ms, quiet_cutoff_ms).await {
+                let count = match self
+                    .store
+                    .stale_count(&slots, cutoff_ms, quiet_cutoff_ms)
+                    .await
+                {
                     Ok(count) => count,
                     Err(error) => {
                         tracing::warn!(%error, "stale count failed; retrying next tick");
@@ -233,10 +237,18 @@ impl Background {
                     continue;
                 }
                 let now = tokio::time::Instant::now();
-                match breaker_decision(breaker, count, opened.get(&shard).copied(), now, stale_window) {
+                match breaker_decision(
+                    breaker,
+                    count,
+                    opened.get(&shard).copied(),
+                    now,
+                    stale_window,
+                ) {
                     BreakerDecision::Hold => {
-                        if !opened.contains_key(&shard) {
-                            opened.insert(shard, now);
+                        if let std::collections::hash_map::Entry::Vacant(entry) =
+                            opened.entry(shard)
+                        {
+                            entry.insert(now);
                             self.alerts.opened(shard, count, stale_window).await;
                         }
                         held += count.stale;
@@ -254,7 +266,10 @@ impl Background {
                     }
                     BreakerDecision::Sweep => {
                         if opened.remove(&shard).is_some() {
-                            tracing::info!(shard, "mass-staleness breaker closed: devices report again");
+                            tracing::info!(
+                                shard,
+                                "mass-staleness breaker closed: devices report again"
+                            );
                         }
                     }
                 }
@@ -295,7 +310,12 @@ impl Background {
     /// Replays, every `interval`, the transitions pending in the owned slots that nobody is
     /// delivering and that were decided at least `grace` ago (the replica that decided one had
     /// that long to deliver it), until shutdown.
-    pub async fn run_replay(self, grace: Duration, interval: Duration, shutdown: CancellationToken) {
+    pub async fn run_replay(
+        self,
+        grace: Duration,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = self.cache.wait_synced() => {}
@@ -319,9 +339,9 @@ impl Background {
             let now_ms = self.store.clock().now_ms();
             let oldest = pending.iter().map(|p| p.decided_ms).min();
             self.metrics.pending_transitions.set(pending.len() as i64);
-            self.metrics.pending_oldest_seconds.set(
-                oldest.map_or(0.0, |t| (now_ms.saturating_sub(t)).max(0) as f64 / 1000.0),
-            );
+            self.metrics
+                .pending_oldest_seconds
+                .set(oldest.map_or(0.0, |t| (now_ms.saturating_sub(t)).max(0) as f64 / 1000.0));
             self.writer.queue_unqueued();
             let mut due: Vec<_> = pending
                 .into_iter()
@@ -333,18 +353,6 @@ impl Background {
             if !due.is_empty() {
                 self.writer.replay(&due);
             }
-        }
-    }
-
-    /// Publishes which shards this replica holds.
-    pub fn publish_shards(&self) {
-        let owned = self.ownership.borrow().clone();
-        self.metrics.shard_held.clear();
-        for (shard, _) in owned.by_shard() {
-            self.metrics
-                .shard_held
-                .get_or_create(&ShardLabels { shard })
-                .set(1);
         }
     }
 

@@ -136,7 +136,6 @@ pub struct Shown {
     pub observed_hash: Option<String>,
 }
 
-
 impl Shown {
     /// What `status` shows.
     pub fn of(status: Option<&DeviceProcessStatus>) -> Self {

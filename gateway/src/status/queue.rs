@@ -3,9 +3,9 @@
 //! same object to two writers at once.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::{Mutex, MutexGuard};
 #[cfg(test)]
 use std::sync::Arc;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -348,8 +348,8 @@ impl RateLimiter {
     /// Takes a token at `now`, or says how long to wait before trying again.
     pub fn try_take(&self, now: Instant, urgent: bool) -> Result<(), Duration> {
         let mut bucket = self.lock();
-        let refill = now.saturating_duration_since(bucket.at).as_secs_f64()
-            / self.interval.as_secs_f64();
+        let refill =
+            now.saturating_duration_since(bucket.at).as_secs_f64() / self.interval.as_secs_f64();
         bucket.tokens = (bucket.tokens + refill).min(self.burst);
         bucket.at = now;
         let yields = !urgent && bucket.urgent_waiting > 0;
@@ -463,7 +463,11 @@ mod tests {
                 Work::plain(WriteReason::SpecChanged),
             );
         }
-        q.push(key("stale"), now, Work::transition(Transition::Disconnected));
+        q.push(
+            key("stale"),
+            now,
+            Work::transition(Transition::Disconnected),
+        );
         let Next::Ready(first, _) = q.next(now) else {
             panic!("due")
         };
@@ -487,7 +491,11 @@ mod tests {
         for _ in 0..40 {
             work.merge(Work::transition(Transition::Disconnected));
         }
-        assert_eq!(work.deliveries.len(), 40, "none dropped: each is a real transition");
+        assert_eq!(
+            work.deliveries.len(),
+            40,
+            "none dropped: each is a real transition"
+        );
         assert_eq!(work.reason, WriteReason::Transition);
         assert_eq!(work.priority(), 0);
     }
@@ -503,8 +511,13 @@ mod tests {
             wait > Duration::from_millis(90) && wait <= Duration::from_millis(100),
             "{wait:?}"
         );
-        assert_eq!(limiter.try_take(now + Duration::from_millis(100), false), Ok(()));
-        assert!(limiter.try_take(now + Duration::from_millis(100), false).is_err());
+        assert_eq!(
+            limiter.try_take(now + Duration::from_millis(100), false),
+            Ok(())
+        );
+        assert!(limiter
+            .try_take(now + Duration::from_millis(100), false)
+            .is_err());
     }
 
     #[tokio::test]
@@ -533,7 +546,13 @@ mod tests {
             t.await.expect("join");
         }
         let order = order.lock().expect("lock").clone();
-        let urgent_at = order.iter().position(|o| o == "urgent").expect("urgent ran");
-        assert!(urgent_at <= 1, "the urgent caller waited behind the others: {order:?}");
+        let urgent_at = order
+            .iter()
+            .position(|o| o == "urgent")
+            .expect("urgent ran");
+        assert!(
+            urgent_at <= 1,
+            "the urgent caller waited behind the others: {order:?}"
+        );
     }
 }

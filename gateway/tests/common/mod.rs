@@ -45,6 +45,8 @@ pub struct Options {
     pub all_namespaces: bool,
     /// `--lease-namespace` of the gateway (default: the test's own namespace).
     pub lease_namespace: Option<String>,
+    /// `--shard-lease-seconds` (long by default: no renewal lands in a test's write counts).
+    pub shard_lease_seconds: &'static str,
     pub extra: Vec<String>,
 }
 
@@ -64,6 +66,7 @@ impl Default for Options {
             watch_namespace: None,
             all_namespaces: false,
             lease_namespace: None,
+            shard_lease_seconds: "600",
             extra: Vec::new(),
         }
     }
@@ -103,8 +106,11 @@ fn spawn_gateway(args: &[String], kubeconfig: &std::path::Path) -> Proc {
         .spawn()
 }
 
-pub fn gateway_binary() -> &'static str {
-    env!("CARGO_BIN_EXE_apollo-gateway")
+/// The gateway binary under test: this build's, or `APOLLO_GATEWAY_BIN` (e.g. an older build, to
+/// show that a test fails before the fix it comes with).
+pub fn gateway_binary() -> String {
+    std::env::var("APOLLO_GATEWAY_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_apollo-gateway").to_owned())
 }
 
 pub fn hash_of(dp: &DeviceProcess) -> String {
@@ -184,7 +190,7 @@ impl Stack {
             // One replica holds its shard for the whole test: no Lease renewal (a write every
             // third of the duration) lands in a test's count of Kubernetes writes.
             "--shard-lease-seconds".into(),
-            "600".into(),
+            options.shard_lease_seconds.into(),
         ];
         // Tests run concurrently on one control plane: each gateway sees its own namespace.
         if !options.all_namespaces {
@@ -245,6 +251,34 @@ impl Stack {
         self.gateway = spawn_gateway(&args, &self.kubeconfig);
         self.gateway_args = args;
         self.wait_ready().await;
+    }
+
+    /// Starts another replica, `--ordinal ordinal`, with the same flags, Redis and namespace,
+    /// talking to the apiserver directly (not through the proxy); waits until it is ready.
+    pub async fn start_peer(&self, ordinal: u32) -> Peer {
+        let device = free_addr();
+        let admin = free_addr();
+        let mut args = self.gateway_args.clone();
+        for (flag, value) in [("--listen", device), ("--admin-listen", admin)] {
+            let at = args.iter().position(|a| a == flag).expect("flag");
+            args[at + 1] = value.to_string();
+        }
+        if let Some(at) = args.iter().position(|a| a == "--ordinal") {
+            args.drain(at..at + 2);
+        }
+        args.extend(["--ordinal".to_owned(), ordinal.to_string()]);
+        let kubeconfig = self.ns.kubeconfig_for(Component::Gateway).await;
+        let peer = Peer {
+            gateway: spawn_gateway(&args, &kubeconfig),
+            admin_url: format!("http://{admin}"),
+            http: self.http.clone(),
+        };
+        wait_until(DEADLINE, "peer /readyz answers 200", || async {
+            let url = format!("{}/readyz", peer.admin_url);
+            matches!(peer.http.get(url).send().await, Ok(r) if r.status() == 200)
+        })
+        .await;
+        peer
     }
 
     /// Status code of `/readyz`, 0 when the admin endpoint does not answer.
@@ -508,6 +542,21 @@ impl Stack {
             check(&dp).then_some(dp)
         })
         .await
+    }
+}
+
+/// Another gateway replica of a [`Stack`] ([`Stack::start_peer`]).
+pub struct Peer {
+    pub gateway: Proc,
+    pub admin_url: String,
+    http: reqwest::Client,
+}
+
+impl Peer {
+    /// Like [`Stack::metric`], on this replica.
+    pub async fn metric(&self, metric: &str, label_filters: &[&str]) -> f64 {
+        let url = format!("{}/metrics", self.admin_url);
+        metrics::scrape(&self.http, &url, metric, label_filters).await
     }
 }
 
