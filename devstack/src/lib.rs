@@ -20,4 +20,4 @@ pub mod prometheus;
 pub mod samples;
 pub mod stack;
 
-pub use stack::{Kubernetes, Ports, Stack, StackConfig, SYSTEM_NAMESPACE};
+pub use stack::{Kubernetes, Ports, RedisChoice, Stack, StackConfig, SYSTEM_NAMESPACE};

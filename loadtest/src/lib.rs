@@ -86,6 +86,17 @@ pub struct Args {
     /// HMAC key file of the existing deployment (device tokens are derived from it).
     #[arg(long, env = "APOLLO_LT_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
+    /// The local stack's gateways and router use this Redis instead of a redis-server of their
+    /// own: `redis://host:port`, or a Redis Cluster (`redis+cluster://host:port,host:port/` or a
+    /// list of `redis://` URLs; see apollo_runtime::redis).
+    #[arg(long, env = "APOLLO_LT_REDIS_URL", value_parser = redis_url,
+          conflicts_with_all = ["redis_cluster", "router_url"])]
+    pub redis_url: Option<String>,
+    /// The local stack runs a Redis Cluster of this many masters (3 or more, one replica each)
+    /// instead of one redis-server.
+    #[arg(long, env = "APOLLO_LT_REDIS_CLUSTER", value_parser = clap::value_parser!(u8).range(3..),
+          conflicts_with = "router_url")]
+    pub redis_cluster: Option<u8>,
     /// Device name prefix.
     #[arg(long, env = "APOLLO_LT_PREFIX", default_value = "lt")]
     pub prefix: String,
@@ -98,6 +109,27 @@ pub struct Args {
     /// Warnings of the agents and the harness go to stderr (`RUST_LOG` for more).
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// A `--redis-url` in any of its forms, checked here so that a typo exits before the stack starts.
+fn redis_url(url: &str) -> Result<String, String> {
+    apollo_runtime::redis::RedisTarget::parse(url)
+        .map(|_| url.to_owned())
+        .map_err(|e| e.to_string())
+}
+
+impl Args {
+    /// The Redis of the local stack (`--redis-url`, `--redis-cluster`, else a redis-server).
+    pub fn redis_choice(&self) -> apollo_dev::RedisChoice {
+        match (&self.redis_url, self.redis_cluster) {
+            (Some(url), _) => apollo_dev::RedisChoice::External(url.clone()),
+            (None, Some(masters)) => apollo_dev::RedisChoice::Cluster {
+                masters: usize::from(masters),
+                replicas: 1,
+            },
+            (None, None) => apollo_dev::RedisChoice::Server,
+        }
+    }
 }
 
 /// Measurement windows and ramps.
@@ -419,6 +451,7 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
     cfg.heartbeat_interval_seconds = args.heartbeat_interval().as_secs();
     cfg.sweep_interval_seconds = 5;
     cfg.ports = Ports::ephemeral();
+    cfg.redis = args.redis_choice();
     eprintln!(
         "loadtest: starting the local stack ({} gateways) ...",
         args.gateways
@@ -661,6 +694,38 @@ mod tests {
             error.to_string().contains("[possible values: text, json]"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn the_stack_s_redis_is_a_server_a_cluster_or_given() {
+        use apollo_dev::RedisChoice;
+        let parse = |args: &[&str]| Args::try_parse_from(args).map(|a| a.redis_choice());
+        assert_eq!(parse(&["loadtest"]).expect("ok"), RedisChoice::Server);
+        assert_eq!(
+            parse(&["loadtest", "--redis-cluster", "3"]).expect("ok"),
+            RedisChoice::Cluster {
+                masters: 3,
+                replicas: 1
+            }
+        );
+        let url = "redis+cluster://127.0.0.1:7000,127.0.0.1:7001/";
+        assert_eq!(
+            parse(&["loadtest", "--redis-url", url]).expect("ok"),
+            RedisChoice::External(url.to_owned())
+        );
+        for refused in [
+            &["loadtest", "--redis-cluster", "2"][..],
+            &["loadtest", "--redis-url", "redis+cluster://"],
+            &[
+                "loadtest",
+                "--redis-url",
+                "redis://h:1",
+                "--redis-cluster",
+                "3",
+            ],
+        ] {
+            assert!(parse(refused).is_err(), "{refused:?}");
+        }
     }
 
     #[test]

@@ -114,6 +114,9 @@ pub struct StackConfig {
     /// rules ([`crate::prometheus`]). apollo-dev turns it on; off in [`StackConfig::demo`] so
     /// that loadtest measures Apollo alone.
     pub prometheus: Option<Duration>,
+    /// The Redis of the gateways and the router: a redis-server of the stack's own (default), a
+    /// Redis Cluster of its own, or one already running.
+    pub redis: super::RedisChoice,
 }
 
 impl StackConfig {
@@ -140,6 +143,7 @@ impl StackConfig {
             gateway_ordinal_env: BTreeMap::new(),
             jaeger: true,
             prometheus: None,
+            redis: super::RedisChoice::Server,
         }
     }
 

@@ -4,6 +4,7 @@
 
 mod config;
 mod processes;
+mod redis;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -14,6 +15,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use apollo_test_support::{Component, ControlPlane, Proc, RedisServer, TestNamespace};
+
+use self::redis::StackRedis;
 use tokio_util::sync::CancellationToken;
 
 use crate::jaeger::Jaeger;
@@ -21,6 +24,7 @@ use crate::node::{self, GatewayLauncher, Gateways};
 use crate::prometheus::{self, Prometheus};
 use crate::samples;
 
+pub use self::redis::RedisChoice;
 pub use config::{Kubernetes, Ports, StackConfig, SYSTEM_NAMESPACE};
 pub use processes::otel_env;
 use processes::{bin, wait_http_ok};
@@ -44,7 +48,7 @@ impl std::ops::Deref for ControlPlaneHandle {
 /// The running stack. Dropping it kills every process; [`Stack::shutdown`] stops them gracefully.
 pub struct Stack {
     cfg: StackConfig,
-    redis: RedisServer,
+    redis: StackRedis,
     key: Vec<u8>,
     controller: Option<Proc>,
     router: Option<Proc>,
@@ -112,7 +116,7 @@ impl Stack {
             server_env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), j.otlp_endpoint()));
         }
 
-        let redis = RedisServer::start().await;
+        let redis = StackRedis::start(&cfg.redis).await;
 
         // The device HMAC key, as the gateway's Secret would hold it.
         let key: Vec<u8> = {
@@ -312,14 +316,17 @@ impl Stack {
         self.prometheus.as_ref()
     }
 
-    /// Redis URL.
+    /// Redis URL (the gateways' and the router's `--redis-url`).
     pub fn redis_url(&self) -> String {
         self.redis.url()
     }
 
-    /// The Redis server (restart it in tests).
+    /// The Redis server (restart it in tests). Panics unless the stack runs a redis-server of
+    /// its own ([`RedisChoice::Server`], the default).
     pub fn redis(&mut self) -> &mut RedisServer {
-        &mut self.redis
+        self.redis
+            .server()
+            .expect("the stack runs a redis-server of its own (RedisChoice::Server)")
     }
 
     /// An admin kube client.

@@ -236,7 +236,8 @@ impl RedisCluster {
             }
             let serves = fields[8..].iter().any(|range| {
                 let (lo, hi) = range.split_once('-').unwrap_or((range, range));
-                matches!((lo.parse::<u16>(), hi.parse::<u16>()), (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot))
+                let bounds = (lo.parse::<u16>(), hi.parse::<u16>());
+                matches!(bounds, (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot))
             });
             if serves {
                 let port = fields[1]
@@ -301,7 +302,8 @@ impl RedisCluster {
     pub async fn restart_as_replica(&mut self, node: usize) {
         assert!(self.nodes[node].proc.is_none(), "node {node} still runs");
         self.nodes[node].spawn();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // A full resynchronisation from the new master: give a loaded machine time.
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let n = &self.nodes[node];
             let synced = n
@@ -312,7 +314,7 @@ impl RedisCluster {
             }
             assert!(
                 Instant::now() < deadline,
-                "node {node} did not rejoin as a synced replica within 30s:\n{}\n{}",
+                "node {node} did not rejoin as a synced replica within 60s:\n{}\n{}",
                 n.command(&["INFO", "replication"]).unwrap_or_default(),
                 n.command(&["CLUSTER", "NODES"]).unwrap_or_default()
             );
