@@ -290,6 +290,20 @@ impl Metrics {
             "1 while this replica cannot renew its own shard Lease and lets another replica sweep it",
             metrics.shard_standing_aside.clone(),
         );
+        // Counters alerts take rate()/increase() of start at 0: a series that first appears at N
+        // (a mass disconnection in one sweep, a burst of shed requests) would hide those N.
+        for kind in ["connected", "disconnected", "spec_observed"] {
+            metrics
+                .transitions
+                .get_or_create(&TransitionLabels { kind })
+                .inc_by(0);
+        }
+        for budget in ["requests", "long_polls", "device_long_polls"] {
+            metrics
+                .requests_shed
+                .get_or_create(&ShedLabels { budget })
+                .inc_by(0);
+        }
         metrics
     }
 
