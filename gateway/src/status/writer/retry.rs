@@ -1,8 +1,10 @@
 //! The back-off of objects whose writes fail: quick jittered retries of one call, and the longer
-//! per-object wait before an object is tried again off the queue.
+//! per-object wait before an object is tried again off the queue. Both are the runtime's one
+//! retry policy ([`apollo_runtime::backoff`], shared with agent and controller).
 
 use std::time::Duration;
 
+use apollo_runtime::backoff::{BackoffPolicy, Jitter};
 use rand::Rng;
 
 use crate::error::Error;
@@ -14,25 +16,40 @@ const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(60);
 /// Longest wait of an object whose writes the apiserver refuses (403, 422).
 pub(super) const MAX_REFUSED_BACKOFF: Duration = Duration::from_secs(300);
 
-/// How long an object waits after a failed write (see [`StatusWriter::requeue`](super::StatusWriter)); `unit` is a
-/// draw in `[0, 1)` for the jitter.
+/// Objects whose writes fail for transient reasons: equal jitter, so objects that failed together
+/// spread out, and each wait is at least half its ceiling.
+const TRANSIENT: BackoffPolicy =
+    BackoffPolicy::new(REQUEUE_DELAY, MAX_RETRY_BACKOFF, Jitter::Equal);
+/// Objects the apiserver refuses: no jitter, the whole ceiling (sending it sooner cannot help).
+const REFUSED: BackoffPolicy = BackoffPolicy::new(
+    REQUEUE_DELAY,
+    MAX_REFUSED_BACKOFF,
+    Jitter::AtLeastPercent(100),
+);
+/// Retries of one call: 200 ms doubling to 2 s, each wait at least a quarter of its ceiling.
+const CALL: BackoffPolicy = BackoffPolicy::new(
+    Duration::from_millis(200),
+    Duration::from_secs(2),
+    Jitter::AtLeastPercent(25),
+);
+
+/// How long an object waits after a failed write (see
+/// [`StatusWriter::requeue`](super::StatusWriter)); `unit` is a draw in `[0, 1)` for the jitter.
+/// Throttling (429) waits at least the apiserver's Retry-After.
 pub(super) fn requeue_delay(error: &Error, failures: u32, unit: f64) -> Duration {
-    let exponent = failures.saturating_sub(1).min(16);
     if error.is_invalid() || error.is_forbidden() {
-        return (REQUEUE_DELAY * 2u32.saturating_pow(exponent)).min(MAX_REFUSED_BACKOFF);
+        return REFUSED.delay(failures, unit);
     }
-    let base = (REQUEUE_DELAY * 2u32.saturating_pow(exponent)).min(MAX_RETRY_BACKOFF);
-    let jittered = base.mul_f64(0.5 + unit / 2.0);
+    let jittered = TRANSIENT.delay(failures, unit);
     match error.retry_after() {
         Some(after) => jittered.max(after),
         None => jittered,
     }
 }
 
-/// Exponential backoff with full jitter: up to 100ms x 2^attempt, capped at 2s.
+/// The wait before retrying one call after its `attempt`-th failure (1 = the first).
 pub(super) fn backoff(attempt: u32) -> Duration {
-    let cap_ms = (100u64 << attempt.min(5)).min(2000);
-    Duration::from_millis(rand::rng().random_range(cap_ms / 4..=cap_ms))
+    CALL.delay(attempt, rand::rng().random_range(0.0..=1.0))
 }
 
 #[cfg(test)]
@@ -40,11 +57,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_is_bounded_and_grows() {
-        for attempt in 0..20 {
+    fn call_backoff_is_bounded_and_grows() {
+        for attempt in 1..20 {
             let d = backoff(attempt);
             assert!(d <= Duration::from_secs(2), "{d:?}");
+            assert!(d >= CALL.ceiling(attempt) / 4, "{d:?}");
         }
         assert!(backoff(1) <= Duration::from_millis(200));
+        assert!(backoff(1) >= Duration::from_millis(50));
+        assert_eq!(CALL.ceiling(5), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn refused_objects_wait_the_whole_doubling_ceiling_up_to_five_minutes() {
+        assert_eq!(REFUSED.delay(1, 0.0), Duration::from_secs(5));
+        assert_eq!(REFUSED.delay(2, 0.3), Duration::from_secs(10));
+        assert_eq!(REFUSED.delay(10, 0.9), MAX_REFUSED_BACKOFF);
+    }
+
+    #[test]
+    fn transient_failures_wait_between_half_and_the_whole_ceiling() {
+        // Not a refusal, no Retry-After: the transient policy alone.
+        let error = Error::InvalidConfig(String::new());
+        assert_eq!(requeue_delay(&error, 1, 0.0), Duration::from_millis(2500));
+        assert_eq!(requeue_delay(&error, 1, 1.0), Duration::from_secs(5));
+        assert_eq!(requeue_delay(&error, 2, 0.5), Duration::from_millis(7500));
+        assert_eq!(requeue_delay(&error, 30, 1.0), MAX_RETRY_BACKOFF);
     }
 }
