@@ -329,6 +329,12 @@ impl Stack {
             .expect("the stack runs a redis-server of its own (RedisChoice::Server)")
     }
 
+    /// The Redis Cluster, when the stack runs one of its own ([`RedisChoice::Cluster`]): fail
+    /// its masters over in tests.
+    pub fn redis_cluster(&mut self) -> Option<&mut apollo_test_support::RedisCluster> {
+        self.redis.cluster()
+    }
+
     /// An admin kube client.
     pub fn client(&self) -> kube::Client {
         self.client.clone()

@@ -54,6 +54,13 @@ impl StackRedis {
         }
     }
 
+    pub(super) fn cluster(&mut self) -> Option<&mut RedisCluster> {
+        match self {
+            Self::Cluster(c) => Some(c),
+            _ => None,
+        }
+    }
+
     pub(super) fn stop(&mut self) {
         match self {
             Self::Server(s) => s.stop(),
