@@ -43,7 +43,7 @@ fn event_name(object: &str, suffix: &str) -> String {
 ///
 /// Built by hand rather than with kube's `Recorder` because the Recorder does not fit how the
 /// gateway writes: it names Events `<object>.<hex time>`, which the apiserver refuses (422) for
-/// DeviceProcess names near the 253-character limit (see [`event_name`]); it deduplicates repeats
+/// DeviceProcess names near the 253-character limit (see `event_name`); it deduplicates repeats
 /// into a `series` with PATCH requests from a per-process cache (one more verb in the RBAC, and a
 /// cache that other replicas do not share — here the state store already decides that each
 /// transition is published once, by one replica); and its calls would bypass this writer's rate

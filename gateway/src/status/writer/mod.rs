@@ -4,9 +4,9 @@
 //! transitions that caused the write. Runs off the request path, rate limited, every call bounded
 //! by a timeout.
 //!
-//! Split by concern: [`calls`] holds one object's Kubernetes calls (the status patch with its 409
-//! retries, Event creation, each bounded by the call timeout and the write budget), [`event`]
-//! builds the Events, [`retry`] is the back-off of objects whose writes fail.
+//! Split by concern: `calls` holds one object's Kubernetes calls (the status patch with its 409
+//! retries, Event creation, each bounded by the call timeout and the write budget), `event`
+//! builds the Events, `retry` is the back-off of objects whose writes fail.
 
 mod calls;
 mod event;
