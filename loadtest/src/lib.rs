@@ -1,5 +1,7 @@
-//! The load test harness: thousands of real agents (the `apollo-agent` library, sharing one HTTP
-//! connection pool) in one process, against a router.
+//! The load test harness: thousands of real agents (the `apollo-agent` library) in one process,
+//! against a router, over HTTP/1.1 connections of their own or multiplexed on HTTP/2 connections
+//! (see [`clients`]); the CPU and memory of every process of the stack ([`procstat`]), the run
+//! over time ([`timeline`]) and its chart ([`chart`]).
 //!
 //! Two modes:
 //! - `--local-stack` (default when no `--router-url` is given): starts the whole stack on loopback
@@ -11,23 +13,23 @@
 //! - `--router-url URL --secret-file F`: drives an existing deployment; agent-side numbers only.
 #![forbid(unsafe_code)]
 
+pub mod chart;
+pub mod clients;
+pub mod fleet;
+pub mod procstat;
 pub mod rollout;
+pub mod run;
+pub mod timeline;
+
+pub use run::{run, ApiCost, Results};
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context};
-use apollo_agent::{Agent, AgentConfig, AgentMetrics, MetricsSnapshot, RequestCounts};
-use apollo_crds::{DeviceProcess, DeviceProcessDeployment, NetworkSwitch};
-use apollo_dev::{Kubernetes, Ports, Stack, StackConfig};
-use apollo_runtime::duration::{DurationParser, Human};
+use apollo_agent::{MetricsSnapshot, RequestCounts};
+use apollo_runtime::duration::DurationParser;
 use apollo_runtime::shell::LogArgs;
 use clap::Parser;
-use futures::StreamExt;
-use kube::api::{Api, ListParams, PostParams};
-use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 /// Command line of `loadtest`.
 #[derive(Parser, Debug, Clone)]
@@ -103,9 +105,21 @@ pub struct Args {
     /// Where the local stack keeps its logs.
     #[arg(long, env = "APOLLO_LT_WORK_DIR", default_value = "target/loadtest")]
     pub work_dir: PathBuf,
-    /// Also write the results as JSON here.
+    /// Also write the results as JSON here, and the timeline chart next to it (`.svg`).
     #[arg(long, env = "APOLLO_LT_JSON")]
     pub json: Option<PathBuf>,
+    /// Agents sharing one HTTP/2 connection to the router; 0: HTTP/1.1, every agent with its
+    /// own connections (fewer than 10,000 agents fit the 20,000 file descriptors of a process).
+    #[arg(long, env = "APOLLO_LT_AGENTS_PER_CONNECTION", default_value_t = 0)]
+    pub agents_per_connection: usize,
+    /// How often the timeline (throughput, latency, connected devices, CPU and memory of every
+    /// process) is sampled.
+    #[arg(long, env = "APOLLO_LT_SAMPLE_INTERVAL", default_value = "5s", value_parser = SAMPLE)]
+    sample_interval: Duration,
+    /// The gateways' `--kube-writes-per-second` (local stack): the Kubernetes write budget of
+    /// each replica.
+    #[arg(long, env = "APOLLO_LT_KUBE_WRITES_PER_SECOND", default_value_t = 50.0)]
+    pub kube_writes_per_second: f64,
     /// Warnings of the agents and the harness go to stderr (`RUST_LOG` for more).
     #[command(flatten)]
     pub log: LogArgs,
@@ -132,6 +146,10 @@ impl Args {
     }
 }
 
+/// Timeline sampling.
+const SAMPLE: DurationParser = DurationParser::new()
+    .at_least(Duration::from_secs(1))
+    .at_most(Duration::from_secs(600));
 /// Measurement windows and ramps.
 const WINDOW: DurationParser = DurationParser::new().at_most(Duration::from_secs(24 * 3600));
 /// The gateways announce whole seconds.
@@ -164,6 +182,11 @@ impl Args {
     /// Long-poll wait of each agent (`--poll-wait`, or its old spelling).
     pub fn poll_wait(&self) -> Duration {
         self.poll_wait_seconds.unwrap_or(self.poll_wait)
+    }
+
+    /// Timeline sampling interval.
+    pub fn sample_interval(&self) -> Duration {
+        self.sample_interval
     }
 }
 
@@ -238,336 +261,6 @@ pub fn window(before: &MetricsSnapshot, after: &MetricsSnapshot, elapsed: Durati
     }
 }
 
-/// Kubernetes API requests of Apollo's components over a window, from the apiserver's audit log.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct ApiCost {
-    /// create/update/patch/delete on deviceprocesses (incl. /status).
-    pub deviceprocess_writes: u64,
-    /// Of those, writes of `/status` (the gateways' status patches).
-    pub status_writes: u64,
-    /// Events created or patched.
-    pub event_writes: u64,
-    /// Lease writes (leader election and shard leases).
-    pub lease_writes: u64,
-    /// List calls on any resource.
-    pub lists: u64,
-    /// Get calls on deviceprocesses.
-    pub deviceprocess_gets: u64,
-}
-
-/// What Apollo's components (their ServiceAccounts) asked of the apiserver since the last reset.
-async fn api_cost(stack: &Stack) -> ApiCost {
-    let mut cost = ApiCost::default();
-    for r in stack.system().requests().await {
-        match (r.resource.as_str(), r.is_write()) {
-            ("deviceprocesses", true) => {
-                cost.deviceprocess_writes += 1;
-                if r.subresource == "status" {
-                    cost.status_writes += 1;
-                }
-            }
-            ("events", true) => cost.event_writes += 1,
-            ("leases", true) => cost.lease_writes += 1,
-            ("deviceprocesses", false) if r.verb == "get" => cost.deviceprocess_gets += 1,
-            _ => {}
-        }
-        if r.verb == "list" {
-            cost.lists += 1;
-        }
-    }
-    cost
-}
-
-/// Everything a run measured.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Results {
-    /// Simulated devices.
-    pub devices: usize,
-    /// Gateway replicas (local stack).
-    pub gateways: u32,
-    /// Seconds from the first agent start until every DeviceProcess showed AgentConnected=True
-    /// and SpecObserved=True (local stack).
-    pub converge_seconds: Option<f64>,
-    /// Steady state, agent side.
-    pub steady: Window,
-    /// Steady state, Kubernetes side (local stack).
-    pub steady_api: Option<ApiCost>,
-    /// Seconds from a template change until the controller reported the rollout complete (every
-    /// DeviceProcess on the new spec and available).
-    pub rollout_seconds: Option<f64>,
-    /// Kubernetes requests spent by that rollout wave (controller updates included).
-    pub rollout_api: Option<ApiCost>,
-    /// The rollout wave under its strategy: budget, most unavailable at once, writes per device.
-    pub rollout: Option<rollout::RolloutWave>,
-}
-
-fn converged(dps: &[DeviceProcess], want_hash: Option<&str>) -> usize {
-    dps.iter()
-        .filter(|dp| {
-            let Some(st) = dp.status.as_ref() else {
-                return false;
-            };
-            let hash_ok = match want_hash {
-                Some(h) => st.observed_spec_hash.as_deref() == Some(h),
-                None => {
-                    st.observed_spec_hash.as_deref()
-                        == Some(apollo_crds::spec_hash(&dp.spec).as_str())
-                }
-            };
-            hash_ok
-                && apollo_crds::conditions::is_true(
-                    &st.conditions,
-                    apollo_crds::conditions::AGENT_CONNECTED,
-                )
-                && apollo_crds::conditions::is_true(
-                    &st.conditions,
-                    apollo_crds::conditions::SPEC_OBSERVED,
-                )
-        })
-        .count()
-}
-
-/// Generous bound on a wave of status writes for `devices` DeviceProcesses: each gets one status
-/// patch and one Event, and each gateway replica writes at most 50 per second by default
-/// (`--kube-writes-per-second`), so the wave takes `2 * devices / (50 * gateways)` seconds at
-/// best. Twice that, plus two minutes for start-up and the agents' ramp.
-fn write_budget_time(devices: usize, gateways: u32) -> Duration {
-    let writes = 2.0 * devices as f64;
-    let per_second = 50.0 * f64::from(gateways.max(1));
-    Duration::from_secs(120) + Duration::from_secs_f64(2.0 * writes / per_second)
-}
-
-async fn wait_converged(
-    api: &Api<DeviceProcess>,
-    n: usize,
-    deadline: Duration,
-    label: &str,
-) -> anyhow::Result<f64> {
-    let start = Instant::now();
-    loop {
-        let dps = api
-            .list(
-                &ListParams::default()
-                    .labels(&format!("{}={label}", apollo_crds::LABEL_DEPLOYMENT)),
-            )
-            .await?
-            .items;
-        let done = converged(&dps, None);
-        if dps.len() == n && done == n {
-            return Ok(start.elapsed().as_secs_f64());
-        }
-        if start.elapsed() > deadline {
-            bail!("only {done} of {n} DeviceProcesses converged within {deadline:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-fn spawn_agents(
-    devices: &[String],
-    router: &str,
-    token: impl Fn(&str) -> String,
-    args: &Args,
-    metrics: Arc<AgentMetrics>,
-    cancel: CancellationToken,
-) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let http = apollo_agent::http_client()?;
-    let url: reqwest::Url = router.parse().context("router URL")?;
-    let ramp = args.ramp();
-    let n = devices.len().max(1) as u32;
-    let mut handles = Vec::with_capacity(devices.len());
-    for (i, device) in devices.iter().enumerate() {
-        let mut config = AgentConfig::new(device.clone(), url.clone());
-        config.device_token = Some(token(device));
-        config.poll_wait = args.poll_wait();
-        config.initial_heartbeat_interval = args.heartbeat_interval();
-        let agent = Agent::new(config, http.clone(), metrics.clone())?;
-        let delay = ramp * i as u32 / n;
-        let cancel = cancel.clone();
-        handles.push(tokio::spawn(async move {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-            agent.run(cancel).await;
-        }));
-    }
-    Ok(handles)
-}
-
-/// Runs the load test and returns its numbers.
-pub async fn run(args: Args) -> anyhow::Result<Results> {
-    let devices = device_names(&args.prefix, args.devices);
-    let metrics = Arc::new(AgentMetrics::default());
-    let cancel = CancellationToken::new();
-    if let Some(router) = args.router_url.clone() {
-        let key = std::fs::read(args.secret_file.as_ref().context("--secret-file")?)?;
-        let key = apollo_protocol::token::key_from_secret_file(&key);
-        let handles = spawn_agents(
-            &devices,
-            &router,
-            |d| apollo_protocol::token::device_token(&key, d),
-            &args,
-            metrics.clone(),
-            cancel.clone(),
-        )?;
-        tokio::time::sleep(args.ramp() + Duration::from_secs(5)).await;
-        let before = metrics.snapshot();
-        let t = Instant::now();
-        tokio::time::sleep(args.duration()).await;
-        let steady = window(&before, &metrics.snapshot(), t.elapsed());
-        cancel.cancel();
-        futures::future::join_all(handles).await;
-        return Ok(Results {
-            devices: args.devices,
-            gateways: 0,
-            converge_seconds: None,
-            steady,
-            steady_api: None,
-            rollout_seconds: None,
-            rollout_api: None,
-            rollout: None,
-        });
-    }
-
-    // Local stack.
-    let work_dir = {
-        std::fs::create_dir_all(&args.work_dir)?;
-        args.work_dir.canonicalize()?
-    };
-    let bin_dir = std::env::current_exe()?
-        .parent()
-        .context("loadtest has no directory")?
-        .to_path_buf();
-    let mut cfg = StackConfig::demo(work_dir.clone(), bin_dir);
-    cfg.kubernetes = Kubernetes::Own {
-        dir: work_dir.join("control-plane"),
-    };
-    cfg.jaeger = false;
-    cfg.gateways = args.gateways;
-    cfg.devices = Vec::new();
-    cfg.run_agents = false;
-    cfg.install_samples = false;
-    cfg.heartbeat_interval_seconds = args.heartbeat_interval().as_secs();
-    cfg.sweep_interval_seconds = 5;
-    cfg.ports = Ports::ephemeral();
-    cfg.redis = args.redis_choice();
-    eprintln!(
-        "loadtest: starting the local stack ({} gateways) ...",
-        args.gateways
-    );
-    let stack = Stack::start(cfg).await?;
-    let client = stack.client();
-    let ns = stack.namespace().to_owned();
-
-    eprintln!(
-        "loadtest: creating {} NetworkSwitches and a DeviceProcessDeployment ...",
-        devices.len()
-    );
-    let switches: Api<NetworkSwitch> = Api::namespaced(client.clone(), &ns);
-    let created = futures::stream::iter(devices.iter().cloned())
-        .map(|d| {
-            let switches = switches.clone();
-            let prefix = args.prefix.clone();
-            async move {
-                let sw = apollo_dev::samples::switch(&d, &[("fleet", prefix.as_str())]);
-                switches.create(&PostParams::default(), &sw).await
-            }
-        })
-        .buffer_unordered(32)
-        .collect::<Vec<_>>()
-        .await;
-    if let Some(Err(e)) = created.into_iter().find(Result::is_err) {
-        bail!("create NetworkSwitch: {e}");
-    }
-    let dep_name = format!("{}-fleet", args.prefix);
-    let mut dep = apollo_dev::samples::demo_deployment()?;
-    dep.metadata.name = Some(dep_name.clone());
-    dep.spec.selector = serde_json::from_value(json!({"matchLabels": {"fleet": args.prefix}}))?;
-    let deps: Api<DeviceProcessDeployment> = Api::namespaced(client.clone(), &ns);
-    deps.create(&PostParams::default(), &dep).await?;
-    let dps: Api<DeviceProcess> = Api::namespaced(client.clone(), &ns);
-
-    eprintln!(
-        "loadtest: starting {} agents over {} ...",
-        devices.len(),
-        Human(args.ramp())
-    );
-    let handles = spawn_agents(
-        &devices,
-        &stack.router_url(),
-        |d| stack.token(d),
-        &args,
-        metrics.clone(),
-        cancel.clone(),
-    )?;
-    let deadline = args.ramp() + write_budget_time(devices.len(), args.gateways);
-    let converge = wait_converged(&dps, devices.len(), deadline, &dep_name).await?;
-    eprintln!(
-        "loadtest: converged in {converge:.1}s; measuring steady state for {} ...",
-        Human(args.duration())
-    );
-
-    stack.system().reset_requests().await;
-    let before = metrics.snapshot();
-    let t = Instant::now();
-    tokio::time::sleep(args.duration()).await;
-    let steady = window(&before, &metrics.snapshot(), t.elapsed());
-    let steady_api = api_cost(&stack).await;
-
-    let (rollout_seconds, rollout_api, rollout) = if args.no_rollout {
-        (None, None, None)
-    } else {
-        let strategy = rollout::Strategy {
-            all_at_once: args.all_at_once,
-            max_unavailable: args.max_unavailable.clone(),
-        };
-        eprintln!(
-            "loadtest: changing the template (rollout wave, {}) ...",
-            if strategy.all_at_once {
-                "AllAtOnce".to_owned()
-            } else {
-                format!("RollingUpdate maxUnavailable {}", strategy.max_unavailable)
-            }
-        );
-        let wave = rollout::measure(
-            &stack,
-            &dep_name,
-            devices.len(),
-            &strategy,
-            rollout_deadline(devices.len(), args.gateways, &strategy),
-        )
-        .await?;
-        (Some(wave.seconds), Some(api_cost(&stack).await), Some(wave))
-    };
-
-    cancel.cancel();
-    futures::future::join_all(handles).await;
-    stack.shutdown().await;
-    Ok(Results {
-        devices: args.devices,
-        gateways: args.gateways,
-        converge_seconds: Some(converge),
-        steady,
-        steady_api: Some(steady_api),
-        rollout_seconds,
-        rollout_api,
-        rollout,
-    })
-}
-
-/// Bound on a rollout wave: the status-write budget of the fleet, plus ten seconds per wave of
-/// the strategy (each wave waits for its devices to report before the next starts).
-fn rollout_deadline(devices: usize, gateways: u32, strategy: &rollout::Strategy) -> Duration {
-    let budget = if strategy.all_at_once {
-        devices
-    } else {
-        apollo_controller::rollout::resolve_max_unavailable(&strategy.max_unavailable(), devices)
-    };
-    let waves = devices.div_ceil(budget.max(1)) as u32;
-    write_budget_time(devices, gateways) + Duration::from_secs(10) * waves
-}
-
 /// The results as a Markdown table.
 pub fn render(r: &Results) -> String {
     let mut out = String::new();
@@ -601,8 +294,41 @@ pub fn render(r: &Results) -> String {
             a.deviceprocess_writes, a.event_writes, a.lists, a.lease_writes
         ));
     }
+    if let Some(flips) = r.steady_false_disconnects {
+        out.push_str(&format!(
+            "| steady state: false disconnects (AgentConnected True -> False) | {flips} |\n"
+        ));
+    }
+    if let Some(c) = r.create_seconds {
+        out.push_str(&format!(
+            "| NetworkSwitches created -> every DeviceProcess exists | {c:.1} s |\n"
+        ));
+    }
+    out.push_str(&format!(
+        "| agent connections | {} |\n",
+        if r.agents_per_connection == 0 {
+            format!("HTTP/1.1, own connections ({} pools)", r.agent_clients)
+        } else {
+            format!(
+                "HTTP/2, {} agents per connection ({} connections)",
+                r.agents_per_connection, r.agent_clients
+            )
+        }
+    ));
     if let Some(wave) = &r.rollout {
         out.push_str(&rollout::render(wave, r.devices));
+    }
+    out.push_str("\n| process | CPU (steady, % of a core) | RSS (MiB) | peak RSS (MiB) | RSS growth per agent |\n|---|---|---|---|---|\n");
+    for p in &r.resources.steady {
+        let growth = r
+            .resources
+            .rss_growth_per_agent_bytes
+            .get(&p.role)
+            .map_or_else(|| "-".to_owned(), |b| format!("{:.0} B", b));
+        out.push_str(&format!(
+            "| {} | {:.1} | {:.0} | {:.0} | {growth} |\n",
+            p.role, p.cpu_percent, p.rss_mib, p.rss_peak_mib
+        ));
     }
     out
 }
@@ -610,6 +336,7 @@ pub fn render(r: &Results) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::run::{rollout_deadline, write_budget_time};
     use clap::CommandFactory;
 
     #[test]

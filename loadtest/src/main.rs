@@ -28,6 +28,14 @@ async fn run(args: apollo_loadtest::Args) -> Result<(), Failure> {
                 .map_err(|e| Failure::runtime(format!("cannot write {}: {e}", path.display())))?,
             Err(e) => eprintln!("loadtest: cannot encode results: {e}"),
         }
+        let chart = apollo_loadtest::chart::path_next_to(&path);
+        let title = format!(
+            "loadtest: {} agents, {} gateways",
+            results.devices, results.gateways
+        );
+        if let Err(e) = apollo_loadtest::chart::draw(&chart, &title, &results.timeline) {
+            eprintln!("loadtest: cannot draw {}: {e:#}", chart.display());
+        }
     }
     Ok(())
 }
