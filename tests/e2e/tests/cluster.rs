@@ -124,6 +124,45 @@ async fn wait_routing(stack: &Stack, devices: &[String], n: u32) {
     .await;
 }
 
+/// `apollo_gateway_stale_sweeps_total` of every running gateway, by ordinal.
+async fn sweeps(stack: &Stack) -> BTreeMap<u32, f64> {
+    let http = http();
+    let mut counts = BTreeMap::new();
+    for ordinal in stack.gateways().ordinals() {
+        if let Some(admin) = stack.gateways().admin_addr(ordinal) {
+            let url = format!("http://{admin}/metrics");
+            if let Ok(text) = apollo_test_support::metrics::fetch(&http, &url).await {
+                if let Some(v) = apollo_test_support::metrics::value(
+                    &text,
+                    "apollo_gateway_stale_sweeps_total",
+                    &[],
+                ) {
+                    counts.insert(ordinal, v);
+                }
+            }
+        }
+    }
+    counts
+}
+
+/// Waits until every gateway running now has swept `n` more times (rather than sleeping for what
+/// should be `n` sweep periods: under load a sleep can pass with fewer sweeps, or none).
+async fn wait_sweeps(stack: &Stack, n: f64) {
+    let before = sweeps(stack).await;
+    assert!(!before.is_empty(), "no gateway exports its sweep count");
+    wait_until(
+        Duration::from_secs(30),
+        "every gateway sweeps again",
+        || async {
+            let now = sweeps(stack).await;
+            before
+                .iter()
+                .all(|(o, v)| now.get(o).is_some_and(|w| *w >= v + n))
+        },
+    )
+    .await;
+}
+
 /// Waits one stale window (plus slack) and asserts every DeviceProcess of `fleet` is still healthy
 /// and no AgentDisconnected Event was written since `events_before`.
 async fn assert_quiet_for_a_stale_window(
@@ -325,11 +364,8 @@ async fn kill_replica_1_and_check_the_take_over(stack: &Stack, fleet_name: &str)
         },
     )
     .await;
-    // Two more sweep periods: still exactly one Warning for it, none for anyone else.
-    tokio::time::sleep(Duration::from_secs(
-        2 * stack.config().sweep_interval_seconds + 1,
-    ))
-    .await;
+    // Two more sweeps of every replica: still exactly one Warning for it, none for anyone else.
+    wait_sweeps(stack, 2.0).await;
     let events = fleet::event_counts(&client, stack.namespace())
         .await
         .expect("events");
@@ -376,10 +412,8 @@ async fn a_stopped_agent_is_marked_stale_exactly_once_while_three_replicas_sweep
             .is_ok_and(|dps| dps.get(&quiet).is_some_and(fleet::disconnected))
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(
-        3 * stack.config().sweep_interval_seconds + 1,
-    ))
-    .await;
+    // Three more sweeps of every replica: still exactly one Warning.
+    wait_sweeps(&stack, 3.0).await;
     let events = fleet::event_counts(&client, stack.namespace())
         .await
         .expect("events");
