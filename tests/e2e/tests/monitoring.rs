@@ -521,12 +521,14 @@ async fn prometheus_scrapes_the_stack_evaluates_every_rule_and_dashboard_query_a
             rule["name"], rule["alerts"]
         );
         // An alert on a metric nobody exports would never fire: every name it selects is known
-        // (`up` is Prometheus' own; apollo_dpd_* come from kube-state-metrics in a cluster).
+        // (`up` is Prometheus' own; apollo_dpd_* and kube_pod_* come from kube-state-metrics in
+        // a cluster).
         let expr = rule["query"].as_str().expect("query");
         for name in selected_names(prometheus, expr).await {
             assert!(
                 name == "up"
                     || name.starts_with("apollo_dpd_")
+                    || name.starts_with("kube_pod_")
                     || with_series.contains(&name)
                     || described.contains(&name),
                 "alert {} selects {name}, which no component exports: {expr}",
