@@ -66,6 +66,11 @@ struct Up {
     /// Gateway heartbeat interval in seconds (stale after 3x).
     #[arg(long, env = "APOLLO_DEV_HEARTBEAT_SECONDS", default_value_t = 5)]
     heartbeat_interval_seconds: u64,
+    /// Run a Redis Cluster of this many masters (3 or more, a replica each) instead of one
+    /// redis-server.
+    #[arg(long, env = "APOLLO_DEV_REDIS_CLUSTER",
+          value_parser = clap::value_parser!(u8).range(3..))]
+    redis_cluster: Option<u8>,
 }
 
 #[tokio::main]
@@ -147,6 +152,12 @@ async fn run_up(up: Up, control_port: u16) -> anyhow::Result<()> {
     cfg.gateways = up.gateways;
     cfg.devices = up.devices.clone();
     cfg.heartbeat_interval_seconds = up.heartbeat_interval_seconds;
+    if let Some(masters) = up.redis_cluster {
+        cfg.redis = apollo_dev::RedisChoice::Cluster {
+            masters: usize::from(masters),
+            replicas: 1,
+        };
+    }
     cfg.ports = ports.clone();
 
     println!("Starting Apollo (logs in {}/logs) ...", work_dir.display());
