@@ -148,33 +148,36 @@ async fn sweeps(stack: &Stack) -> BTreeMap<u32, f64> {
 /// Waits until every gateway running now has swept `n` more times (rather than sleeping for what
 /// should be `n` sweep periods: under load a sleep can pass with fewer sweeps, or none).
 async fn wait_sweeps(stack: &Stack, n: f64) {
+    wait_sweeps_within(stack, n, Duration::from_secs(30)).await;
+}
+
+/// [`wait_sweeps`] with another deadline.
+async fn wait_sweeps_within(stack: &Stack, n: f64, deadline: Duration) {
     let before = sweeps(stack).await;
     assert!(!before.is_empty(), "no gateway exports its sweep count");
-    wait_until(
-        Duration::from_secs(30),
-        "every gateway sweeps again",
-        || async {
-            let now = sweeps(stack).await;
-            before
-                .iter()
-                .all(|(o, v)| now.get(o).is_some_and(|w| *w >= v + n))
-        },
-    )
+    wait_until(deadline, "every gateway sweeps again", || async {
+        let now = sweeps(stack).await;
+        before
+            .iter()
+            .all(|(o, v)| now.get(o).is_some_and(|w| *w >= v + n))
+    })
     .await;
 }
 
-/// Waits one stale window (plus slack) and asserts every DeviceProcess of `fleet` is still healthy
-/// and no AgentDisconnected Event was written since `events_before`.
+/// Waits until every replica has swept for a whole stale window (plus one sweep) and asserts every
+/// DeviceProcess of `fleet` is still healthy and no AgentDisconnected Event was written since
+/// `events_before`. Sweeps, not a sleep: a sweep skipped (start-up grace, a store that could not
+/// hear reports) judges nobody, so only sweeps that ran make the silence mean something.
 async fn assert_quiet_for_a_stale_window(
     stack: &Stack,
     fleet_name: &str,
     events_before: &HashMap<(String, String), u64>,
 ) {
     let client = stack.client();
-    tokio::time::sleep(Duration::from_secs(
-        3 * stack.config().heartbeat_interval_seconds + 2,
-    ))
-    .await;
+    let cfg = stack.config();
+    let window = cfg.stale_multiplier as u64 * cfg.heartbeat_interval_seconds;
+    let sweeps_per_window = window.div_ceil(cfg.sweep_interval_seconds) + 1;
+    wait_sweeps_within(stack, sweeps_per_window as f64, Duration::from_secs(60)).await;
     let dps = fleet::processes(&client, stack.namespace(), fleet_name)
         .await
         .expect("dps");
@@ -256,9 +259,11 @@ async fn scaling_moves_a_fair_share_and_costs_no_writes_for_reporting_devices() 
             assert_eq!(after2[d], after4[d], "{d} moved though its replica stayed");
         }
     }
-    // Two stale windows of agents reporting through the changes: still nothing written.
-    let window = Duration::from_secs(2 * 3 * stack.config().heartbeat_interval_seconds);
-    tokio::time::sleep(window).await;
+    // Two stale windows of sweeps by every replica, agents reporting through the changes: still
+    // nothing written.
+    let window = 3 * stack.config().heartbeat_interval_seconds;
+    let sweeps = 2 * window.div_ceil(stack.config().sweep_interval_seconds);
+    wait_sweeps_within(&stack, sweeps as f64, Duration::from_secs(60)).await;
     let dps = fleet::processes(&client, stack.namespace(), "scale")
         .await
         .expect("dps");
