@@ -84,8 +84,9 @@ pub struct Args {
     pub max_connections: u32,
 
     /// Largest request head in bytes (HTTP/1.1 read buffer, HTTP/2 header list), 8192..1048576;
-    /// a larger one gets 431 (HTTP/1.1) or a reset stream (HTTP/2).
-    #[arg(long, env = "APOLLO_MAX_HEADER_BYTES", default_value_t = 32_768,
+    /// a larger one gets 431. The default is the gateway's own HTTP/2 header-list limit, so what
+    /// the router forwards the gateway takes.
+    #[arg(long, env = "APOLLO_MAX_HEADER_BYTES", default_value_t = 16_384,
           value_parser = clap::value_parser!(u32).range(8192..=1_048_576))]
     pub max_header_bytes: u32,
 
@@ -184,7 +185,7 @@ mod tests {
         assert_eq!(a.body_read_timeout, Duration::from_secs(10));
         assert_eq!(limits.idle_timeout, Duration::from_secs(120));
         assert_eq!(limits.max_connections, 50_000);
-        assert_eq!(limits.max_header_bytes, 32_768);
+        assert_eq!(limits.max_header_bytes, 16_384);
     }
 
     #[test]
@@ -199,7 +200,7 @@ mod tests {
             "--max-connections",
             "10",
             "--max-header-bytes",
-            "16384",
+            "65536",
         ])
         .expect("parse");
         let limits = a.limits();
@@ -207,7 +208,7 @@ mod tests {
         assert_eq!(a.body_read_timeout, Duration::from_secs(2));
         assert_eq!(limits.idle_timeout, Duration::from_secs(60));
         assert_eq!(limits.max_connections, 10);
-        assert_eq!(limits.max_header_bytes, 16_384);
+        assert_eq!(limits.max_header_bytes, 65_536);
         assert!(parse(&["--header-read-timeout", "10ms"]).is_err());
         assert!(parse(&["--idle-timeout", "2h"]).is_err());
         assert!(parse(&["--max-connections", "0"]).is_err());

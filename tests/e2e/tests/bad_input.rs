@@ -264,6 +264,9 @@ async fn fixture() -> Fixture {
     cfg.server_env = vec![
         ("APOLLO_HEADER_READ_TIMEOUT".into(), "1s".into()),
         ("APOLLO_BODY_READ_TIMEOUT".into(), "1s".into()),
+        // Above the gateway's 16 KiB HTTP/2 header-list limit, to show a head between the two is
+        // refused by the gateway without harm to the shared connection.
+        ("APOLLO_MAX_HEADER_BYTES".into(), "32768".into()),
     ];
     let stack = Stack::start(cfg).await.expect("start the stack");
     let client = stack.client();
@@ -758,8 +761,8 @@ fn cases(i: &Fixture) -> Vec<Case> {
             Status(400, None),
         ));
     }
-    // A head the router lets through (under its 32 KiB) but larger than the gateway's HTTP/2
-    // header-list limit (16 KiB): refused, and the replica must not be held down for it.
+    // A head the router lets through (its --max-header-bytes is 32 KiB here) but larger than the
+    // gateway's HTTP/2 header-list limit (16 KiB): refused, and the replica not held down for it.
     out.push(case(
         "large header under the router's limit",
         Router,
