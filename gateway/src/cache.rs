@@ -4,7 +4,7 @@
 //! Requests read only from here; nothing on the request path lists or gets from Kubernetes.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use apollo_crds::DeviceProcess;
 use apollo_protocol::wire::{ObjectRef, Observation};
@@ -21,9 +21,16 @@ use crate::metrics::Metrics;
 use crate::model::{CachedProcess, ObjectKey};
 use crate::status::projection::Shown;
 
+/// Objects a re-list applies per hold of the index's write lock: request handlers wait at most
+/// one batch (well under a millisecond), never a whole re-list of 100,000 objects.
+const RELIST_BATCH: usize = 256;
+
 /// The indexed cache of DeviceProcesses.
 pub struct Cache {
     index: RwLock<Index>,
+    /// Objects of a re-list in progress (between watcher Init and InitDone), kept apart from the
+    /// index so that collecting them never blocks a reader.
+    relist: Mutex<Option<HashMap<ObjectKey, CachedProcess>>>,
     heartbeat_interval_seconds: u64,
     synced: watch::Sender<bool>,
     metrics: Metrics,
@@ -33,8 +40,20 @@ pub struct Cache {
 struct Index {
     objects: HashMap<ObjectKey, Arc<CachedProcess>>,
     devices: HashMap<String, DeviceEntry>,
-    /// Objects of a re-list in progress (between watcher Init and InitDone).
-    relist: Option<HashMap<ObjectKey, CachedProcess>>,
+    /// Devices with at least one DeviceProcess (kept as entries change: the gauge is O(1)).
+    live_devices: usize,
+}
+
+/// What a watch event (or a whole re-list) changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Objects whose desired part changed (new object, new generation or spec): a reason to
+    /// write their status.
+    pub desired: Vec<ObjectKey>,
+    /// Objects that are gone — deleted, or replaced by a new object of the same name (another
+    /// uid, as when a re-list collapses a delete and a create) — with the device they were
+    /// bound to: what the store remembers of them must be forgotten.
+    pub gone: Vec<(String, ObjectKey)>,
 }
 
 struct DeviceEntry {
@@ -64,6 +83,7 @@ impl Cache {
     pub fn new(heartbeat_interval_seconds: u64, metrics: Metrics) -> Self {
         Self {
             index: RwLock::new(Index::default()),
+            relist: Mutex::new(None),
             heartbeat_interval_seconds,
             synced: watch::channel(false).0,
             metrics,
@@ -178,9 +198,19 @@ impl Cache {
     /// Applies an added or modified object. Returns its key when what the agent sees changed
     /// (new object, new generation or spec), which is a reason to write its status.
     pub fn apply(&self, obj: &DeviceProcess) -> Option<ObjectKey> {
-        let process = CachedProcess::from_object(obj)?;
-        let mut index = self.write();
-        self.apply_locked(&mut index, process, false)
+        self.apply_changes(obj).desired.pop()
+    }
+
+    /// Like [`Cache::apply`], and says whether an older object of the same name (another uid)
+    /// is gone.
+    pub fn apply_changes(&self, obj: &DeviceProcess) -> Changes {
+        let mut changes = Changes::default();
+        if let Some(process) = CachedProcess::from_object(obj) {
+            let mut index = self.write();
+            self.apply_locked(&mut index, process, false, &mut changes);
+        }
+        self.update_gauges();
+        changes
     }
 
     /// Applies the object returned by our own status write, unless the cache already holds a
@@ -189,60 +219,81 @@ impl Cache {
     pub fn observe_write(&self, obj: &DeviceProcess) {
         if let Some(process) = CachedProcess::from_object(obj) {
             let mut index = self.write();
-            self.apply_locked(&mut index, process, true);
+            self.apply_locked(&mut index, process, true, &mut Changes::default());
         }
     }
 
-    /// Removes a deleted object.
-    pub fn delete(&self, obj: &DeviceProcess) {
+    /// Removes a deleted object; returns it as gone (with its device) if the cache held it.
+    pub fn delete(&self, obj: &DeviceProcess) -> Changes {
+        let mut changes = Changes::default();
         let (Some(namespace), Some(name)) = (&obj.metadata.namespace, &obj.metadata.name) else {
-            return;
+            return changes;
         };
         let key = ObjectKey::new(namespace.as_str(), name.as_str());
-        let mut index = self.write();
-        self.remove_locked(&mut index, &key);
-        self.update_gauges(&index);
+        if let Some(device) = self.remove_locked(&mut self.write(), &key) {
+            changes.gone.push((device, key));
+        }
+        self.update_gauges();
+        changes
+    }
+
+    fn relist_buffer(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<HashMap<ObjectKey, CachedProcess>>> {
+        self.relist.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Starts a (re-)list: objects arriving until [`Cache::finish_relist`] replace the contents.
     pub fn begin_relist(&self) {
-        self.write().relist = Some(HashMap::new());
+        *self.relist_buffer() = Some(HashMap::new());
     }
 
     /// One object of a re-list.
     pub fn relist_apply(&self, obj: &DeviceProcess) {
         if let Some(process) = CachedProcess::from_object(obj) {
-            let mut index = self.write();
-            index
-                .relist
+            self.relist_buffer()
                 .get_or_insert_with(HashMap::new)
                 .insert(process.key.clone(), process);
         }
     }
 
-    /// Completes a re-list: applies every listed object, removes objects no longer listed, marks
-    /// the cache synced. Returns the keys whose desired part changed (see [`Cache::apply`]).
-    pub fn finish_relist(&self) -> Vec<ObjectKey> {
-        let mut index = self.write();
-        let listed = index.relist.take().unwrap_or_default();
-        let gone: Vec<ObjectKey> = index
+    /// Completes a re-list: removes objects no longer listed, applies every listed object (a
+    /// batch per hold of the write lock, yielding between batches, so requests are served
+    /// throughout), marks the cache synced. Returns what changed (see [`Cache::apply_changes`]).
+    pub async fn finish_relist(&self) -> Changes {
+        let listed = self.relist_buffer().take().unwrap_or_default();
+        let gone: Vec<ObjectKey> = self
+            .read()
             .objects
             .keys()
             .filter(|k| !listed.contains_key(*k))
             .cloned()
             .collect();
-        for key in &gone {
-            self.remove_locked(&mut index, key);
-        }
-        let mut changed = Vec::new();
-        for (_, process) in listed {
-            if let Some(key) = self.apply_locked(&mut index, process, false) {
-                changed.push(key);
+        let mut changes = Changes::default();
+        for batch in gone.chunks(RELIST_BATCH) {
+            {
+                let mut index = self.write();
+                for key in batch {
+                    if let Some(device) = self.remove_locked(&mut index, key) {
+                        changes.gone.push((device, key.clone()));
+                    }
+                }
             }
+            tokio::task::yield_now().await;
         }
-        drop(index);
+        let mut listed = listed.into_values().peekable();
+        while listed.peek().is_some() {
+            {
+                let mut index = self.write();
+                for process in listed.by_ref().take(RELIST_BATCH) {
+                    self.apply_locked(&mut index, process, false, &mut changes);
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        self.update_gauges();
         self.synced.send_replace(true);
-        changed
+        changes
     }
 
     /// Forgets devices that have no DeviceProcess and nobody waiting on their document.
@@ -258,12 +309,18 @@ impl Cache {
         index: &mut Index,
         process: CachedProcess,
         only_if_newer: bool,
-    ) -> Option<ObjectKey> {
+        changes: &mut Changes,
+    ) {
         let key = process.key.clone();
         let previous = index.objects.get(&key).cloned();
         if let Some(old) = &previous {
             if process.is_older_than(old) || (only_if_newer && !old.is_older_than(&process)) {
-                return None;
+                return;
+            }
+            if !old.uid.is_empty() && old.uid != process.uid {
+                // Deleted and created again under the same name (the watch did not show the
+                // delete): the old object is gone.
+                changes.gone.push((old.device.clone(), key.clone()));
             }
         }
         let desired_changed = previous
@@ -284,26 +341,37 @@ impl Cache {
                 processes: BTreeMap::new(),
                 desired: watch::channel(Arc::new(build_snapshot(&process.device, heartbeat, []))).0,
             });
+        let was_empty = entry.processes.is_empty();
         entry.processes.insert(key.clone(), process.clone());
         if desired_changed {
             self.rebuild(&process.device, entry);
         }
-        self.update_gauges(index);
-        desired_changed.then_some(key)
+        if was_empty {
+            index.live_devices += 1;
+        }
+        if desired_changed {
+            changes.desired.push(key);
+        }
     }
 
-    fn remove_locked(&self, index: &mut Index, key: &ObjectKey) {
-        if let Some(old) = index.objects.remove(key) {
-            self.detach_locked(index, &old.device, key);
-        }
+    /// Removes `key`; returns the device it was bound to.
+    fn remove_locked(&self, index: &mut Index, key: &ObjectKey) -> Option<String> {
+        let old = index.objects.remove(key)?;
+        self.detach_locked(index, &old.device, key);
+        Some(old.device.clone())
     }
 
     fn detach_locked(&self, index: &mut Index, device: &str, key: &ObjectKey) {
         if let Some(entry) = index.devices.get_mut(device) {
-            entry.processes.remove(key);
+            if entry.processes.remove(key).is_none() {
+                return;
+            }
             self.rebuild(device, entry);
-            if entry.processes.is_empty() && entry.desired.receiver_count() == 0 {
-                index.devices.remove(device);
+            if entry.processes.is_empty() {
+                index.live_devices -= 1;
+                if entry.desired.receiver_count() == 0 {
+                    index.devices.remove(device);
+                }
             }
         }
     }
@@ -326,25 +394,21 @@ impl Cache {
         });
     }
 
-    fn update_gauges(&self, index: &Index) {
+    /// O(1): the index keeps its counts as entries change.
+    fn update_gauges(&self) {
+        let index = self.read();
         self.metrics.cache_objects.set(index.objects.len() as i64);
-        self.metrics.cache_devices.set(
-            index
-                .devices
-                .values()
-                .filter(|e| !e.processes.is_empty())
-                .count() as i64,
-        );
+        self.metrics.cache_devices.set(index.live_devices as i64);
     }
 }
 
 /// Feeds the cache from a watch of DeviceProcesses (all namespaces, or one). Calls `on_change`
-/// with the keys whose desired part changed, except during the first list (the start-up resync
-/// covers those). Retries with backoff forever; ends on shutdown.
+/// with what changed — except desired changes during the first list (the start-up resync covers
+/// those). Retries with backoff forever; ends on shutdown.
 pub async fn run_watch(
     api: Api<DeviceProcess>,
     cache: Arc<Cache>,
-    on_change: impl Fn(Vec<ObjectKey>),
+    on_change: impl Fn(Changes),
     shutdown: CancellationToken,
 ) {
     let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
@@ -360,20 +424,29 @@ pub async fn run_watch(
         };
         match event {
             Ok(Event::Apply(obj)) => {
-                if let Some(key) = cache.apply(&obj) {
-                    on_change(vec![key]);
+                let changes = cache.apply_changes(&obj);
+                if changes != Changes::default() {
+                    on_change(changes);
                 }
             }
-            Ok(Event::Delete(obj)) => cache.delete(&obj),
+            Ok(Event::Delete(obj)) => {
+                let changes = cache.delete(&obj);
+                if changes != Changes::default() {
+                    on_change(changes);
+                }
+            }
             Ok(Event::Init) => cache.begin_relist(),
             Ok(Event::InitApply(obj)) => cache.relist_apply(&obj),
             Ok(Event::InitDone) => {
                 let first = !cache.is_synced();
-                let changed = cache.finish_relist();
+                let started = std::time::Instant::now();
+                let mut changes = cache.finish_relist().await;
                 if first {
-                    tracing::info!("DeviceProcess cache synced");
-                } else if !changed.is_empty() {
-                    on_change(changed);
+                    tracing::info!(took = ?started.elapsed(), "DeviceProcess cache synced");
+                    changes.desired.clear();
+                }
+                if changes != Changes::default() {
+                    on_change(changes);
                 }
             }
             Err(error) => {
@@ -496,8 +569,8 @@ mod tests {
             .is_some());
     }
 
-    #[test]
-    fn relist_replaces_contents_and_reports_changes_after_first_sync() {
+    #[tokio::test]
+    async fn relist_replaces_contents_and_reports_changes_after_first_sync() {
         let c = cache();
         assert!(!c.is_synced());
         c.begin_relist();
@@ -507,13 +580,81 @@ mod tests {
             c.keys_for_device("d").is_empty(),
             "nothing visible before InitDone"
         );
-        assert_eq!(c.finish_relist().len(), 2);
+        assert_eq!(c.finish_relist().await.desired.len(), 2);
         assert!(c.is_synced());
         c.begin_relist();
         c.relist_apply(&dp("ns", "a", "d", 1, 1, "u"));
         c.relist_apply(&dp("ns", "c", "d", 1, 3, "u"));
-        assert_eq!(c.finish_relist(), vec![ObjectKey::new("ns", "c")]);
+        let changes = c.finish_relist().await;
+        assert_eq!(changes.desired, vec![ObjectKey::new("ns", "c")]);
+        assert_eq!(
+            changes.gone,
+            vec![("d".to_owned(), ObjectKey::new("ns", "b"))]
+        );
         assert_eq!(items(&c, "d"), ["ns/a", "ns/c"]);
+    }
+
+    /// Issue 13, defect 11: a re-list that collapses a delete and a create of the same name
+    /// serves the new object (its uid) and reports the old one gone.
+    #[tokio::test]
+    async fn a_relist_that_collapses_a_delete_and_a_create_serves_the_new_uid() {
+        let c = cache();
+        c.begin_relist();
+        c.relist_apply(&dp("ns", "a", "d", 1, 1, "u"));
+        c.finish_relist().await;
+        let mut again = dp("ns", "a", "d", 1, 7, "u");
+        again.metadata.uid = Some("uid-new".into());
+        c.begin_relist();
+        c.relist_apply(&again);
+        let changes = c.finish_relist().await;
+        assert_eq!(
+            changes.gone,
+            vec![("d".to_owned(), ObjectKey::new("ns", "a"))]
+        );
+        assert_eq!(changes.desired, vec![ObjectKey::new("ns", "a")]);
+        let cached = c.get(&ObjectKey::new("ns", "a")).expect("cached");
+        assert_eq!(cached.uid, "uid-new");
+        // A watch event of a new uid says the same.
+        let mut third = dp("ns", "a", "d", 1, 9, "u");
+        third.metadata.uid = Some("uid-third".into());
+        assert_eq!(c.apply_changes(&third).gone.len(), 1);
+        assert_eq!(c.delete(&third).gone.len(), 1);
+        assert_eq!(c.delete(&third), Changes::default(), "deleted once");
+    }
+
+    /// Issue 13, defect 6: the gauges follow every change without a pass over the devices.
+    #[tokio::test]
+    async fn gauges_count_objects_and_devices_with_objects_incrementally() {
+        let metrics = Metrics::unregistered();
+        let c = Cache::new(15, metrics.clone());
+        c.apply(&dp("ns", "a", "d1", 1, 1, "u"));
+        c.apply(&dp("ns", "b", "d1", 1, 2, "u"));
+        c.apply(&dp("ns", "c", "d2", 1, 3, "u"));
+        let _waiter = c.subscribe("idle");
+        assert_eq!(
+            (metrics.cache_objects.get(), metrics.cache_devices.get()),
+            (3, 2)
+        );
+        // Moving c to d1 empties d2.
+        c.apply(&dp("ns", "c", "d1", 2, 4, "u"));
+        assert_eq!(
+            (metrics.cache_objects.get(), metrics.cache_devices.get()),
+            (3, 1)
+        );
+        c.delete(&dp("ns", "a", "d1", 1, 5, "u"));
+        assert_eq!(
+            (metrics.cache_objects.get(), metrics.cache_devices.get()),
+            (2, 1)
+        );
+        c.begin_relist();
+        c.relist_apply(&dp("ns", "x", "d3", 1, 6, "u"));
+        c.finish_relist().await;
+        assert_eq!(
+            (metrics.cache_objects.get(), metrics.cache_devices.get()),
+            (1, 1)
+        );
+        c.prune_idle_devices();
+        assert_eq!(metrics.cache_devices.get(), 1);
     }
 
     #[test]

@@ -74,6 +74,16 @@ pub enum Error {
         op: &'static str,
     },
 
+    /// A script ran so long after it was issued (queued while Redis was paused or unreachable)
+    /// that it refused to act on what its caller knew then.
+    #[error("Redis {op} ran {lag_ms} ms after it was issued (Redis was unreachable meanwhile); it changed nothing")]
+    RedisLate {
+        /// The state-store operation.
+        op: &'static str,
+        /// How late it ran.
+        lag_ms: String,
+    },
+
     /// Redis answered with a shape our scripts never produce.
     #[error("Redis {op} returned an unexpected reply: {detail}")]
     RedisReply {

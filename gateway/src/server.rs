@@ -134,10 +134,18 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     };
     {
         let writer = writer.clone();
+        let store = store.clone();
         tasks.spawn(run_watch(
             api,
             cache.clone(),
-            move |keys| writer.on_spec_change(keys),
+            move |changes| {
+                if !changes.desired.is_empty() {
+                    writer.on_spec_change(changes.desired);
+                }
+                if !changes.gone.is_empty() {
+                    tokio::spawn(forget_gone(store.clone(), changes.gone));
+                }
+            },
             shutdown.clone(),
         ));
     }
@@ -251,6 +259,17 @@ async fn record_etags(
         let Some((device, etag)) = next else { return };
         if let Err(error) = store.record_desired_etag(&device, &etag).await {
             tracing::debug!(%device, %error, "recording the served ETag failed");
+        }
+    }
+}
+
+/// Forgets what the store remembers of DeviceProcesses that are gone (deleted, or replaced by a
+/// new object of the same name): a DeviceProcess created again must not inherit what the agent
+/// observed of the old one. Every replica watching does it; it is idempotent.
+async fn forget_gone(store: Store, gone: Vec<(String, crate::model::ObjectKey)>) {
+    for (device, key) in gone {
+        if let Err(error) = store.forget_observed(&device, &key).await {
+            tracing::warn!(%key, %error, "could not forget a deleted DeviceProcess's observations; a DeviceProcess created again under its name may show SpecObserved until the agent reports");
         }
     }
 }

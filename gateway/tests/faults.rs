@@ -349,32 +349,63 @@ fn reporter(stack: &Stack, active: Arc<Mutex<HashSet<String>>>) -> JoinHandle<()
     })
 }
 
-/// Defect 2: Redis paused longer than the stale window (reports fail meanwhile) marks no
-/// device that kept trying disconnected once it is back.
+/// Waits until the sweeper has ticked `n` more times, sweeping or skipping a sweep.
+async fn wait_sweeper_ticks(stack: &Stack, n: f64) {
+    let ticks = || async {
+        stack.metric("apollo_gateway_stale_sweeps_total", &[]).await
+            + stack
+                .metric("apollo_gateway_stale_sweeps_skipped_total", &[])
+                .await
+    };
+    let start = ticks().await;
+    wait_until(DEADLINE, "more sweeper ticks", || async {
+        ticks().await >= start + n
+    })
+    .await;
+}
+
+/// An agent reporting every 300 ms goes quiet for an outage of three stale windows (2 s each),
+/// as agents in backoff do, and is back half a second after the fault ends (well within a stale
+/// window). The gateway must not mark it disconnected: no report could be heard during the outage.
+async fn quiet_through_an_outage(
+    stack: &Stack,
+    name: &str,
+    begin: impl FnOnce(),
+    end: impl FnOnce(),
+) {
+    let device = format!("dev-{name}");
+    stack.create(name, &device, "alpine:1").await;
+    stack.wait_for_items(&device, 1).await;
+    stack.connect_and_converge(&device, &[name]).await;
+    let active = Arc::new(Mutex::new(HashSet::from([device.clone()])));
+    let agent = reporter(stack, active.clone());
+    active.lock().expect("lock").clear();
+    begin();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    end();
+    // Five sweeper ticks (half a second) pass before the agent's next report.
+    wait_sweeper_ticks(stack, 5.0).await;
+    active.lock().expect("lock").insert(device);
+    stack.wait_sweeps(40.0).await;
+    agent.abort();
+    let dp = stack.get(name).await;
+    assert!(is_condition(&dp, AGENT_CONNECTED, TRUE), "{:?}", dp.status);
+    let events = stack.events(name, REASON_AGENT_DISCONNECTED).await;
+    assert!(events.is_empty(), "{events:#?}");
+}
+
+/// Defect 2: Redis paused longer than the stale window marks no device disconnected that
+/// reports again once it is back.
 #[tokio::test]
 async fn a_redis_outage_longer_than_the_stale_window_marks_nobody_disconnected() {
     let stack = Stack::start().await;
-    stack.create("dp-r", "dev-r", "alpine:1").await;
-    stack.wait_for_items("dev-r", 1).await;
-    stack.connect_and_converge("dev-r", &["dp-r"]).await;
-    let active = Arc::new(Mutex::new(HashSet::from(["dev-r".to_owned()])));
-    let agent = reporter(&stack, active);
-    stack.redis.pause();
-    // Three stale windows (2 s each) without a reachable Redis.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    stack.redis.resume();
-    wait_until(DEADLINE, "Redis answers again", || async {
-        stack.readyz().await == 200
-    })
+    quiet_through_an_outage(
+        &stack,
+        "dp-r",
+        || stack.redis.pause(),
+        || stack.redis.resume(),
+    )
     .await;
-    stack.wait_sweeps(40.0).await;
-    agent.abort();
-    let dp = stack.get("dp-r").await;
-    assert!(is_condition(&dp, AGENT_CONNECTED, TRUE), "{:?}", dp.status);
-    assert!(stack
-        .events("dp-r", REASON_AGENT_DISCONNECTED)
-        .await
-        .is_empty());
 }
 
 /// 20 connected devices of one shard, each with a DeviceProcess, kept reporting by a stand-in
@@ -508,18 +539,11 @@ async fn the_breaker_releases_a_mass_disconnection_that_persists_for_another_win
 #[tokio::test]
 async fn a_gateway_paused_longer_than_the_stale_window_marks_nobody_disconnected() {
     let stack = Stack::start().await;
-    stack.create("dp-p", "dev-p", "alpine:1").await;
-    stack.wait_for_items("dev-p", 1).await;
-    stack.connect_and_converge("dev-p", &["dp-p"]).await;
-    let active = Arc::new(Mutex::new(HashSet::from(["dev-p".to_owned()])));
-    let agent = reporter(&stack, active);
-    stack.gateway.signal(Signal::SIGSTOP);
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    stack.gateway.signal(Signal::SIGCONT);
-    stack.wait_sweeps(40.0).await;
-    agent.abort();
-    assert!(stack
-        .events("dp-p", REASON_AGENT_DISCONNECTED)
-        .await
-        .is_empty());
+    quiet_through_an_outage(
+        &stack,
+        "dp-p",
+        || stack.gateway.signal(Signal::SIGSTOP),
+        || stack.gateway.signal(Signal::SIGCONT),
+    )
+    .await;
 }

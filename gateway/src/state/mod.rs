@@ -338,11 +338,15 @@ pub struct Store {
     reception: Reception,
 }
 
+/// A store call slower than this counts as an outage of reception (see [`Reception`]).
+pub const SLOW_STORE_CALL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// When reports last could not be heard. Staleness is judged only over time in which reports
 /// could be heard: after the state store was unreachable (any failed call, the report path's
-/// included) or the watch cache was not synced (reports refused), no device is marked stale
-/// until a whole stale window of working reception has passed; its agents were fine, only
-/// unheard.
+/// included, or a call that took longer than [`SLOW_STORE_CALL`] — a paused Redis answers
+/// nothing until it resumes, and a call in flight has not failed yet) or the watch cache was not
+/// synced (reports refused), no device is marked stale until a whole stale window of working
+/// reception has passed; its agents were fine, only unheard.
 #[derive(Clone, Debug, Default)]
 pub struct Reception {
     last_outage: std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
@@ -431,6 +435,9 @@ impl Store {
         if result.is_err() {
             self.reception.outage();
             self.metrics.store_errors.get_or_create(&labels).inc();
+        } else if start.elapsed() > SLOW_STORE_CALL {
+            // It answered, but reports sent meanwhile were not heard in time either.
+            self.reception.outage();
         }
         result
     }

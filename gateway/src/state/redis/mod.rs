@@ -74,6 +74,8 @@ use crate::model::ObjectKey;
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most devices one sweep call flips (the script is called again while it returns this many).
 const SWEEP_BATCH: usize = 500;
+/// A sweep script running later than this after it was issued flips nothing (see the script).
+const SWEEP_LATEST_MS: i64 = 1_000;
 /// Slots swept concurrently.
 const SWEEP_CONCURRENCY: usize = 16;
 /// Least time between two warnings about writes fewer replicas acknowledged than asked.
@@ -252,8 +254,15 @@ impl RedisStore {
                 .arg(cutoff_ms)
                 .arg(SWEEP_BATCH)
                 .arg(now_ms)
-                .arg(RETENTION_SECONDS);
+                .arg(RETENTION_SECONDS)
+                .arg(SWEEP_LATEST_MS);
             let batch: Vec<String> = self.eval("sweep", &call, true).await?;
+            if batch.first().is_some_and(|f| f == "late") {
+                return Err(Error::RedisLate {
+                    op: "sweep",
+                    lag_ms: batch.get(1).cloned().unwrap_or_default(),
+                });
+            }
             let done = batch.len() < 2 * SWEEP_BATCH;
             for pair in batch.chunks(2) {
                 if let [id, device] = pair {
