@@ -195,6 +195,20 @@ async fn report_flips_status_within_a_second_with_connected_and_observed_events(
     }
 }
 
+/// Waits for `n` more sweeps that judged devices. A gateway sweeps nobody until reports have been
+/// heard for a whole stale window (at start-up the cache syncing counts as not hearing them), so
+/// with a long `stale_window` the first sweeps come that long after the start.
+async fn wait_judging_sweeps(stack: &Stack, n: f64, stale_window: Duration) {
+    stack
+        .wait_metric_growth(
+            "apollo_gateway_stale_sweeps_total",
+            n,
+            stale_window + DEADLINE,
+            "more stale sweeps",
+        )
+        .await;
+}
+
 #[tokio::test]
 async fn a_thousand_heartbeats_from_ten_devices_cause_no_kubernetes_writes_or_lists() {
     // A long stale window: nobody goes stale while the test runs.
@@ -266,7 +280,7 @@ async fn a_thousand_heartbeats_from_ten_devices_cause_no_kubernetes_writes_or_li
     }
     assert_eq!(heartbeats, 1000);
     // Let sweeps run over the reporting devices too.
-    stack.wait_sweeps(3.0).await;
+    wait_judging_sweeps(&stack, 3.0, Duration::from_secs(30)).await;
     assert_eq!(
         stack.ns.writes(None).await,
         0,
@@ -573,7 +587,7 @@ async fn injected_conflicts_and_server_errors_still_converge_without_losing_obse
         .filter(|r| r.verb == "patch" && r.subresource == "status" && r.code == 200)
         .count();
     assert!(patched >= 1, "{requests:#?}");
-    stack.wait_sweeps(3.0).await;
+    wait_judging_sweeps(&stack, 3.0, Duration::from_secs(30)).await;
     assert_eq!(stack.events("flaky", REASON_AGENT_CONNECTED).await.len(), 1);
 }
 
