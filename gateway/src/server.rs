@@ -58,6 +58,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         Some(url) => Store::redis(RedisStore::new(url)?, metrics.clone()),
         None => Store::memory(metrics.clone()),
     };
+    store
+        .reception()
+        .set_slow_call(settings.args.stale_window() / 2);
     // Alone (in-memory store) this replica owns every slot. In a cluster it owns the slots of
     // the shards whose Lease it holds, published by the cluster task below.
     let (ownership_sender, ownership) = if args.redis_url.is_some() {

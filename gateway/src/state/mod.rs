@@ -338,21 +338,42 @@ pub struct Store {
     reception: Reception,
 }
 
-/// A store call slower than this counts as an outage of reception (see [`Reception`]).
-pub const SLOW_STORE_CALL: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// When reports last could not be heard. Staleness is judged only over time in which reports
 /// could be heard: after the state store was unreachable (any failed call, the report path's
-/// included, or a call that took longer than [`SLOW_STORE_CALL`] — a paused Redis answers
+/// included, or a call slower than [`Reception::set_slow_call`] — a paused Redis answers
 /// nothing until it resumes, and a call in flight has not failed yet) or the watch cache was not
 /// synced (reports refused), no device is marked stale until a whole stale window of working
 /// reception has passed; its agents were fine, only unheard.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Reception {
     last_outage: std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
+    slow_call_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Default for Reception {
+    fn default() -> Self {
+        Self {
+            last_outage: Default::default(),
+            slow_call_ms: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1_000)),
+        }
+    }
 }
 
 impl Reception {
+    /// A store call slower than `slow` counts as an outage (default 1 s). The gateway sets half
+    /// the stale window: an agent heartbeating every window/m (m >= 2) whose report is held up
+    /// for less than that is still heard within the window, so only longer stalls can make a
+    /// live agent look stale — and load-induced slowness below it must not stop sweeps.
+    pub fn set_slow_call(&self, slow: std::time::Duration) {
+        let ms = u64::try_from(slow.as_millis()).unwrap_or(u64::MAX);
+        self.slow_call_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn is_slow(&self, took: std::time::Duration) -> bool {
+        took.as_millis() > u128::from(self.slow_call_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// Reports cannot be heard right now.
     pub fn outage(&self) {
         *self.last_outage.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
@@ -435,7 +456,7 @@ impl Store {
         if result.is_err() {
             self.reception.outage();
             self.metrics.store_errors.get_or_create(&labels).inc();
-        } else if start.elapsed() > SLOW_STORE_CALL {
+        } else if self.reception.is_slow(start.elapsed()) {
             // It answered, but reports sent meanwhile were not heard in time either.
             self.reception.outage();
         }
