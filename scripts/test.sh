@@ -41,3 +41,11 @@ cargo build --workspace --bins --locked
 disk_report
 cargo test --workspace --locked -- --test-threads="${APOLLO_TEST_THREADS:-2}"
 disk_report
+# Bounded fuzzing of the network-facing parsers (issue 13): cargo-fuzz targets in fuzz/ (report
+# decoder, device names and paths, If-None-Match) from the committed corpus fuzz/corpus/; its own
+# build in fuzz/target (minutes cold). APOLLO_FUZZ_SECONDS per target, 0 skips the step.
+if [ "${APOLLO_FUZZ_SECONDS:-60}" != 0 ]; then
+  echo "== fuzz: cargo-fuzz, ${APOLLO_FUZZ_SECONDS:-60}s per target (fuzz/, scripts/fuzz.sh)"
+  scripts/fuzz.sh "${APOLLO_FUZZ_SECONDS:-60}"
+  disk_report
+fi
