@@ -334,6 +334,32 @@ async fn a_get_or_head_with_a_body_is_400_and_never_reaches_the_gateway() {
     assert_eq!(stack.replica.seen.load(Ordering::SeqCst), 2);
 }
 
+/// Over one h2c connection (how a proxy in front would talk to the router): a burst of GETs
+/// carrying bodies is refused by the router itself, the replica sees none of them, and the same
+/// connection then serves a legitimate GET.
+#[tokio::test]
+async fn a_burst_of_gets_with_bodies_over_h2c_never_reaches_the_gateway() {
+    let stack = stack(&[]).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let url = format!("http://{}/v1/devices/d1/desired", stack.addr);
+    let refused = futures::future::join_all((0..50).map(|_| h2.get(&url).body("{}").send())).await;
+    for resp in refused {
+        let resp = resp.expect("an answer");
+        assert_eq!(resp.status(), 400);
+        assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+        let body: serde_json::Value = resp.json().await.expect("json");
+        assert_eq!(body["error"]["code"], "body_not_allowed");
+    }
+    assert_eq!(stack.replica.seen.load(Ordering::SeqCst), 0);
+    let resp = h2.get(&url).send().await.expect("legitimate GET");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(stack.replica.seen.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test]
 async fn connections_past_the_limit_are_closed_on_accept_until_one_frees() {
     let stack = stack(&[("APOLLO_MAX_CONNECTIONS", "2")]).await;
