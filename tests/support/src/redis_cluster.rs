@@ -7,14 +7,19 @@ use std::time::{Duration, Instant};
 use crate::process::Proc;
 use crate::redis::{resp_command, which};
 
-/// How long a node may be unreachable before the others fail it over (`cluster-node-timeout`).
-/// Short, so that a failover in a test takes a couple of seconds.
-pub const NODE_TIMEOUT: Duration = Duration::from_millis(1_000);
+/// How long a node may be unreachable before the others fail it over (`cluster-node-timeout`)
+/// in a cluster with replicas: short, so that a failover in a test takes seconds, yet long enough
+/// that a node starved of CPU on a busy machine is not failed over by mistake.
+pub const NODE_TIMEOUT: Duration = Duration::from_millis(2_000);
+/// The same without replicas: nothing can fail over, and a node marked failed would only take
+/// the cluster down (`cluster_state:fail`) until it answers again.
+pub const NODE_TIMEOUT_WITHOUT_REPLICAS: Duration = Duration::from_millis(10_000);
 
 /// One node of a [`RedisCluster`].
 pub struct ClusterNode {
     port: u16,
     bus_port: u16,
+    node_timeout: Duration,
     dir: tempfile::TempDir,
     proc: Option<Proc>,
 }
@@ -50,7 +55,7 @@ impl ClusterNode {
             .args(["--cluster-config-file", "nodes.conf"])
             .args([
                 "--cluster-node-timeout",
-                &NODE_TIMEOUT.as_millis().to_string(),
+                &self.node_timeout.as_millis().to_string(),
             ])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
@@ -106,6 +111,11 @@ impl RedisCluster {
             .map(|_| ClusterNode {
                 port: crate::free_port(),
                 bus_port: crate::free_port(),
+                node_timeout: if replicas_per_master == 0 {
+                    NODE_TIMEOUT_WITHOUT_REPLICAS
+                } else {
+                    NODE_TIMEOUT
+                },
                 dir: tempfile::Builder::new()
                     .prefix("apollo-redis-cluster-")
                     .tempdir()
