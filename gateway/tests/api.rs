@@ -13,7 +13,7 @@ use apollo_crds::conditions::{
     REASON_SPEC_OBSERVED, SPEC_OBSERVED, TRUE,
 };
 use apollo_crds::PHASE_PENDING;
-use apollo_test_support::{wait_until, Fault};
+use apollo_test_support::{wait_for, wait_until, Fault};
 use common::*;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
@@ -543,19 +543,22 @@ async fn injected_conflicts_and_server_errors_still_converge_without_losing_obse
         200
     );
 
-    let converged = stack
-        .wait_status(
-            "flaky",
-            "status converges on the latest observation",
-            |dp| {
-                let s = dp.status.as_ref();
-                s.and_then(|s| s.observed_spec_hash.as_deref()) == Some(new_hash.as_str())
-                    && s.and_then(|s| s.observed_generation) == Some(2)
-                    && is_condition(dp, AGENT_CONNECTED, TRUE)
-                    && is_condition(dp, SPEC_OBSERVED, TRUE)
-            },
-        )
-        .await;
+    // Two failed patches back the object off twice (2.5-5 s, then 5-10 s, jittered): longer than
+    // the usual deadline.
+    let converged = wait_for(
+        Duration::from_secs(40),
+        "status converges on the latest observation",
+        || async {
+            let dp = stack.get("flaky").await;
+            let s = dp.status.as_ref();
+            let done = s.and_then(|s| s.observed_spec_hash.as_deref()) == Some(new_hash.as_str())
+                && s.and_then(|s| s.observed_generation) == Some(2)
+                && is_condition(&dp, AGENT_CONNECTED, TRUE)
+                && is_condition(&dp, SPEC_OBSERVED, TRUE);
+            done.then_some(dp)
+        },
+    )
+    .await;
     assert_eq!(converged.metadata.generation, Some(2));
     wait_until(DEADLINE, "Events published despite 500s", || async {
         stack.events("flaky", REASON_AGENT_CONNECTED).await.len() == 1

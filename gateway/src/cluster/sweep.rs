@@ -198,8 +198,12 @@ impl Background {
                 continue;
             }
             if !self.cache.is_synced() {
-                // Reports are refused until the cache has synced: they cannot be heard.
-                self.store.reception().outage();
+                // Reports are refused until the cache has synced (once synced it stays so: a
+                // re-list keeps serving the old contents). The start-up grace, one stale window
+                // by default, is what covers the devices unheard meanwhile; `--sweep-grace 0`
+                // asks to sweep as soon as the cache is there.
+                self.skipped("cache");
+                continue;
             }
             if self
                 .store
@@ -211,6 +215,11 @@ impl Background {
                 continue;
             }
             let owned = self.ownership.borrow().clone();
+            if owned.by_shard().iter().all(|(_, slots)| slots.is_empty()) {
+                // No shard held (not yet joined, or refused its Lease): nothing to sweep.
+                self.skipped("no_shard");
+                continue;
+            }
             let now_ms = self.store.clock().now_ms();
             let cutoff_ms = now_ms.saturating_sub(window_ms);
             let mut held = 0;

@@ -408,9 +408,9 @@ impl Store {
     /// The Redis backend.
     pub fn redis(store: RedisStore, metrics: Metrics) -> Self {
         Self {
+            clock: store.clock().clone(),
             backend: Backend::Redis(store),
             metrics,
-            clock: SharedClock::default(),
             reception: Reception::default(),
         }
     }

@@ -92,6 +92,9 @@ pub struct RedisStore {
     sweep: Arc<Eval>,
     adopt: Arc<Eval>,
     unreplicated: Arc<Unreplicated>,
+    /// This process's estimate of Redis' clock (shared with the [`super::Store`]): when a sweep
+    /// was issued, to tell a sweep that sat in a paused Redis.
+    clock: super::SharedClock,
 }
 
 #[derive(Default)]
@@ -128,6 +131,7 @@ impl RedisStore {
             sweep: Arc::new(Eval::new(SWEEP_SCRIPT)),
             adopt: Arc::new(Eval::new(ADOPT_SCRIPT)),
             unreplicated: Arc::default(),
+            clock: super::SharedClock::default(),
         })
     }
 
@@ -239,6 +243,11 @@ impl RedisStore {
         format!("{}:{}:seq", self.prefix, slot_tag(slot))
     }
 
+    /// The clock shared with the [`super::Store`] holding this backend.
+    pub(super) fn clock(&self) -> &super::SharedClock {
+        &self.clock
+    }
+
     async fn sweep_slot(
         &self,
         slot: u16,
@@ -255,7 +264,8 @@ impl RedisStore {
                 .arg(SWEEP_BATCH)
                 .arg(now_ms)
                 .arg(RETENTION_SECONDS)
-                .arg(SWEEP_LATEST_MS);
+                .arg(SWEEP_LATEST_MS)
+                .arg(self.clock.now_ms());
             let batch: Vec<String> = self.eval("sweep", &call, true).await?;
             if batch.first().is_some_and(|f| f == "late") {
                 return Err(Error::RedisLate {

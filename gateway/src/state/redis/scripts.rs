@@ -42,11 +42,12 @@ return {prior, changed, connect_id}
 
 pub(super) const SWEEP_SCRIPT: &str = r"
 -- KEYS: connected zset, pending hash, sequence (one slot)
--- ARGV: cutoff ms, batch size, now ms, retention seconds, longest lag ms
+-- ARGV: cutoff ms, batch size, now ms, retention seconds, longest lag ms, issued at (the
+-- caller's estimate of Redis' clock)
 -- A sweep that runs long after it was issued (queued while Redis was paused or unreachable, its
 -- caller long gone) judges with a cutoff from before the outage: it flips nothing.
 local t = redis.call('TIME')
-local lag = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[3])
+local lag = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[6])
 if lag > tonumber(ARGV[5]) then
   return {'late', tostring(lag)}
 end
