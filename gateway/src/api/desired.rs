@@ -2,6 +2,7 @@
 //! held until the document changes, and the warm start from the ETag in the store before the
 //! cache has synced.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,9 +10,9 @@ use std::time::Duration;
 use apollo_protocol::hash::if_none_match_matches;
 use apollo_protocol::MAX_WAIT_SECONDS;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::response::{IntoResponse, Response};
-use http::{header, HeaderMap, HeaderValue, StatusCode};
+use http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use tokio::time::Instant;
 
 use crate::api::document::DesiredSnapshot;
@@ -72,16 +73,39 @@ impl Drop for Waiter<'_> {
     }
 }
 
+/// `waitSeconds` of the query. The hot path: a plain scan of `key=value` pairs, no allocation;
+/// only a query with escapes (`%`, `+`) goes through the full form decoding. The last occurrence
+/// wins either way, as in a decoded map.
+fn wait_seconds_param(uri: &Uri) -> Result<Option<Cow<'_, str>>, ApiError> {
+    let Some(query) = uri.query() else {
+        return Ok(None);
+    };
+    if !query.contains(['%', '+']) {
+        return Ok(query
+            .split('&')
+            .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+            .filter(|(key, _)| *key == "waitSeconds")
+            .last()
+            .map(|(_, value)| Cow::Borrowed(value)));
+    }
+    let Query(map) = Query::<HashMap<String, String>>::try_from_uri(uri).map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", e.body_text()).field("waitSeconds")
+    })?;
+    Ok(map.get("waitSeconds").cloned().map(Cow::Owned))
+}
+
+// The request itself is taken last (not a `HeaderMap`, which axum would clone for every poll):
+// its headers and query are read in place.
 pub(crate) async fn desired(
     State(api): State<Arc<DeviceApi>>,
     Path(device): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
-    headers: HeaderMap,
+    request: Request,
 ) -> Result<Response, ApiError> {
     let request_permit = api.budgets.request()?;
     check_device(&device)?;
-    api.auth.check(&device, &headers)?;
-    let wait_seconds = match query.get("waitSeconds") {
+    let headers = request.headers();
+    api.auth.check(&device, headers)?;
+    let wait_seconds = match wait_seconds_param(request.uri())? {
         None => 0,
         Some(raw) => raw.parse::<u64>().map_err(|_| {
             ApiError::new(
@@ -94,7 +118,7 @@ pub(crate) async fn desired(
     }
     .min(MAX_WAIT_SECONDS);
     let deadline = Instant::now() + Duration::from_secs(wait_seconds);
-    let presented = if_none_match(&headers);
+    let presented = if_none_match(headers);
 
     // A request that waits gives its request permit back and holds a long-poll permit instead.
     let mut request_permit = Some(request_permit);
@@ -158,4 +182,33 @@ async fn warm_start(
     Err(ApiError::not_ready(
         "the gateway is still loading DeviceProcesses",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait(uri: &str) -> Option<String> {
+        let uri: Uri = uri.parse().expect("uri");
+        wait_seconds_param(&uri)
+            .expect("parses")
+            .map(|v| v.into_owned())
+    }
+
+    #[test]
+    fn wait_seconds_is_read_from_the_query_as_a_decoded_map_would() {
+        assert_eq!(wait("/v1/devices/d/desired"), None);
+        assert_eq!(
+            wait("/v1/devices/d/desired?waitSeconds=30"),
+            Some("30".into())
+        );
+        assert_eq!(wait("/x?a=1&waitSeconds=5&b"), Some("5".into()));
+        assert_eq!(wait("/x?waitSeconds=1&waitSeconds=2"), Some("2".into()));
+        assert_eq!(wait("/x?waitSeconds"), Some(String::new()));
+        assert_eq!(wait("/x?waitseconds=3"), None);
+        // Escapes take the full decoding.
+        assert_eq!(wait("/x?waitSeconds=%33%30"), Some("30".into()));
+        assert_eq!(wait("/x?wait%53econds=7"), Some("7".into()));
+        assert_eq!(wait("/x?waitSeconds=1+2"), Some("1 2".into()));
+    }
 }
