@@ -122,6 +122,12 @@ pub struct Args {
     #[arg(long, env = "APOLLO_MAX_LONG_POLLS_PER_DEVICE", default_value_t = 2)]
     pub max_long_polls_per_device: u32,
 
+    /// A report whose `timestamp` is further than this from the gateway's clock (Redis' clock)
+    /// is refused with 400 on field `timestamp` (a replayed or far-future report); `0s` accepts
+    /// any. Generous by default: a device whose clock is off still reports.
+    #[arg(long, env = "APOLLO_MAX_REPORT_CLOCK_SKEW", default_value = "24h", value_parser = GRACE)]
+    pub max_report_clock_skew: Duration,
+
     /// Only watch and write DeviceProcesses in this namespace (default: all namespaces).
     #[arg(long, env = "APOLLO_NAMESPACE")]
     pub namespace: Option<String>,

@@ -192,6 +192,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         etag_records,
         ordinal: settings.ordinal,
         budgets: crate::api::budget::Budgets::new(settings.budgets, metrics.clone()),
+        max_report_clock_skew: args.max_report_clock_skew,
         access_log: args.access_log,
     });
     let admin = admin::router(Arc::new(registry), cache, store);

@@ -252,7 +252,7 @@ async fn a_thousand_heartbeats_from_ten_devices_cause_no_kubernetes_writes_or_li
                 let response = http
                     .post(&url)
                     .header("x-device-token", &token)
-                    .json(&json!({"agentVersion": "t", "timestamp": "2026-11-22T03:00:00Z", "heartbeat": true}))
+                    .json(&json!({"agentVersion": "t", "timestamp": jiff::Timestamp::now().to_string(), "heartbeat": true}))
                     .send()
                     .await
                     .expect("heartbeat");

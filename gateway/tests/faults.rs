@@ -339,7 +339,10 @@ fn reporter(stack: &Stack, active: Arc<Mutex<HashSet<String>>>) -> JoinHandle<()
                         .header("x-device-token", token)
                         .header("content-type", "application/json")
                         .timeout(Duration::from_secs(1))
-                        .body(r#"{"agentVersion":"t","timestamp":"2026-11-22T03:00:00Z","heartbeat":true}"#)
+                        .body(format!(
+                            r#"{{"agentVersion":"t","timestamp":"{}","heartbeat":true}}"#,
+                            jiff::Timestamp::now()
+                        ))
                         .send()
                         .await;
                 }

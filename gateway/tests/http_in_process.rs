@@ -109,6 +109,7 @@ fn gateway_over(cache: Arc<Cache>) -> Gateway {
             },
             metrics,
         ),
+        max_report_clock_skew: std::time::Duration::from_secs(86_400),
         access_log: false,
     });
     Gateway {
@@ -195,7 +196,7 @@ fn report_body(observations: &[(&str, &str)]) -> String {
         .collect();
     json!({
         "agentVersion": "1",
-        "timestamp": "2026-11-22T03:00:00Z",
+        "timestamp": jiff::Timestamp::now().to_string(),
         "observations": observations,
     })
     .to_string()
@@ -265,7 +266,7 @@ async fn oversized_and_malformed_bodies_are_rejected_naming_the_field() {
     let token = token("bodies");
     let huge = json!({
         "agentVersion": "1",
-        "timestamp": "2026-11-22T03:00:00Z",
+        "timestamp": jiff::Timestamp::now().to_string(),
         "padding": "x".repeat(70 * 1024),
     })
     .to_string();
@@ -282,7 +283,7 @@ async fn oversized_and_malformed_bodies_are_rejected_naming_the_field() {
         ),
         (json!({"agentVersion": "1"}).to_string(), "timestamp"),
         (
-            json!({"agentVersion": "1", "timestamp": "2026-11-22T03:00:00Z",
+            json!({"agentVersion": "1", "timestamp": jiff::Timestamp::now().to_string(),
                    "observations": [{"namespace": "default", "name": "x", "observedSpecHash": good_hash},
                                     {"namespace": "default", "name": "y", "observedSpecHash": "md5:abc"}]})
             .to_string(),

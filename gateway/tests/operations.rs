@@ -239,7 +239,7 @@ async fn a_redis_restart_alone_disconnects_nobody_and_emits_nothing() {
                 let _ = http
                     .post(&url)
                     .header("x-device-token", &token)
-                    .json(&json!({"agentVersion": "t", "timestamp": "2026-11-22T03:00:00Z"}))
+                    .json(&json!({"agentVersion": "t", "timestamp": jiff::Timestamp::now().to_string()}))
                     .send()
                     .await;
                 tokio::time::sleep(Duration::from_millis(300)).await;
@@ -864,7 +864,7 @@ async fn without_a_namespace_the_gateway_serves_and_writes_every_namespace() {
 
     let body = json!({
         "agentVersion": "test/1.0",
-        "timestamp": "2026-11-22T03:00:00Z",
+        "timestamp": jiff::Timestamp::now().to_string(),
         "observations": [
             {"namespace": stack.namespace(), "name": "here", "observedSpecHash": hash_of(&here)},
             {"namespace": other.name(), "name": "there", "observedSpecHash": hash_of(&there)},

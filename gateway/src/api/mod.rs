@@ -92,6 +92,8 @@ pub struct DeviceApi {
     pub ordinal: u32,
     /// What the replica serves at once (requests, long polls, long polls per device).
     pub budgets: budget::Budgets,
+    /// Largest accepted distance of a report's timestamp from the gateway's clock (zero: any).
+    pub max_report_clock_skew: Duration,
     /// Log one info line per device request (method, path, status, latency).
     pub access_log: bool,
 }

@@ -3,6 +3,7 @@
 //! trip to the state store, and the transitions it decided handed to the status writer.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use apollo_protocol::wire::{Report, ReportAck};
 use apollo_protocol::MAX_REPORT_BYTES;
@@ -49,7 +50,57 @@ async fn authorized_body(
 ) -> Result<Bytes, ApiError> {
     check_device(device)?;
     api.auth.check(device, headers)?;
+    check_json(headers)?;
     read_body(body).await
+}
+
+/// The body must be declared JSON (`application/json`, parameters allowed): 415 otherwise.
+fn check_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let declared = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let media = declared.split(';').next().unwrap_or("").trim();
+    if media.eq_ignore_ascii_case("application/json") {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        format!("the body must be application/json, not {declared:?}"),
+    ))
+}
+
+/// A report dated further than `max` from `now_ms` (both on the gateway's clock) is refused:
+/// replayed, or from a device whose clock is far off. `max` zero accepts any date.
+fn check_timestamp(timestamp: &str, now_ms: i64, max: Duration) -> Result<(), ApiError> {
+    if max.is_zero() || timestamp.is_empty() {
+        return Ok(());
+    }
+    // validate() already refused a timestamp that does not parse.
+    let Ok(at) = timestamp.parse::<jiff::Timestamp>() else {
+        return Ok(());
+    };
+    let off_ms = (at.as_millisecond() - now_ms).unsigned_abs();
+    if u128::from(off_ms) <= max.as_millis() {
+        return Ok(());
+    }
+    let direction = if at.as_millisecond() > now_ms {
+        "ahead of"
+    } else {
+        "behind"
+    };
+    Err(ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_field",
+        format!(
+            "timestamp {timestamp} is {}s {direction} the gateway's clock (at most {}s allowed); \
+             nothing was recorded",
+            off_ms / 1000,
+            max.as_secs()
+        ),
+    )
+    .field("timestamp"))
 }
 
 pub(crate) async fn report(
@@ -62,6 +113,11 @@ pub(crate) async fn report(
     let bytes = authorized_body(&api, &device, &headers, body).await?;
     let report = parse_report(&bytes).map_err(ApiError::invalid)?;
     report.validate().map_err(ApiError::invalid)?;
+    check_timestamp(
+        &report.timestamp,
+        api.store.clock().now_ms(),
+        api.max_report_clock_skew,
+    )?;
     record(&api, &device, &report).await
 }
 
@@ -145,4 +201,57 @@ async fn record(api: &DeviceApi, device: &str, report: &Report) -> Result<Respon
         ignored,
     })
     .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: &str = "2026-12-03T12:00:00Z";
+
+    fn now_ms() -> i64 {
+        NOW.parse::<jiff::Timestamp>()
+            .expect("now")
+            .as_millisecond()
+    }
+
+    #[test]
+    fn timestamps_far_from_the_gateway_clock_are_refused_naming_the_field() {
+        let day = Duration::from_secs(86_400);
+        assert!(check_timestamp("2026-12-03T11:00:00Z", now_ms(), day).is_ok());
+        assert!(check_timestamp("2026-12-04T11:59:59Z", now_ms(), day).is_ok());
+        for far in [
+            "2999-01-01T00:00:00Z",
+            "2020-01-01T00:00:00Z",
+            "2026-12-04T12:00:01Z",
+        ] {
+            let refused = check_timestamp(far, now_ms(), day).expect_err(far);
+            assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+        }
+        assert!(check_timestamp("2020-01-01T00:00:00Z", now_ms(), Duration::ZERO).is_ok());
+        assert!(
+            check_timestamp("", now_ms(), day).is_ok(),
+            "connect has no timestamp"
+        );
+    }
+
+    #[test]
+    fn only_bodies_declared_json_are_read() {
+        let with = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::CONTENT_TYPE, value.parse().expect("header"));
+            h
+        };
+        assert!(check_json(&with("application/json")).is_ok());
+        assert!(check_json(&with("Application/JSON; charset=utf-8")).is_ok());
+        for bad in [
+            "text/plain",
+            "application/jsonx",
+            "application/x-www-form-urlencoded",
+        ] {
+            let refused = check_json(&with(bad)).expect_err(bad);
+            assert_eq!(refused.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        }
+        assert!(check_json(&HeaderMap::new()).is_err(), "undeclared");
+    }
 }

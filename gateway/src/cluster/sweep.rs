@@ -282,6 +282,20 @@ impl Background {
                         }
                     }
                 }
+                // The count may have waited on a store that stopped answering: judge reception
+                // again, and the cutoff from now, right before flipping anything.
+                if self
+                    .store
+                    .reception()
+                    .heard_for()
+                    .is_some_and(|heard| heard < stale_window)
+                {
+                    self.skipped("reception");
+                    failed = true;
+                    break;
+                }
+                let now_ms = self.store.clock().now_ms();
+                let cutoff_ms = now_ms.saturating_sub(window_ms);
                 match self.store.sweep(&slots, cutoff_ms, now_ms).await {
                     Ok(stale) if !stale.is_empty() => {
                         tracing::info!(shard, devices = stale.len(), "devices went stale");

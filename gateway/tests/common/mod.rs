@@ -408,7 +408,7 @@ impl Stack {
     pub async fn report(&self, device: &str, observations: &[(&str, &str)]) -> reqwest::Response {
         let body = json!({
             "agentVersion": "test/1.0",
-            "timestamp": "2026-11-22T03:00:00Z",
+            "timestamp": jiff::Timestamp::now().to_string(),
             "heartbeat": true,
             "observations": observations.iter().map(|(name, hash)| json!({
                 "namespace": self.namespace(), "name": name, "observedSpecHash": hash

@@ -864,8 +864,6 @@ fn cases(i: &Fixture) -> Vec<Case> {
 /// from years ago is recorded as a heartbeat, and `Content-Type` is not looked at. Each case is
 /// sent with the device's own valid token, so "nothing recorded" means the gateway refused it.
 #[tokio::test]
-#[ignore = "gateway defects reported in issue 13 (timestamps not checked against the clock, \
-            Content-Type not checked); run with --ignored once the gateway refuses them"]
 async fn reports_dated_far_from_now_or_not_declared_json_are_refused() {
     let mut f = fixture().await;
     let router = f.stack.router_url();
