@@ -47,21 +47,19 @@
 //! deciding replica delivered before the loss can at worst be decided and delivered twice (a
 //! second Event), never not at all.
 
+mod calls;
 mod scripts;
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use apollo_protocol::shard::{slot, slot_tag};
-use apollo_runtime::redis::{
-    is_noscript, Eval, RedisConnection, RedisTarget, Timeouts, WaitReplicas,
-};
+use apollo_runtime::redis::{Eval, RedisConnection, RedisTarget, Timeouts, WaitReplicas};
 use futures::{StreamExt, TryStreamExt};
-use redis::FromRedisValue;
 
+use self::calls::{bounded, Unreplicated};
 use self::scripts::{ADOPT_SCRIPT, REPORT_SCRIPT, SWEEP_SCRIPT};
 use super::{
     parse_connection_code, Connection, DeviceRecord, ObservedChange, Pending, ReportInput,
@@ -78,8 +76,6 @@ const SWEEP_BATCH: usize = 500;
 const SWEEP_LATEST_MS: i64 = 1_000;
 /// Slots swept concurrently.
 const SWEEP_CONCURRENCY: usize = 16;
-/// Least time between two warnings about writes fewer replicas acknowledged than asked.
-const UNREPLICATED_WARN_EVERY_MS: i64 = 10_000;
 
 /// State in Redis.
 #[derive(Clone)]
@@ -95,12 +91,6 @@ pub struct RedisStore {
     /// This process's estimate of Redis' clock (shared with the [`super::Store`]): when a sweep
     /// was issued, to tell a sweep that sat in a paused Redis.
     clock: super::SharedClock,
-}
-
-#[derive(Default)]
-struct Unreplicated {
-    count: AtomicU64,
-    warned_ms: AtomicI64,
 }
 
 impl RedisStore {
@@ -144,79 +134,6 @@ impl RedisStore {
     /// `wait-replicas` asked for (0 without `wait-replicas`).
     pub fn unreplicated_writes(&self) -> u64 {
         self.unreplicated.count.load(Ordering::Relaxed)
-    }
-
-    /// Runs a script call in one round trip: with `decides` and `wait-replicas`, pipelined with
-    /// `WAIT` (see the module documentation); `EVAL` once if the node lacks the script.
-    async fn eval<T: FromRedisValue>(
-        &self,
-        op: &'static str,
-        call: &Eval,
-        decides: bool,
-    ) -> Result<T, Error> {
-        let wait = self.wait.filter(|_| decides);
-        let mut connection = self.connection.clone();
-        match self
-            .eval_once(op, &mut connection, call.cmd(true), wait)
-            .await
-        {
-            Err(Error::RedisCommand { source, .. }) if is_noscript(&source) => {
-                self.eval_once(op, &mut connection, call.cmd(false), wait)
-                    .await
-            }
-            other => other,
-        }
-    }
-
-    async fn eval_once<T: FromRedisValue>(
-        &self,
-        op: &'static str,
-        connection: &mut RedisConnection,
-        cmd: redis::Cmd,
-        wait: Option<WaitReplicas>,
-    ) -> Result<T, Error> {
-        let Some(wait) = wait else {
-            return bounded(op, CALL_TIMEOUT, cmd.query_async(connection)).await;
-        };
-        let mut pipe = redis::pipe();
-        pipe.add_command(cmd)
-            .cmd("WAIT")
-            .arg(wait.replicas)
-            .arg(u64::try_from(wait.timeout.as_millis()).unwrap_or(u64::MAX));
-        let (value, acknowledged): (T, u32) = bounded(
-            op,
-            CALL_TIMEOUT + wait.timeout,
-            pipe.query_async(connection),
-        )
-        .await?;
-        if acknowledged < wait.replicas {
-            self.note_unreplicated(op, acknowledged, wait);
-        }
-        Ok(value)
-    }
-
-    fn note_unreplicated(&self, op: &'static str, acknowledged: u32, wait: WaitReplicas) {
-        let count = self.unreplicated.count.fetch_add(1, Ordering::Relaxed) + 1;
-        let now = super::wall_clock_ms();
-        let last = self.unreplicated.warned_ms.load(Ordering::Relaxed);
-        if now - last >= UNREPLICATED_WARN_EVERY_MS
-            && self
-                .unreplicated
-                .warned_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            tracing::warn!(
-                op,
-                acknowledged,
-                asked = wait.replicas,
-                timeout = ?wait.timeout,
-                total = count,
-                "a state-store decision was acknowledged by fewer Redis replicas than \
-                 wait-replicas asks; an unplanned failover now could lose it (it would be \
-                 decided again)"
-            );
-        }
     }
 
     fn device_key(&self, device: &str) -> String {
@@ -336,18 +253,6 @@ impl RedisStore {
             }
         }
         Ok(out)
-    }
-}
-
-async fn bounded<T>(
-    op: &'static str,
-    within: Duration,
-    call: impl Future<Output = redis::RedisResult<T>>,
-) -> Result<T, Error> {
-    match tokio::time::timeout(within, call).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(source)) => Err(Error::RedisCommand { op, source }),
-        Err(_) => Err(Error::RedisTimeout { op }),
     }
 }
 
