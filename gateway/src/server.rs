@@ -209,6 +209,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
                     max_concurrent_streams: 100_000,
                     // Long polls end early with 304 on shutdown, so this is rarely reached.
                     drain: Duration::from_secs(10),
+                    // The router's own limit (--max-header-bytes): whatever it forwards fits.
+                    max_header_bytes: 16 * 1024,
+                    ..ServeOptions::default()
                 },
                 shutdown,
             )

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::service::Service;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
@@ -22,6 +22,13 @@ pub struct ServeOptions {
     pub max_concurrent_streams: u32,
     /// After shutdown, how long open connections get to finish before they are dropped.
     pub drain: Duration,
+    /// HTTP/1.1: how long a client has to send a request's head (from the connection's start or
+    /// the previous response); past it the connection is closed. A client that sends half a
+    /// request line must not hold a connection forever.
+    pub header_read_timeout: Duration,
+    /// HTTP/1.1: the largest request head read (bigger ones get 431). HTTP/2 has its own limit
+    /// (16 KiB header list).
+    pub max_header_bytes: usize,
 }
 
 impl Default for ServeOptions {
@@ -29,6 +36,8 @@ impl Default for ServeOptions {
         Self {
             max_concurrent_streams: 10_000,
             drain: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(30),
+            max_header_bytes: 64 * 1024,
         }
     }
 }
@@ -58,6 +67,12 @@ pub async fn serve<M, S, B>(
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        // hyper's floor is 8 KiB.
+        .max_buf_size(options.max_header_bytes.max(8192));
     builder
         .http2()
         .max_concurrent_streams(options.max_concurrent_streams);

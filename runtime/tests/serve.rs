@@ -171,3 +171,73 @@ async fn a_request_that_outlives_the_drain_period_is_cut_off() {
         .expect("join");
     assert!(cut.is_err(), "request was cut off: {cut:?}");
 }
+
+/// A server with a short header-read timeout and an 8 KiB head limit.
+async fn start_strict() -> (SocketAddr, CancellationToken) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let shutdown = CancellationToken::new();
+    let (started, _slow_started) = unbounded_channel();
+    let options = ServeOptions {
+        header_read_timeout: Duration::from_millis(300),
+        max_header_bytes: 8192,
+        ..ServeOptions::default()
+    };
+    tokio::spawn(serve(
+        listener,
+        move |peer| echo(peer, Duration::ZERO, started.clone()),
+        options,
+        shutdown.clone(),
+    ));
+    (addr, shutdown)
+}
+
+/// Reads until the server closes the connection (or `deadline`); returns what it sent.
+async fn read_to_close(stream: &mut tokio::net::TcpStream, deadline: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    match tokio::time::timeout(deadline, stream.read_to_end(&mut out)).await {
+        Ok(_) => Some(String::from_utf8_lossy(&out).into_owned()),
+        Err(_) => None,
+    }
+}
+
+/// Issue 13 (found by the bad-input table on the gateway's own port): half a request line used to
+/// hold a connection open forever, and a 128 KiB header was read and served.
+#[tokio::test]
+async fn half_a_request_head_is_cut_off_and_a_huge_head_gets_431() {
+    use tokio::io::AsyncWriteExt;
+    let (addr, shutdown) = start_strict().await;
+    let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    slow.write_all(b"GET / HT").await.expect("write");
+    let started = Instant::now();
+    let answer = read_to_close(&mut slow, Duration::from_secs(10)).await;
+    assert!(answer.is_some(), "still open after 10 s");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let mut huge = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(20 * 1024)
+    );
+    huge.write_all(head.as_bytes()).await.expect("write");
+    let answer = read_to_close(&mut huge, Duration::from_secs(10))
+        .await
+        .expect("answered and closed");
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+
+    // A well-formed request is still served.
+    let mut ok = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    ok.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let answer = read_to_close(&mut ok, Duration::from_secs(10))
+        .await
+        .expect("answered");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    shutdown.cancel();
+}
