@@ -71,6 +71,8 @@ pub struct Metrics {
     pub store_seconds: Family<StoreLabels, Histogram>,
     /// State-store failures by operation.
     pub store_errors: Family<StoreLabels, Counter>,
+    /// Deciding state-store writes fewer Redis replicas acknowledged than `wait-replicas` asks.
+    pub store_unreplicated: Counter,
     /// Kubernetes writes by kind, reason and outcome.
     pub kube_writes: Family<KubeWriteLabels, Counter>,
     /// Objects waiting in the status queue.
@@ -146,6 +148,7 @@ impl Metrics {
             long_poll_waiters: Gauge::default(),
             store_seconds: Family::new_with_constructor(latency_histogram),
             store_errors: Family::default(),
+            store_unreplicated: Counter::default(),
             kube_writes: Family::default(),
             queue_depth: Gauge::default(),
             queue_outcomes: Family::default(),
@@ -192,6 +195,12 @@ impl Metrics {
             "state_store_errors",
             "Failed state-store (Redis) operations",
             metrics.store_errors.clone(),
+        );
+        registry.register(
+            "state_store_unreplicated_writes",
+            "Deciding state-store writes (report, sweep) fewer Redis replicas acknowledged within \
+             wait-timeout than the Redis URL's wait-replicas asks (0 without wait-replicas)",
+            metrics.store_unreplicated.clone(),
         );
         registry.register(
             "kube_writes",

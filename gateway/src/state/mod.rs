@@ -407,6 +407,7 @@ impl Store {
 
     /// The Redis backend.
     pub fn redis(store: RedisStore, metrics: Metrics) -> Self {
+        let store = store.with_unreplicated_counter(metrics.store_unreplicated.clone());
         Self {
             clock: store.clock().clone(),
             backend: Backend::Redis(store),

@@ -2,7 +2,7 @@
 //! once where a node lacks them), deciding scripts pipelined with `WAIT` when the URL asks for it.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use apollo_runtime::redis::{is_noscript, Eval, RedisConnection, WaitReplicas};
@@ -17,8 +17,8 @@ const UNREPLICATED_WARN_EVERY_MS: i64 = 10_000;
 /// Deciding writes fewer replicas acknowledged than `wait-replicas` asked for.
 #[derive(Default)]
 pub(super) struct Unreplicated {
-    pub(super) count: AtomicU64,
-    warned_ms: AtomicI64,
+    pub(super) count: prometheus_client::metrics::counter::Counter,
+    pub(super) warned_ms: AtomicI64,
 }
 
 impl RedisStore {
@@ -72,7 +72,7 @@ impl RedisStore {
     }
 
     fn note_unreplicated(&self, op: &'static str, acknowledged: u32, wait: WaitReplicas) {
-        let count = self.unreplicated.count.fetch_add(1, Ordering::Relaxed) + 1;
+        let count = self.unreplicated.count.inc() + 1;
         let now = crate::state::wall_clock_ms();
         let last = self.unreplicated.warned_ms.load(Ordering::Relaxed);
         if now - last >= UNREPLICATED_WARN_EVERY_MS

@@ -51,7 +51,6 @@ mod calls;
 mod scripts;
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -133,7 +132,19 @@ impl RedisStore {
     /// Deciding writes that fewer replicas acknowledged within the `wait-timeout` than
     /// `wait-replicas` asked for (0 without `wait-replicas`).
     pub fn unreplicated_writes(&self) -> u64 {
-        self.unreplicated.count.load(Ordering::Relaxed)
+        self.unreplicated.count.get()
+    }
+
+    /// Counts short acknowledgements into `counter` (the gateway's metric) from now on.
+    pub fn with_unreplicated_counter(
+        mut self,
+        counter: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
+        self.unreplicated = Arc::new(Unreplicated {
+            count: counter,
+            warned_ms: Default::default(),
+        });
+        self
     }
 
     fn device_key(&self, device: &str) -> String {
