@@ -140,6 +140,14 @@ impl Gateways {
         }
     }
 
+    /// Sends `signal` to a running ordinal's process (e.g. SIGSTOP/SIGCONT to freeze one replica
+    /// as a hung machine would be); no-op when the ordinal does not run.
+    pub fn signal(&self, ordinal: u32, signal: nix::sys::signal::Signal) {
+        if let Some(r) = lock(&self.running).get(&ordinal) {
+            r.proc.signal(signal);
+        }
+    }
+
     /// Lets a killed ordinal run again.
     pub fn revive(&self, ordinal: u32) {
         lock(&self.held).remove(&ordinal);

@@ -15,6 +15,7 @@
 
 pub mod chart;
 pub mod clients;
+pub mod faults;
 pub mod fleet;
 pub mod procstat;
 pub mod rollout;
@@ -123,6 +124,9 @@ pub struct Args {
     /// Warnings of the agents and the harness go to stderr (`RUST_LOG` for more).
     #[command(flatten)]
     pub log: LogArgs,
+    /// Faults injected after convergence (local stack; see [`faults`]).
+    #[command(flatten)]
+    pub fault: faults::FaultArgs,
 }
 
 /// A `--redis-url` in any of its forms, checked here so that a typo exits before the stack starts.
@@ -330,6 +334,7 @@ pub fn render(r: &Results) -> String {
             p.role, p.cpu_percent, p.rss_mib, p.rss_peak_mib
         ));
     }
+    out.push_str(&faults::render(&r.faults));
     out
 }
 

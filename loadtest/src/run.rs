@@ -117,6 +117,9 @@ pub struct Results {
     pub resources: Resources,
     /// The run over time.
     pub timeline: Vec<timeline::Sample>,
+    /// The faults of `--fault`, in order (local stack).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub faults: Vec<crate::faults::FaultResult>,
 }
 
 /// Generous bound on a wave of status writes for `devices` DeviceProcesses: each gets one status
@@ -155,7 +158,7 @@ fn spawn_agents(
         config.initial_heartbeat_interval = args.heartbeat_interval();
         let agent = Agent::new(config, clients.client_of(i), metrics.clone())?;
         let delay = ramp * i as u32 / n;
-        let cancel = cancel.clone();
+        let cancel = crate::faults::agent_cancel(args, &cancel, i, device);
         let started = started.clone();
         handles.push(tokio::spawn(async move {
             tokio::select! {
@@ -248,6 +251,7 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
                 ),
             },
             timeline: timeline.finish().await,
+            faults: Vec::new(),
         });
     }
 
@@ -285,7 +289,7 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
         "loadtest: starting the local stack ({} gateways) ...",
         args.gateways
     );
-    let stack = Stack::start(cfg).await?;
+    let mut stack = Stack::start(cfg).await?;
     let client = stack.client();
     let ns = stack.namespace().to_owned();
 
@@ -360,6 +364,7 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
     let steady_api = api_cost(&stack).await;
     let false_disconnects = fleet.counts().disconnect_flips;
     drop(fleet);
+    let faults = crate::faults::run(&args, &mut stack, &devices, &dep_name).await?;
 
     let (rollout_seconds, rollout_api, rollout) = if args.no_rollout {
         (None, None, None)
@@ -416,6 +421,7 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
             ),
         },
         timeline,
+        faults,
     })
 }
 
