@@ -117,6 +117,12 @@ pub struct Args {
     /// process) is sampled.
     #[arg(long, env = "APOLLO_LT_SAMPLE_INTERVAL", default_value = "5s", value_parser = SAMPLE)]
     sample_interval: Duration,
+    /// Only the first N devices get a NetworkSwitch and a DeviceProcess (local stack); the other
+    /// agents connect, long-poll and report for devices Kubernetes does not know (an empty
+    /// desired document, no status to write): the data path at full fleet size, without the
+    /// control plane's cost of creating and converging every DeviceProcess. Default: all.
+    #[arg(long, env = "APOLLO_LT_KUBE_DEVICES")]
+    pub kube_devices: Option<usize>,
     /// The gateways' `--kube-writes-per-second` (local stack): the Kubernetes write budget of
     /// each replica.
     #[arg(long, env = "APOLLO_LT_KUBE_WRITES_PER_SECOND", default_value_t = 50.0)]

@@ -88,6 +88,9 @@ pub struct Results {
     pub devices: usize,
     /// Gateway replicas (local stack).
     pub gateways: u32,
+    /// Devices with a NetworkSwitch and a DeviceProcess (local stack; the other agents' devices
+    /// are unknown to Kubernetes).
+    pub kube_devices: Option<usize>,
     /// Agents per HTTP/2 connection (0: HTTP/1.1, connections of their own).
     pub agents_per_connection: usize,
     /// HTTP clients of the agents (with HTTP/2: connections to the router).
@@ -172,6 +175,13 @@ fn spawn_agents(
     Ok((clients.len(), handles))
 }
 
+/// `run.json` -> `run.timeline.jsonl` (started afresh).
+fn timeline_file(args: &Args) -> Option<std::path::PathBuf> {
+    let path = args.json.as_ref()?.with_extension("timeline.jsonl");
+    let _ = std::fs::remove_file(&path);
+    Some(path)
+}
+
 fn histogram(h: &apollo_agent::LatencyHistogram) -> Vec<Bucket> {
     LATENCY_BUCKETS_MICROS
         .iter()
@@ -207,6 +217,7 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
             metrics.clone(),
             started.clone(),
             None,
+            timeline_file(&args),
         );
         let (agent_clients, handles) = spawn_agents(
             &devices,
@@ -230,6 +241,7 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
         return Ok(Results {
             devices: args.devices,
             gateways: 0,
+            kube_devices: None,
             agents_per_connection: args.agents_per_connection,
             agent_clients,
             create_seconds: None,
@@ -293,15 +305,19 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
     let client = stack.client();
     let ns = stack.namespace().to_owned();
 
+    let kube_devices = &devices[..args
+        .kube_devices
+        .unwrap_or(devices.len())
+        .min(devices.len())];
     eprintln!(
         "loadtest: creating {} NetworkSwitches and a DeviceProcessDeployment ...",
-        devices.len()
+        kube_devices.len()
     );
     let create_start = Instant::now();
-    let dep_name = crate::fleet::create(&client, &ns, &devices, &args.prefix).await?;
+    let dep_name = crate::fleet::create(&client, &ns, kube_devices, &args.prefix).await?;
     let dps: Api<DeviceProcess> = Api::namespaced(client.clone(), &ns);
     let fleet = Fleet::start(dps.clone(), &dep_name).await?;
-    let n = devices.len();
+    let n = kube_devices.len();
     fleet
         .wait(
             "DeviceProcesses created",
@@ -330,6 +346,7 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
                 .filter_map(|o| gateways.admin_addr(o))
                 .collect()
         })),
+        timeline_file(&args),
     );
     let (agent_clients, handles) = spawn_agents(
         &devices,
@@ -340,8 +357,8 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
         started.clone(),
         cancel.clone(),
     )?;
-    let deadline = args.ramp()
-        + write_budget_time_at(devices.len(), args.gateways, args.kube_writes_per_second);
+    let deadline =
+        args.ramp() + write_budget_time_at(n, args.gateways, args.kube_writes_per_second);
     let converge = fleet
         .wait("converge", deadline, |c| {
             c.existing == n && c.converged == n
@@ -384,9 +401,9 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
         let wave = rollout::measure(
             &stack,
             &dep_name,
-            devices.len(),
+            n,
             &strategy,
-            rollout_deadline(devices.len(), args.gateways, &strategy),
+            rollout_deadline(n, args.gateways, &strategy),
         )
         .await?;
         (Some(wave.seconds), Some(api_cost(&stack).await), Some(wave))
@@ -400,6 +417,7 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
     Ok(Results {
         devices: args.devices,
         gateways: args.gateways,
+        kube_devices: Some(n),
         agents_per_connection: args.agents_per_connection,
         agent_clients,
         create_seconds: Some(create_seconds),
@@ -417,7 +435,7 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
             rss_growth_per_agent_bytes: procstat::rss_growth_per_agent(
                 &before_agents,
                 &procs_after,
-                n,
+                devices.len(),
             ),
         },
         timeline,

@@ -2,6 +2,7 @@
 //! process's CPU and memory, for the JSON and the chart.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -65,18 +66,35 @@ async fn long_polls_held(http: &reqwest::Client, admins: &[String]) -> Option<f6
     Some(total)
 }
 
+fn append_line(path: &Path, sample: &Sample) {
+    use std::io::Write as _;
+    let Ok(mut line) = serde_json::to_vec(sample) else {
+        return;
+    };
+    line.push(b'\n');
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path);
+    if let Err(e) = file.and_then(|mut f| f.write_all(&line)) {
+        eprintln!("loadtest: cannot append to {}: {e}", path.display());
+    }
+}
+
 fn quantile_ms(h: &apollo_agent::LatencyHistogram, q: f64) -> f64 {
     h.quantile_upper_bound(q)
         .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
 impl Timeline {
-    /// Samples every `interval` from now on.
+    /// Samples every `interval` from now on; each sample is also appended to `jsonl` as it is
+    /// taken (one JSON object per line), so a run that is stopped early leaves its timeline.
     pub fn start(
         interval: Duration,
         metrics: Arc<AgentMetrics>,
         started: Arc<AtomicUsize>,
         gateways: Option<GatewayAdmins>,
+        jsonl: Option<PathBuf>,
     ) -> Self {
         let samples = Arc::new(Mutex::new(Vec::new()));
         let stop = CancellationToken::new();
@@ -133,6 +151,20 @@ impl Timeline {
                             .collect(),
                         rss_mib: usage.iter().map(|u| (u.role.clone(), u.rss_mib)).collect(),
                     };
+                    if let Some(path) = &jsonl {
+                        append_line(path, &sample);
+                        eprintln!(
+                            "loadtest: t={:.0}s agents {} held {} req/s {:.0} reports/s {:.0} p50 {} ms p99 {} ms errors {}",
+                            sample.t,
+                            sample.agents_started,
+                            sample.long_polls_held.map_or(-1.0, |h| h),
+                            sample.requests_per_second,
+                            sample.reports_per_second,
+                            sample.p50_ms,
+                            sample.p99_ms,
+                            sample.errors
+                        );
+                    }
                     if let Ok(mut s) = samples.lock() {
                         s.push(sample);
                     }
