@@ -84,8 +84,7 @@ fn wait_seconds_param(uri: &Uri) -> Result<Option<Cow<'_, str>>, ApiError> {
         return Ok(query
             .split('&')
             .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
-            .filter(|(key, _)| *key == "waitSeconds")
-            .last()
+            .rfind(|(key, _)| *key == "waitSeconds")
             .map(|(_, value)| Cow::Borrowed(value)));
     }
     let Query(map) = Query::<HashMap<String, String>>::try_from_uri(uri).map_err(|e| {
