@@ -13,7 +13,7 @@ use apollo_gateway::state::{
     Connection, Pending, RedisStore, ReportInput, ShownBefore, StateStore, Store,
 };
 use apollo_protocol::shard::{slot, slot_tag, SLOT_COUNT};
-use apollo_test_support::{wait_until, RedisCluster};
+use apollo_test_support::RedisCluster;
 
 fn report(device: &str, now_ms: i64, observed: char) -> ReportInput<'_> {
     ReportInput {
@@ -90,17 +90,33 @@ async fn decide_transitions(store: &RedisStore, devices: &[String]) -> Vec<Pendi
     decided
 }
 
+/// `call` until it succeeds: right after a failover a call can still meet a connection the old
+/// master closed (the client reconnects and refreshes its slot map by itself), as an agent's
+/// report would, and the agent retries too. Panics after 20 s.
+async fn until_ok<T, E, F>(what: &str, mut call: impl FnMut() -> F) -> T
+where
+    E: std::fmt::Debug,
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match call().await {
+            Ok(value) => return value,
+            Err(error) => assert!(
+                std::time::Instant::now() < deadline,
+                "{what} still failing after 20 s: {error:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// What the store keeps across the failover: every transition still pending, the connection
 /// states as decided, and no decision made twice.
 async fn assert_nothing_lost(store: &RedisStore, devices: &[String], decided: &[Pending]) {
+    let slots = all_slots();
     // The client finds the new masters by itself (MOVED, slot map refresh).
-    wait_until(
-        Duration::from_secs(20),
-        "the store works on the new masters",
-        || async { store.pending(&all_slots()).await.is_ok() },
-    )
-    .await;
-    let kept = store.pending(&all_slots()).await.expect("pending");
+    let kept = until_ok("pending", || store.pending(&slots)).await;
     assert_eq!(
         ids(&kept),
         ids(decided),
@@ -108,7 +124,7 @@ async fn assert_nothing_lost(store: &RedisStore, devices: &[String], decided: &[
     );
     let (_, stale) = devices.split_at(devices.len() - 3);
     for d in devices {
-        let record = store.device(d).await.expect("device");
+        let record = until_ok("device", || store.device(d)).await;
         let expected = if stale.contains(d) {
             Connection::Disconnected
         } else {
@@ -116,26 +132,16 @@ async fn assert_nothing_lost(store: &RedisStore, devices: &[String], decided: &[
         };
         assert_eq!(record.connection, expected, "{d}");
     }
-    assert!(
-        store
-            .sweep(&all_slots(), 2_000, 2_002)
-            .await
-            .expect("sweep")
-            .is_empty(),
-        "a flip is decided once, failover or not"
-    );
-    let again = store
-        .record_report(&report(&devices[0], 6_000, 'a'))
-        .await
-        .expect("report");
+    let flips = until_ok("sweep", || store.sweep(&slots, 2_000, 2_002)).await;
+    assert!(flips.is_empty(), "a flip is decided once, failover or not");
+    let heartbeat = report(&devices[0], 6_000, 'a');
+    let again = until_ok("report", || store.record_report(&heartbeat)).await;
     assert_eq!(again.prior, Connection::Connected);
     assert!(again.pending.is_empty(), "{again:?}");
     // The replay's work: deliver and clear.
-    store.clear_pending(&kept).await.expect("clear");
-    assert!(store
-        .pending(&all_slots())
+    until_ok("clear", || store.clear_pending(&kept)).await;
+    assert!(until_ok("pending", || store.pending(&slots))
         .await
-        .expect("pending")
         .is_empty());
 }
 
@@ -241,13 +247,9 @@ async fn an_unplanned_failover_loses_no_transition_the_replicas_acknowledged() {
     let master = cluster.master_of(&format!("apollo:{}:pending", slot_tag(slot(victim))));
     let replica = cluster.replica_of(master);
     cluster.kill_and_fail_over(master, replica).await;
-    wait_until(
-        Duration::from_secs(20),
-        "the store reads from the promoted replica",
-        || async { store.pending(&all_slots()).await.is_ok() },
-    )
-    .await;
-    let kept = store.pending(&all_slots()).await.expect("pending");
+    // Read from the promoted replica, once the client has found it.
+    let slots = all_slots();
+    let kept = until_ok("pending", || store.pending(&slots)).await;
     assert_eq!(
         ids(&kept),
         ids(&decided),

@@ -283,12 +283,28 @@ impl RedisCluster {
 
     /// A planned failover: `CLUSTER FAILOVER` on replica `replica`, which waits until it has
     /// caught up with its master's replication stream before the roles switch; returns once it
-    /// is master and the cluster is ok again.
+    /// is master and the cluster is ok again. Redis gives a manual failover 5 s to complete and
+    /// drops it otherwise (a CPU-starved node on a busy machine can miss that): it is asked
+    /// again then, as an operator would.
     pub async fn planned_failover(&self, replica: usize) {
-        let reply = self.nodes[replica]
-            .command(&["CLUSTER", "FAILOVER"])
-            .expect("CLUSTER FAILOVER");
-        assert!(reply.starts_with("+OK"), "CLUSTER FAILOVER: {reply}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let reply = self.nodes[replica]
+                .command(&["CLUSTER", "FAILOVER"])
+                .expect("CLUSTER FAILOVER");
+            assert!(reply.starts_with("+OK"), "CLUSTER FAILOVER: {reply}");
+            let attempt = Instant::now() + Duration::from_secs(8);
+            while Instant::now() < attempt && !self.nodes[replica].is_master() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if self.nodes[replica].is_master() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {replica} was not promoted by CLUSTER FAILOVER within 60s"
+            );
+        }
         self.wait_promoted(replica).await;
     }
 
