@@ -1,11 +1,10 @@
 //! Device names in paths: the router's `device_of` (percent-decoding, malformed escapes refused)
-//! and the gateway's `check_device` on arbitrary text. Never a panic; the router decodes exactly
+//! and the gateway's device-name check (`is_device_name`) on arbitrary text. Never a panic; the router decodes exactly
 //! as RFC 3986 percent-decoding does whenever it accepts; a name the gateway accepts contains only
 //! name characters, so it survives encoding and decoding unchanged and routes to itself.
 #![no_main]
 
-use apollo_gateway::api::parse::check_device;
-use apollo_router::proxy::device_of;
+use apollo_protocol::parse::{device_of, is_device_name};
 use libfuzzer_sys::fuzz_target;
 use percent_encoding::{percent_decode_str, utf8_percent_encode, NON_ALPHANUMERIC};
 
@@ -26,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
             "router decoding differs from percent-decoding"
         );
         assert!(!segment.contains("%") || segment.len() > name.len());
-        if check_device(&name).is_ok() {
+        if is_device_name(&name) {
             assert!(name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')));
@@ -35,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(round.as_deref(), Some(name.as_str()));
         }
     }
-    if check_device(text).is_ok() {
+    if is_device_name(text) {
         assert!(!text.is_empty() && text.len() <= 253);
         assert_eq!(
             device_of(&format!("/v1/devices/{text}/desired")).as_deref(),

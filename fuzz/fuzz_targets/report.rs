@@ -3,7 +3,7 @@
 //! or names a field.
 #![no_main]
 
-use apollo_gateway::api::parse::{parse_connect, parse_report};
+use apollo_protocol::parse::{parse_connect, parse_report};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

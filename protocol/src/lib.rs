@@ -11,6 +11,7 @@
 
 pub mod hash;
 pub mod membership;
+pub mod parse;
 pub mod shard;
 pub mod token;
 pub mod wire;

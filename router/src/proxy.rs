@@ -25,9 +25,6 @@ use crate::PeerAddr;
 /// Response body type of both listeners.
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
-/// Prefix of every device route.
-const DEVICE_PREFIX: &str = "/v1/devices/";
-
 /// Connection-level headers that must not be forwarded (RFC 9110 §7.6.1), plus `host`, which the
 /// upstream URI replaces.
 const HOP_BY_HOP: [&str; 9] = [
@@ -254,34 +251,7 @@ impl Proxy {
     }
 }
 
-/// The device named by a `/v1/devices/{device}/...` path, percent-decoded.
-pub fn device_of(path: &str) -> Option<String> {
-    let rest = path.strip_prefix(DEVICE_PREFIX)?;
-    let (raw, tail) = rest.split_once('/')?;
-    if raw.is_empty() || tail.is_empty() {
-        return None;
-    }
-    percent_decode(raw)
-}
-
-/// Decodes `%XX` escapes; None for a malformed escape (percent-encoding would pass `%zz` through
-/// as it is, and no device name holds a `%`) or bytes that are not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let escapes_well_formed = bytes.iter().enumerate().all(|(i, b)| {
-        *b != b'%'
-            || bytes
-                .get(i + 1..i + 3)
-                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
-    });
-    if !escapes_well_formed {
-        return None;
-    }
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8()
-        .ok()
-        .map(|decoded| decoded.into_owned())
-}
+pub use apollo_protocol::parse::device_of;
 
 impl Proxy {
     /// Reads the whole body within the body-read timeout (408 past it). A GET or HEAD must not
@@ -450,22 +420,6 @@ fn full(bytes: Bytes) -> Body {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn device_paths_parse_and_decode() {
-        assert_eq!(
-            device_of("/v1/devices/tor1-01/desired").as_deref(),
-            Some("tor1-01")
-        );
-        assert_eq!(
-            device_of("/v1/devices/a%2Db/report").as_deref(),
-            Some("a-b")
-        );
-        assert_eq!(device_of("/v1/devices/tor1-01"), None);
-        assert_eq!(device_of("/v1/devices//desired"), None);
-        assert_eq!(device_of("/v2/devices/x/desired"), None);
-        assert_eq!(device_of("/v1/devices/%zz/desired"), None);
-    }
 
     #[test]
     fn hop_by_hop_headers_are_dropped() {
