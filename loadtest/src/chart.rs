@@ -79,7 +79,11 @@ where
 pub fn draw(path: &Path, title: &str, samples: &[Sample]) -> anyhow::Result<()> {
     let t_max = samples.last().map_or(1.0, |s| s.t);
     let points = |f: &dyn Fn(&Sample) -> Option<f64>| -> Vec<(f64, f64)> {
-        samples.iter().filter_map(|s| Some((s.t, f(s)?))).collect()
+        samples
+            .iter()
+            .filter_map(|s| Some((s.t, f(s)?)))
+            .filter(|(_, y)| y.is_finite())
+            .collect()
     };
     let root = SVGBackend::new(path, (1100, 1400)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("chart: {e}"))?;

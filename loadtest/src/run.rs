@@ -334,6 +334,7 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
         Human(args.ramp())
     );
     let before_agents = procstat::snapshot();
+    let agents_start = Instant::now();
     let gateways = stack.gateways().clone();
     let timeline = Timeline::start(
         args.sample_interval(),
@@ -364,6 +365,16 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
             c.existing == n && c.converged == n
         })
         .await?;
+    // With --kube-devices the DeviceProcesses' agents are among the first to start: the steady
+    // window begins only once every agent has started, and a poll interval later.
+    let ramp_left = args.ramp().saturating_sub(agents_start.elapsed());
+    if !ramp_left.is_zero() {
+        eprintln!(
+            "loadtest: converged in {converge:.1}s; the ramp goes on for {} ...",
+            Human(ramp_left)
+        );
+        tokio::time::sleep(ramp_left + args.poll_wait().min(Duration::from_secs(15))).await;
+    }
     eprintln!(
         "loadtest: converged in {converge:.1}s; measuring steady state for {} ...",
         Human(args.duration())

@@ -23,9 +23,9 @@ pub struct Sample {
     pub reports_per_second: f64,
     /// Failed requests in the interval.
     pub errors: u64,
-    /// Report latency p50 over the interval (upper bound of its bucket), ms.
+    /// Report latency p50 over the interval (upper bound of its bucket), ms; null: above 2 s.
     pub p50_ms: f64,
-    /// Report latency p99 over the interval (upper bound of its bucket), ms.
+    /// Report latency p99 over the interval (upper bound of its bucket), ms; null: above 2 s.
     pub p99_ms: f64,
     /// Agents started so far.
     pub agents_started: usize,
@@ -81,9 +81,14 @@ fn append_line(path: &Path, sample: &Sample) {
     }
 }
 
+/// The quantile's bucket bound in ms; infinite (null in the JSON) past the histogram's last
+/// finite bucket (2 s).
 fn quantile_ms(h: &apollo_agent::LatencyHistogram, q: f64) -> f64 {
-    h.quantile_upper_bound(q)
-        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    match h.quantile_upper_bound(q) {
+        None => 0.0,
+        Some(d) if d == std::time::Duration::from_micros(u64::MAX) => f64::INFINITY,
+        Some(d) => d.as_secs_f64() * 1000.0,
+    }
 }
 
 impl Timeline {
