@@ -224,7 +224,7 @@ pub struct Window {
     pub report_mean_ms: f64,
     /// Report latency p50 (upper bound of its histogram bucket), ms.
     pub report_p50_ms: f64,
-    /// Report latency p99 (upper bound of its histogram bucket), ms.
+    /// Report latency p99 (upper bound of its histogram bucket), ms; infinite (null) above 2 s.
     pub report_p99_ms: f64,
     /// Failed requests of every kind.
     pub errors: u64,
@@ -247,11 +247,7 @@ pub fn window(before: &MetricsSnapshot, after: &MetricsSnapshot, elapsed: Durati
     let connect = diff(after.connect, before.connect);
     let secs = elapsed.as_secs_f64().max(1e-9);
     let latency = after.report_latency.since(&before.report_latency);
-    let q = |p: f64| {
-        latency
-            .quantile_upper_bound(p)
-            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-    };
+    let q = |p: f64| timeline::quantile_ms(&latency, p);
     let total = desired.total() + report.total() + connect.total();
     Window {
         seconds: secs,

@@ -83,7 +83,7 @@ fn append_line(path: &Path, sample: &Sample) {
 
 /// The quantile's bucket bound in ms; infinite (null in the JSON) past the histogram's last
 /// finite bucket (2 s).
-fn quantile_ms(h: &apollo_agent::LatencyHistogram, q: f64) -> f64 {
+pub fn quantile_ms(h: &apollo_agent::LatencyHistogram, q: f64) -> f64 {
     match h.quantile_upper_bound(q) {
         None => 0.0,
         Some(d) if d == std::time::Duration::from_micros(u64::MAX) => f64::INFINITY,
