@@ -42,7 +42,8 @@ pub enum FaultKind {
     RestartApiserver,
     /// SIGSTOP of etcd for 30 s, then SIGCONT.
     PauseEtcd,
-    /// `kubectl scale` of the gateway StatefulSet to 5 replicas, then (once they are ready) to 2.
+    /// `kubectl scale` of the gateway StatefulSet to 5 replicas, then (once they are ready, and
+    /// 12 s after the first scale) to 2.
     Scale,
 }
 
@@ -296,6 +297,9 @@ const STOP_AFTER: Duration = Duration::from_secs(2);
 const GATEWAY_HELD: Duration = Duration::from_secs(30);
 const REDIS_PAUSED: Duration = Duration::from_secs(60);
 const ETCD_PAUSED: Duration = Duration::from_secs(30);
+/// Five replicas serve this long from the first `kubectl scale`: the stopped agents go stale
+/// after the shrink to two, so their transitions cross both moves of their shards.
+const SCALE_HELD: Duration = Duration::from_secs(12);
 const READY: Duration = Duration::from_secs(300);
 
 /// Injects `kind`, calls `stop` two seconds in, and returns once the fault has ended.
@@ -361,6 +365,7 @@ async fn inject(
             stop_in().await;
             stop();
             stack.wait_gateways_ready(5, READY).await?;
+            hold(SCALE_HELD).await;
             scale(stack, 2).await?;
             stack.wait_gateways_ready(2, READY).await?;
         }
