@@ -11,7 +11,9 @@
 # Both sides run one OS process per server (nginx: worker_processes 1; Apollo: one tokio worker
 # thread, TOKIO_WORKER_THREADS=1), all of one side pinned to CPU $SERVER_CPU, wrk to $LOAD_CPU.
 # Each pair is measured $ROUNDS times, alternating; the best rate of each side is kept (other work
-# on the machine only ever lowers a rate). Prints both rates and the ratio Apollo / nginx.
+# on the machine only ever lowers a rate). Prints both rates and the ratio Apollo / nginx, and the
+# requests per CPU-second the server processes spent (from /proc): on a machine where other work
+# takes part of the server core, that is the rate a whole core would give.
 #
 # Needs: nginx and wrk (installed from Debian when missing, as root), the Rust toolchain, and the
 # real control plane's binaries (scripts/control-plane.sh builds them when missing): the gateway
@@ -198,33 +200,76 @@ EOF
 wrk_script "$WORK/apollo-fleet.lua" apollo
 wrk_script "$WORK/nginx-fleet.lua" "$NGINX_ETAG"
 
-# rate <wrk args...>: requests/s, and fails on any non-3xx answer or socket error.
-rate() {
-  local out
+# CPU seconds (user + system) spent so far by the processes given and all their threads; nginx's
+# workers are children of the pids given.
+TICKS=$(getconf CLK_TCK)
+cpu_seconds() {
+  local pid total=0 t
+  for pid in "$@" $(for p in "$@"; do pgrep -P "$p" || true; done); do
+    t=$(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$pid/stat" 2>/dev/null || echo 0)
+    total=$((total + t))
+  done
+  awk -v t="$total" -v hz="$TICKS" 'BEGIN { printf "%.2f", t / hz }'
+}
+
+# measure <server pids> -- <wrk args...>: prints "requests/s requests-per-server-CPU-second";
+# fails on any non-3xx answer or socket error.
+measure() {
+  local pids=() out before after
+  while [[ $1 != -- ]]; do pids+=("$1"); shift; done
+  shift
+  before=$(cpu_seconds "${pids[@]}")
   out=$(taskset -c "$LOAD_CPU" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$@" 2>&1)
+  after=$(cpu_seconds "${pids[@]}")
   echo "$out" >>"$WORK/wrk.log"
   if grep -qE 'Non-2xx or 3xx|Socket errors' <<<"$out"; then
     echo "$out" >&2
     die "errors in a run (above)"
   fi
-  awk '/^Requests\/sec:/ {print $2}' <<<"$out"
+  awk -v b="$before" -v a="$after" '
+    /requests in/ { n = $1 }
+    /^Requests\/sec:/ { r = $2 }
+    END { printf "%.0f %.0f\n", r, (a - b > 0 ? n / (a - b) : 0) }' <<<"$out"
 }
 best() { printf '%s\n' "$@" | sort -g | tail -1; }
 
+NGINX_STATIC=$(cat "$WORK/nginx/static.pid")
+NGINX_FLEET=("$(cat "$WORK/nginx/proxy.pid")" "$(cat "$WORK/nginx/backend0.pid")"
+  "$(cat "$WORK/nginx/backend1.pid")" "$(cat "$WORK/nginx/backend2.pid")")
 note "measuring: $ROUNDS rounds of $DURATION each, $CONNECTIONS connections, wrk on CPU $LOAD_CPU, servers on CPU $SERVER_CPU"
-A_APOLLO=(); A_NGINX=(); B_APOLLO=(); B_NGINX=()
+declare -A RATE EFF
 for round in $(seq 1 "$ROUNDS"); do
-  A_APOLLO+=("$(rate -H "X-Device-Token: $TOKEN" -H "If-None-Match: $ETAG" "http://$GATEWAY_0/v1/devices/$DEV/desired")")
-  A_NGINX+=("$(rate -H "X-Device-Token: $TOKEN" -H "If-None-Match: $NGINX_ETAG" "http://127.0.0.1:$P_STATIC/v1/devices/$DEV/desired")")
-  B_APOLLO+=("$(rate -s "$WORK/apollo-fleet.lua" "http://$ROUTER")")
-  B_NGINX+=("$(rate -s "$WORK/nginx-fleet.lua" "http://127.0.0.1:$P_PROXY")")
-  note "round $round: (a) apollo ${A_APOLLO[-1]} nginx ${A_NGINX[-1]}; (b) apollo ${B_APOLLO[-1]} nginx ${B_NGINX[-1]}"
+  read -r r e < <(measure "$PID_gateway_0" -- -H "X-Device-Token: $TOKEN" -H "If-None-Match: $ETAG" \
+    "http://$GATEWAY_0/v1/devices/$DEV/desired")
+  RATE[a_apollo]+=" $r"; EFF[a_apollo]+=" $e"
+  read -r r e < <(measure "$NGINX_STATIC" -- -H "X-Device-Token: $TOKEN" -H "If-None-Match: $NGINX_ETAG" \
+    "http://127.0.0.1:$P_STATIC/v1/devices/$DEV/desired")
+  RATE[a_nginx]+=" $r"; EFF[a_nginx]+=" $e"
+  read -r r e < <(measure "${APOLLO_PIDS[@]}" -- -s "$WORK/apollo-fleet.lua" "http://$ROUTER")
+  RATE[b_apollo]+=" $r"; EFF[b_apollo]+=" $e"
+  read -r r e < <(measure "${NGINX_FLEET[@]}" -- -s "$WORK/nginx-fleet.lua" "http://127.0.0.1:$P_PROXY")
+  RATE[b_nginx]+=" $r"; EFF[b_nginx]+=" $e"
+  note "round $round: req/s (req per server CPU-second): (a) apollo ${RATE[a_apollo]##* } (${EFF[a_apollo]##* }) nginx ${RATE[a_nginx]##* } (${EFF[a_nginx]##* }); (b) apollo ${RATE[b_apollo]##* } (${EFF[b_apollo]##* }) nginx ${RATE[b_nginx]##* } (${EFF[b_nginx]##* })"
 done
-a_apollo=$(best "${A_APOLLO[@]}"); a_nginx=$(best "${A_NGINX[@]}")
-b_apollo=$(best "${B_APOLLO[@]}"); b_nginx=$(best "${B_NGINX[@]}")
+# shellcheck disable=SC2086
+{
+  a_apollo=$(best ${RATE[a_apollo]}); a_nginx=$(best ${RATE[a_nginx]})
+  b_apollo=$(best ${RATE[b_apollo]}); b_nginx=$(best ${RATE[b_nginx]})
+  ea_apollo=$(best ${EFF[a_apollo]}); ea_nginx=$(best ${EFF[a_nginx]})
+  eb_apollo=$(best ${EFF[b_apollo]}); eb_nginx=$(best ${EFF[b_nginx]})
+}
 
 echo
-echo "| side by side, one server core ($(nproc) cores, load $(cut -d' ' -f1 /proc/loadavg)), wrk -t$THREADS -c$CONNECTIONS -d$DURATION, best of $ROUNDS | Apollo req/s | nginx req/s | ratio |"
-echo "|---|---|---|---|"
-awk -v a="$a_apollo" -v n="$a_nginx" 'BEGIN { printf "| (a) gateway 304 with HMAC auth vs nginx static 304 | %.0f | %.0f | %.2fx |\n", a, n, a / n }'
-awk -v a="$b_apollo" -v n="$b_nginx" -v d="$DEVICES" 'BEGIN { printf "| (b) router + 3 gateways, %d devices vs nginx hash $uri consistent + 3 backends | %.0f | %.0f | %.2fx |\n", d, a, n, a / n }'
+echo "One server core ($(nproc) cores, 1-minute load $(cut -d' ' -f1 /proc/loadavg) at the end), wrk -t$THREADS -c$CONNECTIONS -d$DURATION, best of $ROUNDS."
+echo "req/s is what the server side answered; per CPU-second is requests / CPU time the server"
+echo "processes spent (user + system, from /proc), the rate one whole idle core would give."
+echo
+echo "| pair | Apollo req/s | nginx req/s | ratio | Apollo req per CPU-s | nginx req per CPU-s | ratio |"
+echo "|---|---|---|---|---|---|---|"
+row() {
+  awk -v name="$1" -v a="$2" -v n="$3" -v ea="$4" -v en="$5" 'BEGIN {
+    printf "| %s | %.0f | %.0f | %.2fx | %.0f | %.0f | %.2fx |\n", name, a, n, a / n, ea, en, ea / en }'
+}
+row "(a) gateway 304 with HMAC auth vs nginx static 304" "$a_apollo" "$a_nginx" "$ea_apollo" "$ea_nginx"
+row "(b) router + 3 gateways, $DEVICES devices vs nginx hash \$uri consistent + 3 backends" \
+  "$b_apollo" "$b_nginx" "$eb_apollo" "$eb_nginx"
