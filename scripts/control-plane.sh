@@ -166,6 +166,8 @@ command_of() {
       --listen-metrics-urls="" --log-level=warn \
       --unsafe-no-fsync=true --quota-backend-bytes=8589934592 ;;
     kube-apiserver)
+      # The audit log is never rotated (a max size of 0 means lumberjack's default, 100 MB): tests
+      # and loadtest count requests from this one file, and a 10,000-device rollout writes more.
       printf '%s\n' "$KUBE_BIN/kube-apiserver" \
         --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
         --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$APISERVER_PORT" \
@@ -179,7 +181,7 @@ command_of() {
         --allow-privileged=true \
         --endpoint-reconciler-type=none \
         --audit-policy-file="$DIR/audit-policy.yaml" --audit-log-path="$DIR/audit.log" \
-        --audit-log-format=json --audit-log-mode=blocking --audit-log-maxsize=0 \
+        --audit-log-format=json --audit-log-mode=blocking --audit-log-maxsize=1000000 \
         --profiling=false --v=1
       # shellcheck disable=SC2086
       [ -n "${APOLLO_APISERVER_EXTRA_ARGS:-}" ] && printf '%s\n' $APOLLO_APISERVER_EXTRA_ARGS

@@ -235,6 +235,11 @@ pub async fn serve(
     builder
         .http2()
         .max_concurrent_streams(limits.max_concurrent_streams)
+        // h2's rapid-reset guard (20 by default) closes the whole connection when that many
+        // streams the client reset are still waiting to be accepted: with thousands of agents
+        // multiplexed on one connection, a burst of client timeouts dropped all of them at once
+        // (loadtest at ~30,000 agents). Higher, but still bounded.
+        .max_pending_accept_reset_streams(1024)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
     let permits = Arc::new(Semaphore::new(limits.max_connections));

@@ -75,7 +75,10 @@ pub async fn serve<M, S, B>(
         .max_buf_size(options.max_header_bytes.max(8192));
     builder
         .http2()
-        .max_concurrent_streams(options.max_concurrent_streams);
+        .max_concurrent_streams(options.max_concurrent_streams)
+        // A router multiplexes thousands of agents' requests on one connection: h2's rapid-reset
+        // guard (20 reset streams pending accept) would close it for all of them at once.
+        .max_pending_accept_reset_streams(4096);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     // Owns every connection task, so connections still open after the drain period are closed
