@@ -122,6 +122,13 @@ pub struct Args {
     #[arg(long, env = "APOLLO_MAX_LONG_POLLS_PER_DEVICE", default_value_t = 2)]
     pub max_long_polls_per_device: u32,
 
+    /// The longest agents wait between retries (their APOLLO_BACKOFF_MAX). After reports could
+    /// not be heard (the store unreachable, the cache not synced, the process stopped), no device
+    /// is marked stale until this plus a heartbeat interval has passed, or a stale window if that
+    /// is longer: agents in back-off come back within it.
+    #[arg(long, env = "APOLLO_AGENT_BACKOFF_MAX", default_value = "30s", value_parser = GRACE)]
+    pub agent_backoff_max: Duration,
+
     /// A report whose `timestamp` is further than this from the gateway's clock (Redis' clock)
     /// is refused with 400 on field `timestamp` (a replayed or far-future report); `0s` accepts
     /// any. Generous by default: a device whose clock is off still reports.

@@ -164,13 +164,18 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             instance: format!("apollo-gateway-{}", settings.ordinal),
         },
     };
-    tasks.spawn(background.clone().run_sweeper(
-        args.stale_window(),
-        args.sweep_interval(),
-        settings.sweep_grace,
-        settings.breaker,
-        shutdown.clone(),
-    ));
+    tasks.spawn(
+        background.clone().run_sweeper(
+            args.stale_window(),
+            // Reports are heard again once agents in back-off have retried.
+            args.stale_window()
+                .max(args.agent_backoff_max + args.heartbeat_interval()),
+            args.sweep_interval(),
+            settings.sweep_grace,
+            settings.breaker,
+            shutdown.clone(),
+        ),
+    );
     tasks.spawn(background.clone().run_replay(
         args.pending_replay_grace(),
         args.sweep_interval().max(Duration::from_secs(1)),

@@ -159,10 +159,12 @@ impl BreakerAlerts {
 
 impl Background {
     /// Runs the stale sweep every `interval` until shutdown: connected devices whose last report
-    /// is older than `stale_window` flip to disconnected.
+    /// is older than `stale_window` flip to disconnected — but only once reports have been heard
+    /// for `reception_window` since they last could not be (agents in back-off included).
     pub async fn run_sweeper(
         self,
         stale_window: Duration,
+        reception_window: Duration,
         interval: Duration,
         grace: Duration,
         breaker: Breaker,
@@ -209,7 +211,7 @@ impl Background {
                 .store
                 .reception()
                 .heard_for()
-                .is_some_and(|heard| heard < stale_window)
+                .is_some_and(|heard| heard < reception_window)
             {
                 self.skipped("reception");
                 continue;
@@ -288,7 +290,7 @@ impl Background {
                     .store
                     .reception()
                     .heard_for()
-                    .is_some_and(|heard| heard < stale_window)
+                    .is_some_and(|heard| heard < reception_window)
                 {
                     self.skipped("reception");
                     failed = true;

@@ -47,6 +47,8 @@ pub struct Options {
     pub lease_namespace: Option<String>,
     /// `--shard-lease-seconds` (long by default: no renewal lands in a test's write counts).
     pub shard_lease_seconds: &'static str,
+    /// `--agent-backoff-max` (0s: reception is judged over one stale window).
+    pub agent_backoff_max: &'static str,
     pub extra: Vec<String>,
 }
 
@@ -67,6 +69,7 @@ impl Default for Options {
             all_namespaces: false,
             lease_namespace: None,
             shard_lease_seconds: "600",
+            agent_backoff_max: "0s",
             extra: Vec::new(),
         }
     }
@@ -191,6 +194,9 @@ impl Stack {
             // third of the duration) lands in a test's count of Kubernetes writes.
             "--shard-lease-seconds".into(),
             options.shard_lease_seconds.into(),
+            // Stand-in agents here retry at once: reception needs only a stale window.
+            "--agent-backoff-max".into(),
+            options.agent_backoff_max.into(),
         ];
         // Tests run concurrently on one control plane: each gateway sees its own namespace.
         if !options.all_namespaces {

@@ -95,7 +95,9 @@ async fn a_fleet_on_a_redis_cluster_rides_out_the_failover_of_a_master() {
 
     // The sweep works on the promoted master: a stopped agent there goes stale, once.
     agents.stop(&quiet).await;
-    wait_until(Duration::from_secs(30), "marked disconnected", || async {
+    // After the failover the sweeps wait until agents in back-off (30 s at most) had their
+    // chance to report again: up to 30 s + a heartbeat before the stale window starts to count.
+    wait_until(Duration::from_secs(90), "marked disconnected", || async {
         fleet::processes(&client, stack.namespace(), name)
             .await
             .is_ok_and(|dps| dps.get(&quiet).is_some_and(fleet::disconnected))
