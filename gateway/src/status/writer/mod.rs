@@ -76,7 +76,13 @@ pub struct StatusWriter {
     /// transition tracked here is not replayed; once its last object has it (status and Event),
     /// it is cleared from the store.
     delivering: std::sync::Mutex<HashMap<(u16, String), Tracked>>,
+    /// Transitions this replica delivered, with when: not replayed while their record is being
+    /// cleared from the store, nor by a replay pass that read the record before the clear.
+    delivered_recently: std::sync::Mutex<HashMap<(u16, String), Instant>>,
 }
+
+/// How long a delivered transition is remembered (several replay passes; far more than a clear).
+const REMEMBER_DELIVERED: Duration = Duration::from_secs(60);
 
 struct Tracked {
     pending: Pending,
@@ -114,6 +120,7 @@ impl StatusWriter {
             config,
             metrics,
             delivering: std::sync::Mutex::new(HashMap::new()),
+            delivered_recently: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -148,9 +155,13 @@ impl StatusWriter {
     pub fn replay(&self, pending: &[Pending]) -> usize {
         let fresh: Vec<Pending> = {
             let delivering = self.lock_delivering();
+            let recent = self.lock_recent();
             pending
                 .iter()
-                .filter(|p| !delivering.contains_key(&(p.slot(), p.id.clone())))
+                .filter(|p| {
+                    let id = (p.slot(), p.id.clone());
+                    !delivering.contains_key(&id) && !recent.contains_key(&id)
+                })
                 .cloned()
                 .collect()
         };
@@ -164,8 +175,24 @@ impl StatusWriter {
 
     /// Whether this replica is delivering `pending`.
     pub fn is_delivering(&self, pending: &Pending) -> bool {
-        self.lock_delivering()
-            .contains_key(&(pending.slot(), pending.id.clone()))
+        let id = (pending.slot(), pending.id.clone());
+        self.lock_delivering().contains_key(&id) || self.lock_recent().contains_key(&id)
+    }
+
+    fn lock_recent(&self) -> std::sync::MutexGuard<'_, HashMap<(u16, String), Instant>> {
+        self.delivered_recently
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Remembers `done` as delivered (see `delivered_recently`), forgetting old entries.
+    fn remember_delivered(&self, done: &[Pending]) {
+        let now = Instant::now();
+        let mut recent = self.lock_recent();
+        recent.retain(|_, at| now.duration_since(*at) < REMEMBER_DELIVERED);
+        for p in done {
+            recent.insert((p.slot(), p.id.clone()), now);
+        }
     }
 
     fn lock_delivering(&self) -> std::sync::MutexGuard<'_, HashMap<(u16, String), Tracked>> {
@@ -246,6 +273,7 @@ impl StatusWriter {
     }
 
     fn spawn_clear(&self, delivered: Vec<Pending>) {
+        self.remember_delivered(&delivered);
         let store = self.store.clone();
         tokio::spawn(async move {
             if let Err(error) = store.clear_pending(&delivered).await {
