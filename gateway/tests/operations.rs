@@ -307,6 +307,37 @@ async fn a_device_forgotten_by_a_restarted_redis_is_still_marked_stale_once() {
     );
 }
 
+/// Issue 13's fault suite under load (docs/faults.md, pause-redis): after redis-server came back
+/// empty, agents that had stopped meanwhile were marked only by the next periodic resync (234 s
+/// there). The store's recovery now starts a resync at once: with an hourly resync the forgotten,
+/// silent device is still marked stale (once) within seconds.
+#[tokio::test]
+async fn a_store_that_comes_back_empty_is_resynced_at_once() {
+    let mut stack = Stack::start_with(Options {
+        resync_seconds: "3600",
+        ..Options::default()
+    })
+    .await;
+    create_connected(&stack, "lost", "lost-dev").await;
+    let resyncs = stack.metric(RESYNCS, &[]).await;
+    stack.redis.restart().await;
+    stack
+        .wait_status("lost", "marked stale after the store's recovery", |dp| {
+            is_condition(dp, AGENT_CONNECTED, FALSE)
+        })
+        .await;
+    assert!(stack.metric(RESYNCS, &[]).await > resyncs);
+    wait_until(DEADLINE, "one Warning", || async {
+        stack.events("lost", REASON_AGENT_DISCONNECTED).await.len() == 1
+    })
+    .await;
+    stack.wait_sweeps(10.0).await;
+    assert_eq!(
+        stack.events("lost", REASON_AGENT_DISCONNECTED).await.len(),
+        1
+    );
+}
+
 #[tokio::test]
 async fn the_in_memory_backend_serves_one_replica_and_refuses_several() {
     let stack = Stack::start_with(Options {

@@ -26,6 +26,9 @@ use crate::state::{Connection, StaleCount, StateStore, Store};
 use crate::status::projection::{needs_write, project};
 use crate::status::{now_rfc3339, StatusWriter};
 
+/// The shortest time between resync passes started by the store's recoveries.
+const RECOVERY_RESYNC_GAP: Duration = Duration::from_secs(5);
+
 /// Devices whose state the resync reads concurrently.
 const RESYNC_CONCURRENCY: usize = 16;
 
@@ -390,18 +393,32 @@ impl Background {
         }
         let mut ownership = self.ownership.clone();
         let mut ownership_fixed = false;
+        let mut recoveries = self.store.reception().recoveries();
         loop {
             let repairs = resync_once(&self.cache, &self.store, &self.writer, &ownership).await;
             self.metrics.resyncs.inc();
             if repairs > 0 {
                 tracing::info!(repairs, "resync queued status repairs");
             }
+            let passed = tokio::time::Instant::now();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(interval) => {}
                 changed = ownership.changed(), if !ownership_fixed => {
                     // A closed channel means ownership never changes again.
                     ownership_fixed = changed.is_err();
+                }
+                _ = recoveries.changed() => {
+                    // A store that flaps would otherwise have every owned device read again at
+                    // each recovery: at most one such pass per RECOVERY_RESYNC_GAP.
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep_until(passed + RECOVERY_RESYNC_GAP) => {}
+                    }
+                    recoveries.mark_unchanged();
+                    tracing::info!(
+                        "the state store answers again after failing: resync now (it may have restarted empty)"
+                    );
                 }
             }
         }

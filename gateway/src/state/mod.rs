@@ -348,6 +348,10 @@ pub struct Store {
 pub struct Reception {
     last_outage: std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
     slow_call_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The last store call failed (not merely slow): the store may come back empty.
+    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Counts calls that succeeded right after failed ones (see [`Reception::recoveries`]).
+    recoveries: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Default for Reception {
@@ -355,6 +359,8 @@ impl Default for Reception {
         Self {
             last_outage: Default::default(),
             slow_call_ms: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1_000)),
+            failing: Default::default(),
+            recoveries: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
         }
     }
 }
@@ -377,6 +383,35 @@ impl Reception {
     /// Reports cannot be heard right now.
     pub fn outage(&self) {
         *self.last_outage.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// A store call failed: an outage, and perhaps a store that restarts empty.
+    fn failed(&self) {
+        self.outage();
+        self.failing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A store call succeeded; the first one after failures counts as a recovery.
+    fn answered(&self) {
+        // A load first: the report path calls this on every request, and only the first
+        // success after a failure needs the write.
+        if self.failing.load(std::sync::atomic::Ordering::Relaxed)
+            && self
+                .failing
+                .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            self.recoveries.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Changes each time the store answers again after failing. A store that failed may have
+    /// restarted empty and forgotten which devices were connected: the resync re-tracks them at
+    /// once (the stopped ones are then marked stale once reception allows), instead of at its
+    /// next periodic pass (`--resync-interval`, 5 min by default; 234 s measured under load in
+    /// docs/faults.md).
+    pub fn recoveries(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.recoveries.subscribe()
     }
 
     /// How long reports have been heard since the last outage; None if there was none.
@@ -455,11 +490,14 @@ impl Store {
             .get_or_create(&labels)
             .observe(start.elapsed().as_secs_f64());
         if result.is_err() {
-            self.reception.outage();
+            self.reception.failed();
             self.metrics.store_errors.get_or_create(&labels).inc();
-        } else if self.reception.is_slow(start.elapsed()) {
-            // It answered, but reports sent meanwhile were not heard in time either.
-            self.reception.outage();
+        } else {
+            self.reception.answered();
+            if self.reception.is_slow(start.elapsed()) {
+                // It answered, but reports sent meanwhile were not heard in time either.
+                self.reception.outage();
+            }
         }
         result
     }
