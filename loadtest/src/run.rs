@@ -219,10 +219,11 @@ pub async fn run(args: Args) -> anyhow::Result<Results> {
             None,
             timeline_file(&args),
         );
+        let token_key = apollo_protocol::token::TokenKey::new(&key);
         let (agent_clients, handles) = spawn_agents(
             &devices,
             &router,
-            |d| apollo_protocol::token::device_token(&key, d),
+            |d| token_key.token(d),
             &args,
             metrics.clone(),
             started.clone(),

@@ -36,6 +36,51 @@ pub fn verify_device_token(key: &[u8], device: &str, presented: &str) -> bool {
     mac(key, device).verify_slice(&raw).is_ok()
 }
 
+/// A device-token key with HMAC's key schedule done once. Each [`device_token`] /
+/// [`verify_device_token`] call hashes the two padded key blocks again before the device name
+/// (three of the four SHA-256 compressions of a short name); a server verifying a token on every
+/// request keeps one of these and clones the keyed state instead (docs/benchmarks.md).
+#[derive(Clone)]
+pub struct TokenKey(HmacSha256);
+
+impl TokenKey {
+    /// Keys HMAC-SHA256 with `key` (any length).
+    pub fn new(key: &[u8]) -> Self {
+        let mac = match HmacSha256::new_from_slice(key) {
+            Ok(mac) => mac,
+            Err(_) => unreachable!("HMAC-SHA256 accepts keys of every length"),
+        };
+        Self(mac)
+    }
+
+    fn mac(&self, device: &str) -> HmacSha256 {
+        let mut mac = self.0.clone();
+        mac.update(device.as_bytes());
+        mac
+    }
+
+    /// The token device `device` presents (as [`device_token`]).
+    pub fn token(&self, device: &str) -> String {
+        hex::encode(self.mac(device).finalize().into_bytes())
+    }
+
+    /// Whether `presented` is `device`'s token (as [`verify_device_token`]), in constant time,
+    /// without allocating.
+    pub fn verify(&self, device: &str, presented: &str) -> bool {
+        let mut raw = [0u8; 32];
+        if hex::decode_to_slice(presented.trim(), &mut raw).is_err() {
+            return false;
+        }
+        self.mac(device).verify_slice(&raw).is_ok()
+    }
+}
+
+impl std::fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenKey(..)")
+    }
+}
+
 /// Constant-time equality for shared (dev) tokens.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
@@ -68,6 +113,28 @@ mod tests {
         assert!(!verify_device_token(&key, "tor1-01", "not-hex"));
         assert!(!verify_device_token(&key, "tor1-01", ""));
         assert!(!verify_device_token(&key, "tor1-01", &a[..10]));
+    }
+
+    #[test]
+    fn a_pre_keyed_key_agrees_with_the_one_shot_functions() {
+        let long_key = [7u8; 100]; // longer than a SHA-256 block: hashed first, as HMAC requires
+        for key in [&b"s3cret"[..], &b""[..], &long_key[..]] {
+            let keyed = TokenKey::new(key);
+            for device in [
+                "tor1-01",
+                "",
+                "a-much-longer-device-name-of-some-spine.example.net",
+            ] {
+                let token = device_token(key, device);
+                assert_eq!(keyed.token(device), token);
+                assert!(keyed.verify(device, &token));
+                assert!(keyed.verify(device, &format!(" {token}\n")));
+                assert!(!keyed.verify("other", &token));
+                assert!(!keyed.verify(device, &token[..62]));
+                assert!(!keyed.verify(device, &format!("{token}00")));
+                assert!(!keyed.verify(device, &token.replace(|c: char| c.is_ascii_digit(), "z")));
+            }
+        }
     }
 
     #[test]

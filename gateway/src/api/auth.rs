@@ -11,7 +11,7 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
-use apollo_protocol::token::{constant_time_eq, key_from_secret_file, verify_device_token};
+use apollo_protocol::token::{constant_time_eq, key_from_secret_file, TokenKey};
 use apollo_protocol::DEVICE_TOKEN_HEADER;
 use http::HeaderMap;
 
@@ -20,7 +20,7 @@ use crate::error::Error;
 /// How device requests are authenticated. Secrets never appear in Debug output.
 #[derive(Clone)]
 pub struct Auth {
-    hmac_key: Option<Arc<[u8]>>,
+    hmac_key: Option<Arc<TokenKey>>,
     shared_token: Option<Arc<[u8]>>,
     insecure: bool,
 }
@@ -70,7 +70,7 @@ impl Auth {
             ));
         }
         Ok(Self {
-            hmac_key: hmac_key.map(Arc::from),
+            hmac_key: hmac_key.map(|key| Arc::new(TokenKey::new(&key))),
             shared_token: shared_token.map(Arc::from),
             insecure: insecure_no_auth,
         })
@@ -79,7 +79,7 @@ impl Auth {
     /// Per-device HMAC tokens with `key`.
     pub fn hmac(key: &[u8]) -> Self {
         Self {
-            hmac_key: Some(Arc::from(key)),
+            hmac_key: Some(Arc::new(TokenKey::new(key))),
             shared_token: None,
             insecure: false,
         }
@@ -122,7 +122,7 @@ impl Auth {
             }
         }
         match &self.hmac_key {
-            Some(key) if verify_device_token(key, device, token) => Ok(()),
+            Some(key) if key.verify(device, token) => Ok(()),
             Some(_) if looks_like_device_token(token) => Err(AuthFailure::WrongDevice),
             _ => Err(AuthFailure::InvalidToken),
         }
