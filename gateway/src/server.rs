@@ -182,6 +182,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         shutdown.clone(),
     ));
     tasks.spawn(background.run_resync(args.resync_interval(), shutdown.clone()));
+    // Keeps a call to the store going, so that a silence of the store is told from a quiet one.
+    tasks.spawn(store.clone().run_prober(shutdown.clone()));
     let (etag_records, etag_queue) = mpsc::channel(ETAG_RECORD_QUEUE);
     tasks.spawn(record_etags(store.clone(), etag_queue, shutdown.clone()));
     let writer_task = tokio::spawn(writer.clone().run(shutdown.clone()));

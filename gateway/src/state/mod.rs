@@ -8,6 +8,7 @@
 //! single replica).
 
 mod memory;
+mod reception;
 mod redis;
 
 use std::collections::HashMap;
@@ -16,6 +17,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Instant;
 
 pub use self::memory::MemoryStore;
+pub use self::reception::Reception;
 pub use self::redis::RedisStore;
 
 use crate::error::Error;
@@ -338,91 +340,6 @@ pub struct Store {
     reception: Reception,
 }
 
-/// When reports last could not be heard. Staleness is judged only over time in which reports
-/// could be heard: after the state store was unreachable (any failed call, the report path's
-/// included, or a call slower than [`Reception::set_slow_call`] — a paused Redis answers
-/// nothing until it resumes, and a call in flight has not failed yet) or the watch cache was not
-/// synced (reports refused), no device is marked stale until a whole stale window of working
-/// reception has passed; its agents were fine, only unheard.
-#[derive(Clone, Debug)]
-pub struct Reception {
-    last_outage: std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
-    slow_call_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    /// The last store call failed (not merely slow): the store may come back empty.
-    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// Counts calls that succeeded right after failed ones (see [`Reception::recoveries`]).
-    recoveries: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
-}
-
-impl Default for Reception {
-    fn default() -> Self {
-        Self {
-            last_outage: Default::default(),
-            slow_call_ms: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1_000)),
-            failing: Default::default(),
-            recoveries: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
-        }
-    }
-}
-
-impl Reception {
-    /// A store call slower than `slow` counts as an outage (default 1 s). The gateway sets half
-    /// the stale window: an agent heartbeating every window/m (m >= 2) whose report is held up
-    /// for less than that is still heard within the window, so only longer stalls can make a
-    /// live agent look stale — and load-induced slowness below it must not stop sweeps.
-    pub fn set_slow_call(&self, slow: std::time::Duration) {
-        let ms = u64::try_from(slow.as_millis()).unwrap_or(u64::MAX);
-        self.slow_call_ms
-            .store(ms, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn is_slow(&self, took: std::time::Duration) -> bool {
-        took.as_millis() > u128::from(self.slow_call_ms.load(std::sync::atomic::Ordering::Relaxed))
-    }
-
-    /// Reports cannot be heard right now.
-    pub fn outage(&self) {
-        *self.last_outage.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-    }
-
-    /// A store call failed: an outage, and perhaps a store that restarts empty.
-    fn failed(&self) {
-        self.outage();
-        self.failing
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// A store call succeeded; the first one after failures counts as a recovery.
-    fn answered(&self) {
-        // A load first: the report path calls this on every request, and only the first
-        // success after a failure needs the write.
-        if self.failing.load(std::sync::atomic::Ordering::Relaxed)
-            && self
-                .failing
-                .swap(false, std::sync::atomic::Ordering::Relaxed)
-        {
-            self.recoveries.send_modify(|n| *n += 1);
-        }
-    }
-
-    /// Changes each time the store answers again after failing. A store that failed may have
-    /// restarted empty and forgotten which devices were connected: the resync re-tracks them at
-    /// once (the stopped ones are then marked stale once reception allows), instead of at its
-    /// next periodic pass (`--resync-interval`, 5 min by default; 234 s measured under load in
-    /// docs/faults.md).
-    pub fn recoveries(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.recoveries.subscribe()
-    }
-
-    /// How long reports have been heard since the last outage; None if there was none.
-    pub fn heard_for(&self) -> Option<std::time::Duration> {
-        self.last_outage
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .map(|t| t.elapsed())
-    }
-}
-
 #[derive(Clone)]
 enum Backend {
     Memory(MemoryStore),
@@ -461,6 +378,21 @@ impl Store {
         &self.reception
     }
 
+    /// Pings the store every [`Reception::probe_interval`] until `shutdown`, so that
+    /// [`Reception`] sees an answer at least that often while the store answers at all.
+    pub async fn run_prober(self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut ticker = tokio::time::interval(self.reception.probe_interval());
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            // A failure is recorded by `timed`; the readiness endpoint reports it.
+            let _ = self.ping().await;
+        }
+    }
+
     /// Name of the backend, for logs.
     pub fn backend_name(&self) -> &'static str {
         match &self.backend {
@@ -489,15 +421,12 @@ impl Store {
             .store_seconds
             .get_or_create(&labels)
             .observe(start.elapsed().as_secs_f64());
+        let now = Instant::now();
         if result.is_err() {
-            self.reception.failed();
+            self.reception.failed_at(now);
             self.metrics.store_errors.get_or_create(&labels).inc();
         } else {
-            self.reception.answered();
-            if self.reception.is_slow(start.elapsed()) {
-                // It answered, but reports sent meanwhile were not heard in time either.
-                self.reception.outage();
-            }
+            self.reception.answered_at(start, now);
         }
         result
     }
