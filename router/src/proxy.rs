@@ -50,6 +50,10 @@ pub struct Proxy {
     held_down: Mutex<HashMap<u32, Instant>>,
 }
 
+/// Reset streams an upstream connection remembers (see [`Proxy::new`]): the gateway's default
+/// `--max-concurrent-streams` per connection.
+const UPSTREAM_RESET_STREAMS: usize = 100_000;
+
 impl Proxy {
     /// A proxy routing by `membership`, with an HTTP/2 (prior knowledge) pool to the replicas.
     pub fn new(
@@ -70,6 +74,17 @@ impl Proxy {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .http2_keep_alive_timeout(Duration::from_secs(5))
             .http2_keep_alive_while_idle(true)
+            // One connection per replica carries the requests of tens of thousands of agents.
+            // When agents give up on requests (client timeouts under overload), the router
+            // cancels their upstream streams; h2 remembers only 50 reset streams by default, so
+            // the replica's answers already in flight for the others arrive on forgotten
+            // streams and h2 resets them again as protocol errors. It counts those over the
+            // connection's whole life and at 1,024 closes it with GOAWAY, failing every stream
+            // on it: seen at ~47,000 agents (`locally-reset streams reached limit (1024)` in
+            // the router's log, then a wave of 502s and retries). Remember every stream a
+            // connection can have open, and do not count: the peer is our own gateway.
+            .http2_max_concurrent_reset_streams(UPSTREAM_RESET_STREAMS)
+            .http2_max_local_error_reset_streams(None)
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
         Self {

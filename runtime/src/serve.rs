@@ -78,7 +78,14 @@ pub async fn serve<M, S, B>(
         .max_concurrent_streams(options.max_concurrent_streams)
         // A router multiplexes thousands of agents' requests on one connection: h2's rapid-reset
         // guard (20 reset streams pending accept) would close it for all of them at once.
-        .max_pending_accept_reset_streams(4096);
+        .max_pending_accept_reset_streams(4096)
+        // h2 also closes a connection once it has itself reset 1,024 streams over the
+        // connection's whole life (e.g. frames that arrive for a stream the peer cancelled and
+        // h2 has forgotten). A router's connection reaches that with ordinary cancellations
+        // under load, and the GOAWAY fails every agent multiplexed on it. The count has no time
+        // window, so any bound is a matter of time: none. (The rapid-reset guard above, resets
+        // the peer sends, stays bounded.)
+        .max_local_error_reset_streams(None);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     // Owns every connection task, so connections still open after the drain period are closed
