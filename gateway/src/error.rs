@@ -115,6 +115,19 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether a state-store call failed because the connection to Redis was lost or refused
+    /// (a restarted or dead server), not because it answered late (paused, overloaded): a store
+    /// that comes back after that may have lost its state.
+    pub fn is_store_connection_lost(&self) -> bool {
+        match self {
+            Error::RedisCommand { source, .. } => {
+                !source.is_timeout()
+                    && (source.is_connection_dropped() || source.is_connection_refusal())
+            }
+            _ => false,
+        }
+    }
+
     /// Whether this is a Kubernetes 409 Conflict (stale resourceVersion).
     pub fn is_conflict(&self) -> bool {
         self.kube_status() == Some(409)

@@ -338,6 +338,38 @@ async fn a_store_that_comes_back_empty_is_resynced_at_once() {
     );
 }
 
+/// The other side of the resync at recovery: calls also fail when the store is only slow or
+/// paused (timeouts, as under overload), its state intact. Reading every owned device then would
+/// add load where there is too much already; the gateway checks a sample first and finds the
+/// store still knows its connected devices.
+#[tokio::test]
+async fn a_store_that_failed_but_kept_its_state_is_not_resynced() {
+    let stack = Stack::start_with(Options {
+        resync_seconds: "3600",
+        ..Options::default()
+    })
+    .await;
+    create_connected(&stack, "kept", "kept-dev").await;
+    let resyncs = stack.metric(RESYNCS, &[]).await;
+    let errors = || async {
+        stack
+            .metric("apollo_gateway_state_store_errors_total", &["op=\"ping\""])
+            .await
+    };
+    let failed_before = errors().await;
+    stack.redis.pause();
+    // Paused past the calls' 2 s timeout: the prober's pings fail.
+    wait_until(DEADLINE, "a failed ping", || async {
+        errors().await > failed_before
+    })
+    .await;
+    stack.redis.resume();
+    // The recovery's check has run once the sweeper is back at work.
+    stack.wait_sweeps(20.0).await;
+    assert_eq!(stack.metric(RESYNCS, &[]).await, resyncs);
+    assert!(stack.recorded("kept-dev"));
+}
+
 #[tokio::test]
 async fn the_in_memory_backend_serves_one_replica_and_refuses_several() {
     let stack = Stack::start_with(Options {

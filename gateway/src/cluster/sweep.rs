@@ -417,7 +417,7 @@ impl Background {
                     }
                     recoveries.mark_unchanged();
                     tracing::info!(
-                        "the state store answers again after failing: resync now (it may have restarted empty)"
+                        "the state store answers again after its connections were lost (restarted empty?): resync now"
                     );
                 }
             }

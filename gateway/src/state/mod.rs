@@ -422,8 +422,9 @@ impl Store {
             .get_or_create(&labels)
             .observe(start.elapsed().as_secs_f64());
         let now = Instant::now();
-        if result.is_err() {
-            self.reception.failed_at(now);
+        if let Err(error) = &result {
+            self.reception
+                .failed_at(now, error.is_store_connection_lost());
             self.metrics.store_errors.get_or_create(&labels).inc();
         } else {
             self.reception.answered_at(start, now);

@@ -28,9 +28,9 @@ pub struct Reception {
     /// Microseconds after `base` of the latest answer (0: none yet).
     last_answer_us: Arc<AtomicU64>,
     slow_call_ms: Arc<AtomicU64>,
-    /// The last store call failed (not merely slow): the store may come back empty.
+    /// A store call lost its connection since the last answer: the store may come back empty.
     failing: Arc<AtomicBool>,
-    /// Counts calls that succeeded right after failed ones (see [`Reception::recoveries`]).
+    /// Counts answers that came right after lost connections (see [`Reception::recoveries`]).
     recoveries: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
@@ -80,15 +80,18 @@ impl Reception {
         }
     }
 
-    /// A store call failed at `now`: an outage, and perhaps a store that restarts empty.
-    pub(super) fn failed_at(&self, now: Instant) {
+    /// A store call failed at `now`: an outage; with `connection_lost` (refused, reset: not a
+    /// timeout) perhaps a store that restarts empty.
+    pub(super) fn failed_at(&self, now: Instant, connection_lost: bool) {
         self.outage_at(now);
-        self.failing.store(true, Ordering::Relaxed);
+        if connection_lost {
+            self.failing.store(true, Ordering::Relaxed);
+        }
     }
 
     /// A store call issued at `issued` was answered at `now`. Slow, or the first answer after a
     /// gap longer than the slow-call period, it marks an outage at `now`; the first answer after
-    /// failures counts as a recovery.
+    /// lost connections counts as a recovery.
     pub(super) fn answered_at(&self, issued: Instant, now: Instant) {
         let slow = self.slow();
         let us = u64::try_from(now.saturating_duration_since(self.base).as_micros())
@@ -107,11 +110,13 @@ impl Reception {
         }
     }
 
-    /// Changes each time the store answers again after failing. A store that failed may have
-    /// restarted empty and forgotten which devices were connected: the resync re-tracks them at
-    /// once (the stopped ones are then marked stale once reception allows), instead of at its
-    /// next periodic pass (`--resync-interval`, 5 min by default; 234 s measured under load in
-    /// docs/faults.md).
+    /// Changes each time the store answers again after its connections were lost. A store that
+    /// dropped or refused connections may have restarted empty and forgotten which devices were
+    /// connected: the resync re-tracks them at once (the stopped ones are then marked stale once
+    /// reception allows), instead of at its next periodic pass (`--resync-interval`, 5 min by
+    /// default; 234 s measured under load in docs/faults.md). Timeouts do not count: a paused or
+    /// overloaded store keeps its state, and reading every device then would add load where
+    /// there is too much already.
     pub fn recoveries(&self) -> tokio::sync::watch::Receiver<u64> {
         self.recoveries.subscribe()
     }
@@ -148,8 +153,8 @@ mod tests {
             r.answered_at(at(ms), at(ms + 1));
         }
         assert_eq!(r.heard_for_at(at(1001)), None);
-        r.failed_at(at(3000));
-        r.failed_at(at(5000));
+        r.failed_at(at(3000), false);
+        r.failed_at(at(5000), false);
         r.answered_at(at(5600), at(6000));
         assert_eq!(r.heard_for_at(at(6200)), Some(200 * MS));
     }
@@ -171,20 +176,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_first_answer_after_failures_is_a_recovery() {
+    async fn the_first_answer_after_lost_connections_is_a_recovery() {
         let r = Reception::default();
         let mut recoveries = r.recoveries();
         let at = |ms: u64| r.base + Duration::from_millis(ms);
         r.answered_at(at(0), at(1));
-        assert!(!recoveries.has_changed().expect("open"));
-        r.failed_at(at(100));
-        r.failed_at(at(200));
+        r.failed_at(at(50), false);
+        r.answered_at(at(60), at(61));
+        assert!(!recoveries.has_changed().expect("open"), "timeouts only");
+        r.failed_at(at(100), true);
+        r.failed_at(at(200), false);
         r.answered_at(at(300), at(301));
         r.answered_at(at(400), at(401));
         assert!(recoveries.has_changed().expect("open"));
         assert_eq!(*recoveries.borrow_and_update(), 1);
         // An outage is never moved back by a late report of an earlier one.
-        r.failed_at(at(900));
+        r.failed_at(at(900), false);
         r.outage_at(at(800));
         assert_eq!(r.heard_for_at(at(1000)), Some(100 * MS));
     }
