@@ -21,7 +21,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
@@ -569,9 +569,33 @@ impl TestNamespace {
             .expect("TokenRequest answered a token")
     }
 
+    /// Waits until the audit log holds every request the apiserver answered before this call.
+    /// The apiserver writes a request's event after its response has gone out, so a test can
+    /// see a request's effect (a watch event, a status) before the request is in the log (seen
+    /// in CI: a deployment's status patch counted 0 right after the status showed it). A unique
+    /// request is made and the log read until it shows: the events of requests answered before
+    /// it are written by then.
+    async fn audit_barrier(&self) {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let name = format!(
+            "audit-barrier-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let configmaps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.name);
+        let _ = configmaps.get_opt(&name).await;
+        crate::wait_until(
+            Duration::from_secs(10),
+            "the audit log to catch up",
+            || async { self.audit.requests().iter().any(|r| r.name == name) },
+        )
+        .await;
+    }
+
     /// Every request the apiserver served to this namespace's component identities since the
     /// namespace was made or [`TestNamespace::reset_requests`] last ran (from the audit log).
     pub async fn requests(&self) -> Vec<ApiRequest> {
+        self.audit_barrier().await;
         let prefix = format!("system:serviceaccount:{}:", self.name);
         self.audit
             .requests()
@@ -582,6 +606,7 @@ impl TestNamespace {
 
     /// Requests by `component` only.
     pub async fn requests_by(&self, component: Component) -> Vec<ApiRequest> {
+        self.audit_barrier().await;
         let user = self.username(component);
         self.audit
             .requests()
@@ -613,6 +638,8 @@ impl TestNamespace {
 
     /// Forgets the requests counted so far.
     pub async fn reset_requests(&self) {
+        // Requests answered before the reset must not be logged, and counted, after it.
+        self.audit_barrier().await;
         self.audit.reset();
     }
 
