@@ -482,8 +482,11 @@ async fn agents_recover_by_themselves_after_a_router_restart() {
 async fn an_outage_of_every_replica_marks_nobody_disconnected_once_they_return() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = config(&dir, 2);
-    // Long enough for agents backing off through the outage to report again.
-    cfg.gateway_extra_args.push("--sweep-grace=20s".into());
+    // Long enough for agents backing off through the outage to report again: their waits have
+    // ceilings of 0.5 s, 1 s, 2 s, ... 30 s with full jitter, and the outage plus the replicas'
+    // start-up takes them to the 16 s step or further (with 20 s, one agent came back after the
+    // grace in CI and was marked disconnected). Their longest wait plus a heartbeat.
+    cfg.gateway_extra_args.push("--sweep-grace=35s".into());
     let stack = Stack::start(cfg).await.expect("start the stack");
     let client = stack.client();
     let (_devices, _agents) = healthy_fleet(&stack, "outage", 20).await;
