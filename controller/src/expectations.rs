@@ -8,6 +8,12 @@
 //! the cache moves on (our write arrived, or anything else changed the object) the memory is
 //! dropped and the cache is the truth again. Entries also expire, so a lost event cannot pin a
 //! stale view for long.
+//!
+//! The memory is lowered twice over: by each reconcile, when the cache it reads has moved on, and,
+//! as client-go lowers its expectations in the informer's event handlers, by the watch events
+//! themselves ([`Expectations::observe`]). The second matters when a child we created is shown
+//! and deleted again between two reconciles: the cache never holds it when a reconcile looks, so
+//! only the events can tell that the create was seen, and the deletion must not be masked.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -93,6 +99,38 @@ impl Expectations {
                 expires: Instant::now() + EXPECTATION_TTL,
             },
         );
+    }
+
+    /// Lower the memory by a watch event of the children's cache (applied to the cache already):
+    /// an object shown at another version than the one a write was made over, or deleted, ends
+    /// the stand-in for it. A deletion of an older object of the same name (another uid) leaves a
+    /// create of a new one standing. Relist events are left to the reconciles, which compare with
+    /// the cache once the relist has replaced it.
+    pub fn observe(&self, event: &kube::runtime::watcher::Event<DeviceProcess>) {
+        use kube::runtime::watcher::Event;
+        let mut children = lock(&self.children);
+        match event {
+            Event::Apply(shown) => {
+                let key = key_of(shown);
+                if children
+                    .get(&key)
+                    .is_some_and(|w| w.cached_version != shown.resource_version())
+                {
+                    children.remove(&key);
+                }
+            }
+            Event::Delete(gone) => {
+                let key = key_of(gone);
+                let ends = children.get(&key).is_some_and(|w| match &w.result {
+                    None => true,
+                    Some(written) => written.uid().is_none() || written.uid() == gone.uid(),
+                });
+                if ends {
+                    children.remove(&key);
+                }
+            }
+            Event::Init | Event::InitApply(_) | Event::InitDone => {}
+        }
     }
 
     /// The children of `namespace` as they are after our own writes: `cached` corrected by every
@@ -259,6 +297,69 @@ mod tests {
         // Forgotten once seen: a later deletion is not masked.
         assert!(!e.awaiting_creates("ns"));
         assert!(e.children_view("ns", vec![], |_| true).is_empty());
+    }
+
+    fn with_uid(mut c: DeviceProcess, uid: &str) -> DeviceProcess {
+        c.metadata.uid = Some(uid.into());
+        c
+    }
+
+    #[test]
+    fn a_create_shown_and_deleted_between_two_reconciles_no_longer_stands_in() {
+        use kube::runtime::watcher::Event;
+        let e = Expectations::default();
+        let created = with_uid(child("a", "5", &[]), "u1");
+        e.created(&created);
+        // The watch shows it, then someone deletes it, before any reconcile reads the cache: the
+        // cache never holds it when a reconcile looks.
+        e.observe(&Event::Apply(created.clone()));
+        e.observe(&Event::Delete(created));
+        assert!(
+            e.children_view("ns", vec![], |_| true).is_empty(),
+            "the deletion is not masked by the create"
+        );
+        assert!(!e.awaiting_creates("ns"));
+    }
+
+    #[test]
+    fn the_deletion_of_an_older_object_of_the_same_name_leaves_a_create_standing() {
+        use kube::runtime::watcher::Event;
+        let e = Expectations::default();
+        e.created(&with_uid(child("a", "9", &[]), "new"));
+        e.observe(&Event::Delete(with_uid(child("a", "5", &[]), "old")));
+        assert_eq!(
+            names(&e.children_view("ns", vec![], |_| true)),
+            [("a".into(), "9".into())]
+        );
+        // The create's own arrival ends it.
+        e.observe(&Event::Apply(with_uid(child("a", "9", &[]), "new")));
+        assert!(!e.awaiting_creates("ns"));
+    }
+
+    #[test]
+    fn watch_events_end_update_and_delete_stand_ins() {
+        use kube::runtime::watcher::Event;
+        let e = Expectations::default();
+        let before = with_uid(child("a", "5", &["old"]), "u1");
+        e.updated(&before, &with_uid(child("a", "6", &["new"]), "u1"));
+        // A relist showing the version written over changes nothing.
+        e.observe(&Event::InitApply(before.clone()));
+        e.observe(&Event::Apply(before.clone()));
+        let view = e.children_view("ns", vec![Arc::new(before.clone())], |_| true);
+        assert_eq!(view[0].spec.execution.args, ["new"]);
+        e.observe(&Event::Apply(with_uid(child("a", "6", &["new"]), "u1")));
+        let view = e.children_view("ns", vec![Arc::new(before.clone())], |_| true);
+        assert_eq!(
+            view[0].spec.execution.args,
+            ["old"],
+            "no longer stood in for"
+        );
+
+        let b = with_uid(child("b", "3", &[]), "u2");
+        e.deleted(&b);
+        assert_eq!(lock(&e.children).len(), 1);
+        e.observe(&Event::Delete(b));
+        assert!(lock(&e.children).is_empty(), "the delete was seen");
     }
 
     #[test]

@@ -139,6 +139,62 @@ fn forget_deleted(
     }
 }
 
+/// After each relist, a `Delete` for every object the cache held before it and holds no more.
+///
+/// kube's watcher, unlike client-go's informer (which hands out `DeletedFinalStateUnknown`),
+/// reports nothing for an object deleted while its watch was down: the relist just leaves it out,
+/// so nothing would wake the owner of a child deleted by hand during an apiserver restart, or the
+/// deployments of a switch deleted then, before the resync. Goes right after the reflector, which
+/// swaps the relisted cache in at `InitDone` (at `Init` the cache is still the old one).
+fn vanished_on_relist<K, E>(
+    events: impl Stream<Item = Result<watcher::Event<K>, E>>,
+    cache: Store<K>,
+) -> impl Stream<Item = Result<watcher::Event<K>, E>>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    let mut before: Option<Vec<Arc<K>>> = None;
+    events.flat_map(move |event| {
+        let mut vanished = Vec::new();
+        match &event {
+            Ok(watcher::Event::Init) => before = Some(cache.state()),
+            Ok(watcher::Event::InitDone) => {
+                for old in before.take().unwrap_or_default() {
+                    if cache.get(&ObjectRef::from_obj(old.as_ref())).is_none() {
+                        vanished.push(Ok(watcher::Event::Delete(K::clone(&old))));
+                    }
+                }
+                if !vanished.is_empty() {
+                    tracing::info!(
+                        kind = %K::kind(&()),
+                        count = vanished.len(),
+                        "objects deleted while the watch was down"
+                    );
+                }
+            }
+            _ => {}
+        }
+        futures::stream::iter(std::iter::once(event).chain(vanished))
+    })
+}
+
+/// Watcher-stream hook on the children's cache: lowers the expectations as the watch shows our
+/// writes (see [`crate::expectations::Expectations::observe`]).
+fn observe_children(context: Arc<Context>) -> impl FnMut(&watcher::Event<DeviceProcess>) {
+    move |event| {
+        if let watcher::Event::Apply(child) | watcher::Event::Delete(child) = event {
+            tracing::debug!(
+                event = if matches!(event, watcher::Event::Apply(_)) { "apply" } else { "delete" },
+                child = %child.name_any(),
+                namespace = child.namespace().unwrap_or_default(),
+                resource_version = child.resource_version().unwrap_or_default(),
+                "child watch event"
+            );
+        }
+        context.expectations.observe(event);
+    }
+}
+
 /// One item each time leadership is gained.
 fn leadership_gained(mut changes: watch::Receiver<bool>) -> impl Stream<Item = ()> + Send {
     changes.mark_unchanged();
@@ -217,22 +273,29 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
     .inspect_ok(forget_deleted)
     .default_backoff()
     .applied_objects();
-    let switch_events = reflector::reflector(
-        switch_writer,
-        watcher(api(&client, namespace), watcher::Config::default()),
+    let switch_events = vanished_on_relist(
+        reflector::reflector(
+            switch_writer,
+            watcher(api(&client, namespace), watcher::Config::default()),
+        ),
+        switch_store.clone(),
     )
     .inspect_ok(report_sync(switches_synced))
     .default_backoff()
     .touched_objects();
     // Only our children: the label is set on every DeviceProcess a deployment creates.
-    let child_events = reflector::reflector(
-        child_writer,
-        watcher(
-            api(&client, namespace),
-            watcher::Config::default().labels(LABEL_DEPLOYMENT),
+    let child_events = vanished_on_relist(
+        reflector::reflector(
+            child_writer,
+            watcher(
+                api(&client, namespace),
+                watcher::Config::default().labels(LABEL_DEPLOYMENT),
+            ),
         ),
+        child_store.clone(),
     )
     .inspect_ok(report_sync(children_synced))
+    .inspect_ok(observe_children(context.clone()))
     .default_backoff()
     .touched_objects();
 
@@ -355,6 +418,58 @@ mod tests {
             block_owner_deletion: Some(true),
         }]);
         c
+    }
+
+    #[tokio::test]
+    async fn a_relist_reports_what_vanished_while_the_watch_was_down() {
+        let (cache, writer) = reflector::store::<DeviceProcess>();
+        let (kept, gone, new) = (
+            child_of("d", "kept"),
+            child_of("d", "gone"),
+            child_of("d", "new"),
+        );
+        let events: Vec<Result<watcher::Event<DeviceProcess>, watcher::Error>> = vec![
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(kept.clone())),
+            Ok(watcher::Event::InitApply(gone.clone())),
+            Ok(watcher::Event::InitDone),
+            // The watch broke; the relist no longer holds `gone`.
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(kept.clone())),
+            Ok(watcher::Event::InitApply(new.clone())),
+            Ok(watcher::Event::InitDone),
+            Ok(watcher::Event::Delete(kept.clone())),
+        ];
+        let seen: Vec<String> = vanished_on_relist(
+            reflector::reflector(writer, futures::stream::iter(events)),
+            cache.clone(),
+        )
+        .map(|e| match e.expect("no error") {
+            watcher::Event::Init => "init".to_owned(),
+            watcher::Event::InitApply(c) => format!("list {}", c.name_any()),
+            watcher::Event::InitDone => "done".to_owned(),
+            watcher::Event::Apply(c) => format!("apply {}", c.name_any()),
+            watcher::Event::Delete(c) => format!("delete {}", c.name_any()),
+        })
+        .collect()
+        .await;
+        assert_eq!(
+            seen,
+            [
+                "init",
+                "list d-kept",
+                "list d-gone",
+                "done",
+                "init",
+                "list d-kept",
+                "list d-new",
+                "done",
+                "delete d-gone",
+                "delete d-kept",
+            ]
+        );
+        assert!(cache.get(&ObjectRef::from_obj(&new)).is_some());
+        assert!(cache.get(&ObjectRef::from_obj(&kept)).is_none());
     }
 
     #[test]

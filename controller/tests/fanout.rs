@@ -242,8 +242,12 @@ async fn steady_state_makes_no_writes_for_ten_seconds() {
     let controller = cluster
         .controller_with("controller-a", &[("--resync-period", "1s")])
         .await;
-    // The converged status is the rollout's last write: from here on nothing may be written.
+    // The rollout's last writes are the converged status and, right after it, the
+    // RolloutStarted Event (no agent reports, so the children never become available and the
+    // rollout stays in progress; CI: a reset between the two counted the Event in the window): from
+    // there on nothing may be written.
     cluster.roll_out_logger(&["tor1-01", "tor1-02"]).await;
+    cluster.assert_events("logger", "RolloutStarted", 1).await;
     cluster.reset_requests().await;
     let reconciles_before = controller
         .metric("apollo_controller_reconciles_total", &[r#"result="ok""#])
