@@ -10,7 +10,8 @@ use prometheus_client::registry::Registry;
 /// Outcome of one reconcile.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReconcileLabels {
-    /// `ok`, `error` or `standby` (not the leader, nothing done).
+    /// `ok`, `error`, `standby` (not the leader, nothing done) or `deferred` (a full reconcile of
+    /// the same spec ran moments ago; it runs again once spaced, see `memory::PACE_FACTOR`).
     pub result: &'static str,
 }
 

@@ -143,12 +143,20 @@ pub async fn reconcile(
             .reconciled("standby", started.elapsed().as_secs_f64());
         return Ok(Action::await_change());
     }
+    let key = key_of(&deployment);
+    if let Some(wait) = ctx.memory.deferred(&key, deployment.metadata.generation) {
+        // A full reconcile ran moments ago for this spec; see `memory::PACE_FACTOR`. Requeueing
+        // keeps the trigger: the reconcile runs once the spacing is over.
+        ctx.metrics
+            .reconciled("deferred", started.elapsed().as_secs_f64());
+        return Ok(Action::requeue(wait));
+    }
     let result = reconcile_deployment(&deployment, &ctx).await;
     let label = if result.is_ok() { "ok" } else { "error" };
     ctx.metrics
         .reconciled(label, started.elapsed().as_secs_f64());
     if result.is_ok() {
-        ctx.memory.succeeded(&key_of(&deployment));
+        ctx.memory.succeeded(&key);
     }
     result
 }
@@ -262,6 +270,8 @@ async fn reconcile_deployment(
         name.clone(),
         DesiredError::MissingField("metadata.uid"),
     ))?;
+    // CPU spent computing (the writes' waits excluded), for the spacing of the next reconcile.
+    let computing = Instant::now();
     let now_ts = Timestamp::now();
     let now = now_ts.to_string();
     let generation = deployment.metadata.generation;
@@ -361,6 +371,7 @@ async fn reconcile_deployment(
         })
         .collect();
 
+    let mut cost = computing.elapsed();
     let children_api: Api<DeviceProcess> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut requeue_soon = false;
     // Children as they are once this reconcile's writes are done (shared, not copied: a
@@ -459,6 +470,7 @@ async fn reconcile_deployment(
         }
     }
 
+    let computing = Instant::now();
     let available = |c: &DeviceProcess| readiness(c, policy.min_ready, now_ts).state.is_available();
     let mut status = status::deployment_status(
         deployment,
@@ -471,8 +483,11 @@ async fn reconcile_deployment(
     );
     status::apply_rollout(&mut status, &step, policy.max_unavailable, generation, &now);
     status::set_process_failure(&mut status, failure.as_ref(), generation, &now);
+    cost += computing.elapsed();
     let written =
         writes::write_status(deployment, &namespace, shown_status.as_ref(), status, ctx).await?;
+    ctx.memory
+        .reconciled(&(namespace.clone(), name.clone()), generation, cost);
     if written == StatusWrite::Written {
         publish_rollout_event(ctx, deployment, previous.reason.as_deref(), &step, &desired).await;
     }
