@@ -5,6 +5,13 @@
 
 use std::process::ExitCode;
 
+/// A reconcile over a large fleet builds and drops hundreds of thousands of small objects (the
+/// desired children, their labels and names); with glibc's malloc most of its time went to the
+/// allocator. `cargo bench -p apollo-controller --bench reconcile`, 100,000 children: 1.07 s ->
+/// 0.39 s per reconcile's computing.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use apollo_controller::args::Args;
 use apollo_runtime::shell::{self, Failure};
 use clap::Parser;

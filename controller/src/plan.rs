@@ -1,7 +1,7 @@
 //! What must exist for a deployment and how it differs from what exists. Pure: `reconcile` feeds
 //! the caches in and writes the results out.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use apollo_crds::{
@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::{Resource, ResourceExt};
 use serde_json::{Map, Value};
 
-use crate::names::{candidate_names, hashed_child_name, label_value};
+use crate::names::{child_name, hashed_child_name, label_value};
 use crate::selector::{Selector, SelectorError};
 
 /// Why the desired set of a deployment cannot be computed.
@@ -85,29 +85,43 @@ pub struct Desired {
 }
 
 /// The name the child of (`deployment`, `device`) has or gets, given the DeviceProcesses of the
-/// namespace (`existing`, any owner): the candidate name (see [`crate::names`]) a child of ours
-/// (or an orphan we would adopt) already has; else the preferred name unless another object holds
-/// it; else the hashed name, which is unique to the pair.
+/// namespace (`existing`, any owner, by name): the candidate name (see [`crate::names`]) a child
+/// of ours (or an orphan we would adopt) already has; else the preferred name unless another
+/// object holds it; else the hashed name, which is unique to the pair.
+///
+/// The hashed name (a SHA-256) is only computed when the preferred one is not already our
+/// child's: a reconcile resolves the name of every child of the deployment, and in the common
+/// case every child holds its preferred name.
 pub fn resolve_child_name(
     deployment: &str,
     uid: &str,
     device: &str,
-    existing: &BTreeMap<String, Arc<DeviceProcess>>,
+    existing: &HashMap<&str, &DeviceProcess>,
 ) -> String {
-    let candidates = candidate_names(deployment, device);
     let ours = |c: &DeviceProcess| is_controlled_by(c, uid) && c.spec.device_ref.name == device;
+    let held = |name: &str, keep: &dyn Fn(&DeviceProcess) -> bool| {
+        existing.get(name).is_some_and(|c| keep(c))
+    };
+    let preferred = child_name(deployment, device);
+    if held(&preferred, &ours) {
+        return preferred;
+    }
+    let hashed = hashed_child_name(deployment, device);
+    let candidates: &[&String] = if hashed == preferred {
+        &[&preferred]
+    } else {
+        &[&preferred, &hashed]
+    };
     let adoptable = |c: &DeviceProcess| adoptable_by(c, deployment);
     for keep in [&ours as &dyn Fn(&DeviceProcess) -> bool, &adoptable] {
-        if let Some(name) = candidates
-            .iter()
-            .find(|n| existing.get(*n).is_some_and(|c| keep(c)))
-        {
-            return name.clone();
+        if let Some(name) = candidates.iter().find(|n| held(n, keep)) {
+            return (*name).clone();
         }
     }
-    match candidates.first() {
-        Some(preferred) if !existing.contains_key(preferred) => preferred.clone(),
-        _ => hashed_child_name(deployment, device),
+    if existing.contains_key(preferred.as_str()) {
+        hashed
+    } else {
+        preferred
     }
 }
 
@@ -132,10 +146,11 @@ pub fn desired_children<'a>(
         .ok_or(DesiredError::MissingField("metadata.name"))?;
     let owner = owner_reference(deployment)?;
     let template = &deployment.spec.template;
-    let by_name: BTreeMap<String, Arc<DeviceProcess>> = existing
+    let by_name: HashMap<&str, &DeviceProcess> = existing
         .iter()
-        .map(|c| (c.name_any(), Arc::clone(c)))
+        .filter_map(|c| Some((c.metadata.name.as_deref()?, c.as_ref())))
         .collect();
+    let deployment_label = label_value(deployment_name);
 
     let mut desired = Desired::default();
     for switch in switches {
@@ -151,7 +166,7 @@ pub fn desired_children<'a>(
         let name = resolve_child_name(deployment_name, &owner.uid, device, &by_name);
         let mut labels = template.metadata.labels.clone();
         labels.insert(LABEL_DEVICE_NAME.to_owned(), label_value(device));
-        labels.insert(LABEL_DEPLOYMENT.to_owned(), label_value(deployment_name));
+        labels.insert(LABEL_DEPLOYMENT.to_owned(), deployment_label.clone());
         let child = DeviceProcess {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
@@ -332,11 +347,13 @@ pub fn plan(
     existing: &[Arc<DeviceProcess>],
 ) -> Plan {
     let mut plan = Plan::default();
-    let mut seen = BTreeSet::new();
+    let mut seen: HashSet<&str> = HashSet::with_capacity(existing.len());
     for child in existing {
-        let name = child.name_any();
+        let Some(name) = child.metadata.name.as_deref() else {
+            continue;
+        };
         if !is_controlled_by(child, owner_uid) {
-            let Some(want) = desired.get(&name).filter(|want| {
+            let Some(want) = desired.get(name).filter(|want| {
                 want.labels()
                     .get(LABEL_DEPLOYMENT)
                     .is_some_and(|d| adoptable_by_label(child, d))
@@ -352,11 +369,11 @@ pub fn plan(
             }
             continue;
         }
-        seen.insert(name.clone());
+        seen.insert(name);
         if child.metadata.deletion_timestamp.is_some() {
             continue;
         }
-        match desired.get(&name) {
+        match desired.get(name) {
             None => plan.delete.push(child.clone()),
             Some(want) if needs_update(child, want) => plan.update.push(ChildUpdate {
                 existing: child.clone(),
@@ -367,7 +384,7 @@ pub fn plan(
     }
     plan.create = desired
         .iter()
-        .filter(|(name, _)| !seen.contains(*name))
+        .filter(|(name, _)| !seen.contains(name.as_str()))
         .map(|(_, child)| child.clone())
         .collect();
     plan

@@ -9,7 +9,6 @@ use apollo_crds::deployment::{
     REASON_MINIMUM_DEVICES_UNAVAILABLE, REASON_PAUSED, REASON_ROLLING_UPDATE,
 };
 use apollo_crds::{DeviceProcess, DeviceProcessDeployment, DeviceProcessDeploymentStatus};
-use kube::ResourceExt;
 
 use crate::availability::{agent_connected, spec_observed};
 use crate::plan::needs_update;
@@ -47,19 +46,21 @@ pub fn deployment_status(
     selector_problem: Option<&str>,
     now: &str,
 ) -> DeviceProcessDeploymentStatus {
-    let current: Vec<&DeviceProcess> = children
-        .iter()
-        .copied()
-        .filter(|c| desired.contains_key(&c.name_any()))
-        .collect();
-    let count = |pred: &dyn Fn(&DeviceProcess) -> bool| {
-        i32::try_from(current.iter().filter(|c| pred(c)).count()).unwrap_or(i32::MAX)
-    };
-    let up_to_date = |c: &DeviceProcess| {
-        desired
-            .get(&c.name_any())
-            .is_some_and(|want| !needs_update(c, want))
-    };
+    // One pass over the children (a deployment may have one per device of a large fleet): each
+    // child's template comparison is made once, and names are borrowed, not copied.
+    let mut counts = Counts::default();
+    for child in children {
+        let Some(want) = child.metadata.name.as_deref().and_then(|n| desired.get(n)) else {
+            continue;
+        };
+        let up_to_date = !needs_update(child, want);
+        counts.current += 1;
+        counts.updated += i32::from(up_to_date);
+        counts.connected += i32::from(agent_connected(child));
+        // Observing an outdated spec is not observing the template's.
+        counts.observed += i32::from(up_to_date && spec_observed(child));
+        counts.available += i32::from(available(child));
+    }
     let mut conditions = current_status
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
@@ -83,23 +84,31 @@ pub fn deployment_status(
     conditions::upsert(&mut conditions, selector_condition);
 
     let desired_number = i32::try_from(desired.len()).unwrap_or(i32::MAX);
-    let number_available = count(available);
     DeviceProcessDeploymentStatus {
         observed_generation: deployment.metadata.generation,
         desired_number_scheduled: desired_number,
-        current_number_scheduled: count(&|_| true),
-        updated_number_scheduled: count(&up_to_date),
-        number_agent_connected: count(&agent_connected),
-        // Observing an outdated spec is not observing the template's.
-        number_spec_observed: count(&|c| up_to_date(c) && spec_observed(c)),
-        number_available,
-        number_unavailable: desired_number.saturating_sub(number_available),
+        current_number_scheduled: counts.current,
+        updated_number_scheduled: counts.updated,
+        number_agent_connected: counts.connected,
+        number_spec_observed: counts.observed,
+        number_available: counts.available,
+        number_unavailable: desired_number.saturating_sub(counts.available),
         // The rollout's fields carry over until a rollout step sets them.
         number_failed: current_status.map_or(0, |s| s.number_failed),
         number_held_by_strategy: current_status.map_or(0, |s| s.number_held_by_strategy),
         rollout_start_time: current_status.and_then(|s| s.rollout_start_time.clone()),
         conditions,
     }
+}
+
+/// The DaemonSet-style counts of the children that exist for desired devices.
+#[derive(Default)]
+struct Counts {
+    current: i32,
+    updated: i32,
+    connected: i32,
+    observed: i32,
+    available: i32,
 }
 
 /// What the stored status says about the rollout.

@@ -5,6 +5,7 @@ use crate::fixtures::{deployment, switch, NOW, NS};
 use crate::plan::desired_children;
 use crate::rollout::{step, Member, MemberState, Policy};
 use apollo_crds::{spec_hash, DeviceProcessStatus};
+use kube::ResourceExt;
 
 fn never(_: &DeviceProcess) -> bool {
     false
