@@ -4,6 +4,11 @@
 
 use std::process::ExitCode;
 
+/// Every request allocates and frees its head, buffers and futures; glibc's malloc was 10-15% of
+/// the 304 path's CPU (`scripts/bench-vs-nginx.sh`, docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use apollo_runtime::shell::{self, Failure};
 use clap::Parser;
 
