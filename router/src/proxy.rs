@@ -122,7 +122,7 @@ impl Proxy {
                 return resp;
             }
         };
-        let span = tracing::info_span!(
+        let span = apollo_telemetry::request_span!(
             "router.request",
             otel.kind = "server",
             http.method = %parts.method,

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TracerProvider as _;
@@ -65,6 +66,34 @@ impl Drop for Guard {
             let _ = provider.shutdown();
         }
     }
+}
+
+/// Set once [`init`] has built an OTLP exporter.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process exports spans (OTLP configured and the exporter built by [`init`]).
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+#[doc(hidden)]
+pub use tracing as __tracing;
+
+/// A span opened for every request on a hot path (`request_span!("gateway.request", field = ...)`,
+/// the arguments of `tracing::info_span!`). While spans are exported it is an `info` span, exported
+/// and shown as the context of log lines; otherwise a `debug` span, which at the default `info`
+/// filter is never built: a span per request cost the gateway's 304 path ~6% of its CPU for the
+/// fmt layer to format fields nobody reads (docs/benchmarks.md). `RUST_LOG=debug` brings the
+/// context back to the logs.
+#[macro_export]
+macro_rules! request_span {
+    ($($args:tt)+) => {
+        if $crate::exporting() {
+            $crate::__tracing::info_span!($($args)+)
+        } else {
+            $crate::__tracing::debug_span!($($args)+)
+        }
+    };
 }
 
 fn otlp_configured() -> bool {
@@ -138,6 +167,7 @@ pub fn init_with_default_filter(service: &str, format: LogFormat, default_filter
         .with(fmt_layer)
         .with(otel_layer)
         .try_init();
+    EXPORTING.store(provider.is_some(), Ordering::Relaxed);
     if let Some(e) = export_error {
         tracing::warn!(error = %e, "OTLP endpoint configured but the exporter could not be built; traces are not exported");
     } else if provider.is_some() {
@@ -187,6 +217,9 @@ pub fn set_parent(span: &tracing::Span, cx: &TraceContext) {
 
 /// Makes `span` a child of the trace named by the request's `traceparent`, if any.
 pub fn set_parent_from_headers(span: &tracing::Span, headers: &http::HeaderMap) {
+    if span.is_disabled() {
+        return;
+    }
     let cx =
         opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
     let _ = span.set_parent(cx);

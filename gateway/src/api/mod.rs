@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
+use tracing::Instrument;
 
 use crate::api::auth::Auth;
 use crate::api::desired::desired;
@@ -98,7 +98,8 @@ pub struct DeviceApi {
     pub access_log: bool,
 }
 
-/// The device API router with its layers: per-request span, metrics and X-Apollo-Gateway on
+/// The device API router with its layers: per-request span (`info` only while spans are exported,
+/// [`apollo_telemetry::request_span`]), metrics and X-Apollo-Gateway on
 /// every response (503s and 408s included), request timeout. Load is shed by the handlers, per
 /// budget ([`budget`]).
 pub fn device_router(api: Arc<DeviceApi>) -> Router {
@@ -118,17 +119,6 @@ pub fn device_router(api: Arc<DeviceApi>) -> Router {
         .layer(
             ServiceBuilder::new()
                 .layer(middleware::from_fn_with_state(outer, observe))
-                .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-                    let span = tracing::info_span!(
-                        "gateway.request",
-                        otel.kind = "server",
-                        method = %req.method(),
-                        path = %req.uri().path()
-                    );
-                    // Continue the agent's (and router's) trace: one trace per report.
-                    apollo_telemetry::set_parent_from_headers(&span, req.headers());
-                    span
-                }))
                 .layer(TimeoutLayer::with_status_code(
                     StatusCode::REQUEST_TIMEOUT,
                     REQUEST_TIMEOUT,
@@ -148,7 +138,15 @@ async fn observe(State(outer): State<Arc<Outer>>, request: Request, next: Next) 
     let access = outer
         .access_log
         .then(|| (request.method().clone(), request.uri().path().to_owned()));
-    let mut response = next.run(request).await;
+    let span = apollo_telemetry::request_span!(
+        "gateway.request",
+        otel.kind = "server",
+        method = %request.method(),
+        path = %request.uri().path()
+    );
+    // Continue the agent's (and router's) trace: one trace per report.
+    apollo_telemetry::set_parent_from_headers(&span, request.headers());
+    let mut response = next.run(request).instrument(span).await;
     if let Some((method, path)) = access {
         tracing::info!(
             target: "apollo_gateway::access",
