@@ -412,13 +412,13 @@ mod tests {
     /// 6,728 bytes, boxed 1,320 (plus the 1,360 of the long poll in flight).
     #[test]
     fn the_run_future_is_small() {
-        let config = AgentConfig::new("d", "http://127.0.0.1:1".parse().unwrap());
+        let config = AgentConfig::new("d", "http://127.0.0.1:1".parse().expect("url"));
         let agent = Agent::new(
             config,
             reqwest::Client::new(),
             Arc::new(AgentMetrics::default()),
         )
-        .unwrap();
+        .expect("agent");
         let run = agent.run(CancellationToken::new());
         let size = std::mem::size_of_val(&run);
         assert!(size <= 2048, "Agent::run's future is {size} bytes");
